@@ -1,0 +1,147 @@
+"""The retention model: a small MLP with a churn head and an LTV head.
+
+No BatchNorm (Opacus cannot clip per-sample gradients through it) and one output
+layer of width 2 — column 0 is the logit of "buys again within the horizon",
+column 1 is the predicted ``log1p(spend)`` in the horizon — so one per-sample loss
+covers both heads and DP-SGD clips them together.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class RetentionNet(nn.Module):
+    """MLP trunk with a 2-wide head: [retention logit, log1p(LTV)]."""
+
+    def __init__(self, n_inputs: int, hidden: Sequence[int] = (64, 32)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_inputs
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 2)
+        self.n_inputs = n_inputs
+        self.hidden = tuple(int(h) for h in hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+class RetentionLoss(nn.Module):
+    """BCE on the retention logit plus ``ltv_weight`` × MSE on log1p(spend).
+
+    ``reduction`` may be ``"mean"``, ``"sum"`` or ``"none"`` (per-sample), which is what
+    Opacus's ghost clipping needs from a criterion.
+    """
+
+    def __init__(self, ltv_weight: float = 0.2, reduction: str = "mean") -> None:
+        super().__init__()
+        self.ltv_weight = float(ltv_weight)
+        self.reduction = reduction
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        bce = nn.functional.binary_cross_entropy_with_logits(output[:, 0], target[:, 0], reduction="none")
+        mse = (output[:, 1] - target[:, 1]) ** 2
+        per_sample = bce + self.ltv_weight * mse
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        return per_sample.mean()
+
+
+@dataclass
+class Standardizer:
+    """Feature-wise (x - mean) / std with statistics that may come from a federation."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_moments(cls, count: float, total: np.ndarray, total_sq: np.ndarray) -> "Standardizer":
+        """Build from summed moments (what nodes send: counts and sums, never rows)."""
+        if count <= 1:
+            raise ValueError("cannot standardise with fewer than 2 examples")
+        mean = np.asarray(total, dtype=np.float64) / count
+        var = np.asarray(total_sq, dtype=np.float64) / count - mean**2
+        std = np.sqrt(np.clip(var, 0.0, None))
+        return cls(mean=mean, std=np.where(std < 1e-6, 1.0, std))
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "Standardizer":
+        x = np.asarray(x, dtype=np.float64)
+        return cls.from_moments(len(x), x.sum(axis=0), (x**2).sum(axis=0))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+
+
+@dataclass
+class ModelBundle:
+    """Everything needed to score users later: weights, feature names, standardiser, provenance."""
+
+    state_dict: dict[str, torch.Tensor]
+    feature_names: list[str]
+    standardizer: Standardizer
+    hidden: tuple[int, ...] = (64, 32)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> RetentionNet:
+        model = RetentionNet(len(self.feature_names), self.hidden)
+        model.load_state_dict(self.state_dict)
+        model.eval()
+        return model
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": "fedretain-model/1",
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+            "feature_names": list(self.feature_names),
+            "mean": self.standardizer.mean.tolist(),
+            "std": self.standardizer.std.tolist(),
+            "hidden": list(self.hidden),
+            "meta": self.meta,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelBundle":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model checkpoint not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt or foreign file
+            raise ValueError(f"{path}: not a readable fedretain checkpoint ({exc})") from exc
+        if not isinstance(payload, dict) or payload.get("format") != "fedretain-model/1":
+            raise ValueError(f"{path}: not a fedretain model checkpoint (missing format tag)")
+        return cls(
+            state_dict=payload["state_dict"],
+            feature_names=list(payload["feature_names"]),
+            standardizer=Standardizer(np.asarray(payload["mean"]), np.asarray(payload["std"])),
+            hidden=tuple(payload["hidden"]),
+            meta=dict(payload.get("meta", {})),
+        )
