@@ -94,8 +94,9 @@ def predict(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, ltv_weight: float = 0.2) -> dict[str, float]:
     """Loss, AUC, log loss, Brier, calibration error and LTV rank correlation on held-out users."""
-    if len(x) == 0:
-        return {"num_examples": 0}
+    if len(x) == 0:  # same keys as a real report, so replies stay consistent across nodes
+        keys = ("auc", "log_loss", "brier", "ece", "base_rate", "mean_pred", "loss", "ltv_spearman")
+        return {**{k: float("nan") for k in keys}, "num_examples": 0}
     model.eval()
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)

@@ -1,0 +1,162 @@
+"""The fedretain ClientApp (Flower Message API): one merchant node's side of a run.
+
+Every message re-evaluates consent first (withdrawals take effect at the next round),
+then computes features of granted scopes only, trains or evaluates on the node's own
+users, records the usage in the node's ledger, and replies with arrays and aggregate
+numbers only — never user ids, rows, per-user features or scores.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
+from fedretain.consent.vocab import SCOPES
+from fedretain.models import RetentionNet, Standardizer
+from fedretain.train import LocalTrainer, TrainConfig, evaluate
+
+torch.set_num_threads(1)  # one thread per node process is faster on small CPUs (see docs)
+
+app = ClientApp()
+
+
+def node_for(context: Context) -> MerchantNode:
+    return MerchantNode(NodeConfig.from_flower(dict(context.node_config), dict(context.run_config)))
+
+
+def _consent_time(cfg: ConfigRecord) -> datetime:
+    at = str(cfg.get("consent-at", "") or "")
+    return datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+
+
+def prepare_from_config(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
+    return node.prepare(
+        purpose=str(cfg["purpose"]),
+        feature_names=list(cfg["features"]),
+        horizon_days=float(cfg.get("horizon-days", 30)),
+        cutoff=str(cfg.get("cutoff", "") or "") or None,
+        at=_consent_time(cfg),
+    )
+
+
+def _model(arrays: ArrayRecord, n_inputs: int, cfg: ConfigRecord) -> RetentionNet:
+    model = RetentionNet(n_inputs, tuple(int(h) for h in cfg.get("hidden", [64, 32])))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def _standardizer(cfg: ConfigRecord) -> Standardizer:
+    return Standardizer(np.asarray(cfg["mean"], dtype=float), np.asarray(cfg["std"], dtype=float))
+
+
+def lineage(node: MerchantNode, prep: Prepared) -> ConfigRecord:
+    """What ties this reply to the node's consent state (no user ids)."""
+    d = prep.decision
+    return ConfigRecord(
+        {
+            "merchant-id": node.merchant_id,
+            "purpose": d.purpose,
+            "consent-at": d.at.isoformat(),
+            "ledger-root": d.ledger_head,
+            "ledger-size": int(d.ledger_size),
+            "cutoff": prep.cutoff.isoformat(),
+        }
+    )
+
+
+def consent_metrics(prep: Prepared) -> dict[str, Any]:
+    """Aggregate consent counts: users admitted/excluded and used per scope (all scopes, fixed keys)."""
+    d = prep.decision
+    out: dict[str, Any] = {
+        "users-candidates": int(d.n_candidates),
+        "users-consented": int(len(d.grants)),
+        "users-used": int(len(prep.used_users)),
+    }
+    for scope in SCOPES:
+        out[f"scope-{scope}"] = int(prep.scope_counts.get(scope, 0))
+    return out
+
+
+def record_usage(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phase: str) -> None:
+    """Append the usage record to the node's ledger before replying (fails closed)."""
+    d = prep.decision
+    with node.ledger() as ledger:
+        ledger.record_usage(
+            run_id=str(cfg.get("run-id", "")),
+            round=int(cfg.get("server-round", 0)),
+            purpose=d.purpose,
+            feature_set=f"{phase}:" + ",".join(cfg["features"]),
+            scope_counts=prep.scope_counts,
+            n_users=len(prep.used_users),
+            ledger_size=d.ledger_size,
+            ledger_root=d.ledger_head,
+            at=d.at,
+            subjects=[str(u) for u in prep.used_users],
+        )
+
+
+@app.query("feature_stats")
+def feature_stats(msg: Message, context: Context) -> Message:
+    """Summed moments of the node's training features, for federated standardisation."""
+    cfg = msg.content["config"]
+    node = node_for(context)
+    prep = prepare_from_config(node, cfg)
+    x = prep.x_train
+    stats = MetricRecord(
+        {
+            "num-examples": int(len(x)),
+            "sum": x.sum(axis=0).astype(float).tolist(),
+            "sumsq": (x**2).sum(axis=0).astype(float).tolist(),
+        }
+    )
+    return Message(RecordDict({"stats": stats, "lineage": lineage(node, prep)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = msg.content["config"]
+    node = node_for(context)
+    prep = prepare_from_config(node, cfg)
+    if prep.n_train == 0:
+        raise RuntimeError(f"merchant {node.merchant_id}: no consented training examples this round")
+    model = _model(msg.content["arrays"], len(prep.columns), cfg)
+    global_params = [p.detach().clone() for p in model.parameters()]
+    scaler = _standardizer(cfg)
+    trainer = LocalTrainer(
+        TrainConfig(
+            epochs=int(cfg.get("local-epochs", 2)),
+            batch_size=int(cfg.get("batch-size", 256)),
+            learning_rate=float(cfg.get("learning-rate", 0.01)),
+            proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+            seed=int(cfg.get("server-round", 0)) * 7919 + int(context.node_id) % 7919,
+        )
+    )
+    result = trainer.fit(model, scaler.transform(prep.x_train), prep.y_train, global_params)
+    record_usage(node, prep, cfg, "train")
+    metrics = {"train_loss": float(result.loss), "num-examples": int(result.num_examples)}
+    metrics.update(consent_metrics(prep))
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    cfg = msg.content["config"]
+    node = node_for(context)
+    prep = prepare_from_config(node, cfg)
+    model = _model(msg.content["arrays"], len(prep.columns), cfg)
+    report = evaluate(model, _standardizer(cfg).transform(prep.x_test), prep.y_test)
+    record_usage(node, prep, cfg, "evaluate")
+    metrics = {k: float(v) for k, v in report.items() if k != "num_examples"}
+    metrics["num-examples"] = int(prep.n_test)
+    return Message(
+        RecordDict({"metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}), reply_to=msg
+    )

@@ -1,0 +1,203 @@
+"""A merchant node: its silo, its consent ledger, and the one-way path to model inputs.
+
+silo → ``fedretain.ingest`` → consent gate (re-evaluated every round) → features/labels →
+train/test split of the node's own users. Nothing here talks to Flower; the ClientApp
+turns messages into calls on :class:`MerchantNode`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedretain.consent.gate import GateDecision, apply_gate, decide
+from fedretain.consent.ledger import ConsentLedger
+from fedretain.consent.vocab import check_purpose
+from fedretain.features import check_features, compute_features, feature_columns, scopes_read
+from fedretain.ingest import Silo, load_silo
+from fedretain.labels import LABEL_SCOPE, make_labels
+from fedretain.train import to_targets
+
+NODE_DIR = ".node"  # per-silo folder for the node's own state (ledger, keys, budget)
+TEST_FRACTION = 0.3
+_SPLIT_KEY = "fedretain-split-1"  # 16 chars: pandas' hash key
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Where a merchant node finds its data, ledger, key and state (from Flower's node_config)."""
+
+    data_path: Path
+    consent_db: Path
+    node_key: Path
+    state_dir: Path
+
+    @classmethod
+    def for_silo(cls, silo: str | Path, consent_db: str | Path | None = None, node_key: str | Path | None = None,
+                 state_dir: str | Path | None = None) -> "NodeConfig":
+        silo = Path(silo)
+        state = Path(state_dir) if state_dir else silo / NODE_DIR
+        return cls(
+            data_path=silo,
+            consent_db=Path(consent_db) if consent_db else state / "consent.db",
+            node_key=Path(node_key) if node_key else state / "node_key.pem",
+            state_dir=state,
+        )
+
+    @classmethod
+    def from_flower(cls, node_config: dict[str, Any], run_config: dict[str, Any]) -> "NodeConfig":
+        """Deployment: ``data-path`` etc. in node_config. Simulation: partition-id → one silo."""
+        if "data-path" in node_config:
+            return cls.for_silo(
+                str(node_config["data-path"]),
+                node_config.get("consent-db") or None,
+                node_config.get("node-key") or None,
+                node_config.get("state-dir") or None,
+            )
+        if "partition-id" in node_config:
+            silos = simulation_silos(str(run_config.get("data-dir", "")))
+            pid = int(node_config["partition-id"])
+            if pid >= len(silos):
+                raise RuntimeError(f"simulation node {pid} has no silo: only {len(silos)} found")
+            return cls.for_silo(silos[pid])
+        raise RuntimeError("node_config names no data: start the node with --node-config 'data-path=\"SILO\"'")
+
+
+def simulation_silos(data_dir: str = "") -> list[Path]:
+    """Silo folders of a simulation, in partition order (env FEDRETAIN_SIM_DATA_DIR or run_config)."""
+    root = data_dir or os.environ.get("FEDRETAIN_SIM_DATA_DIR", "")
+    if not root:
+        raise RuntimeError("simulation needs a data folder: set run_config data-dir or FEDRETAIN_SIM_DATA_DIR")
+    silos = sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / "merchant.json").is_file())
+    if not silos:
+        raise RuntimeError(f"no merchant silos (folders with merchant.json) under {root}")
+    return silos
+
+
+@functools.lru_cache(maxsize=8)
+def _load_silo_cached(path: str, mtime_ns: int) -> Silo:
+    return load_silo(path)
+
+
+def load_silo_cached(path: Path) -> Silo:
+    """Ingest once per process (and again only if the silo folder changed)."""
+    stamp = max((p.stat().st_mtime_ns for p in Path(path).iterdir() if p.is_file()), default=0)
+    return _load_silo_cached(str(path), stamp)
+
+
+@dataclass
+class Prepared:
+    """Model inputs of one round on one node, with the consent decision that admitted them."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    columns: list[str]
+    decision: GateDecision
+    cutoff: pd.Timestamp
+    used_users: pd.Index
+    scope_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.x_test)
+
+
+def split_test(user_ids: pd.Index, merchant_id: str, fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Deterministic per-user held-out mask (same users held out every round and run)."""
+    keys = pd.Series(merchant_id + ":" + pd.Index(user_ids).astype(str), dtype=object)
+    h = pd.util.hash_pandas_object(keys, index=False, hash_key=_SPLIT_KEY).to_numpy()
+    return (h % 10_000) < int(fraction * 10_000)
+
+
+class MerchantNode:
+    """One merchant's node: consent-gated features and labels from its own silo."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+
+    @property
+    def silo(self) -> Silo:
+        return load_silo_cached(self.config.data_path)
+
+    @property
+    def merchant_id(self) -> str:
+        return str(self.silo.merchant.get("merchant_id", self.config.data_path.name))
+
+    def data_end(self) -> pd.Timestamp:
+        end = self.silo.merchant.get("data_end")
+        if end:
+            return pd.Timestamp(end) + pd.Timedelta(days=1)  # data_end is inclusive (a whole day)
+        return self.silo.events["ts"].max().normalize() + pd.Timedelta(days=1)
+
+    def training_cutoff(self, horizon_days: float, cutoff: str | None = None) -> pd.Timestamp:
+        """The cutoff whose label window ends at the end of the data, unless set explicitly."""
+        if cutoff:
+            return pd.Timestamp(cutoff)
+        return self.data_end() - pd.Timedelta(days=float(horizon_days))
+
+    def ledger(self) -> ConsentLedger:
+        if not self.config.consent_db.is_file():
+            raise FileNotFoundError(
+                f"consent ledger not found at {self.config.consent_db}: refusing to use any data "
+                f"(create it with `fedretain consent init` and import the merchant's consent records)"
+            )
+        return ConsentLedger.open(self.config.consent_db)
+
+    def gate(self, purpose: str, at: datetime | None = None) -> tuple[GateDecision, Any]:
+        """Consent decision for ``purpose`` at ``at`` (default: now) and the gated data. Fails closed."""
+        check_purpose(purpose)
+        at = at or datetime.now(timezone.utc)
+        silo = self.silo
+        candidates = pd.Index(silo.events["user_id"].unique()).union(pd.Index(silo.users["user_id"]))
+        with self.ledger() as ledger:
+            decision = decide(ledger, purpose, at, candidates)
+        return decision, apply_gate(decision, silo.events, silo.users)
+
+    def prepare(
+        self,
+        purpose: str,
+        feature_names: list[str],
+        horizon_days: float = 30,
+        cutoff: str | None = None,
+        at: datetime | None = None,
+    ) -> Prepared:
+        """Features and labels of the users who may be used now, split into train/test.
+
+        Examples are users the gate admitted for ``purpose`` who also granted the label's
+        scope and bought at least once before the cutoff (retention of existing buyers).
+        """
+        names = list(check_features(feature_names))
+        decision, gated = self.gate(purpose, at)
+        cut = self.training_cutoff(horizon_days, cutoff)
+        feats = compute_features(gated, cut, names)
+        grants = decision.grants.reindex(feats.index).fillna(False)
+        buyers = gated.events.loc[
+            (gated.events["event"] == "purchase") & (gated.events["ts"] < cut), "user_id"
+        ].unique()
+        keep = grants[LABEL_SCOPE].to_numpy(bool) & feats.index.isin(buyers)
+        feats = feats[keep]
+        labels = make_labels(gated.events, feats.index, cut, horizon_days)
+        y = to_targets(labels["repurchase"].to_numpy(), labels["spend"].to_numpy())
+        x = feats[feature_columns(names)].to_numpy(np.float64)
+        test = split_test(feats.index, self.merchant_id)
+        used = feats.index
+        g_used = grants.loc[used]
+        counts = {s: int(g_used[s].sum()) for s in scopes_read(names)}
+        return Prepared(
+            x_train=x[~test], y_train=y[~test], x_test=x[test], y_test=y[test],
+            columns=feature_columns(names), decision=decision, cutoff=cut, used_users=used,
+            scope_counts=counts,
+        )

@@ -1,0 +1,151 @@
+"""``fedretain simulate`` and ``fedretain score``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=False)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def round_table(rounds: list[dict[str, Any]]) -> Table:
+    """The per-round table people read: example-weighted metrics on held-out users."""
+    table = Table(title="Federated rounds (held-out users, example-weighted)")
+    for col in ("round", "nodes", "train loss", "AUC", "log loss", "ECE", "LTV ρ", "users used", "ε"):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        ev, tr = r.get("evaluate", {}), r.get("train", {})
+        nodes = [n for n in r.get("nodes", []) if n["phase"] == "train"]
+        ok = sum(1 for n in nodes if not n.get("error"))
+        eps = [n.get("epsilon") for n in nodes if n.get("epsilon") is not None]
+        table.add_row(
+            str(r["round"]), f"{ok}/{len(nodes)}", _fmt(tr.get("train_loss")), _fmt(ev.get("auc")),
+            _fmt(ev.get("log_loss")), _fmt(ev.get("ece")), _fmt(ev.get("ltv_spearman"), 3),
+            str(sum(int(n.get("metrics", {}).get("users-used", 0)) for n in nodes)),
+            _fmt(max(eps), 2) if eps else "–",
+        )
+    return table
+
+
+class RichRoundObserver:
+    """Progress bar over rounds, then the round table."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]federated training"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+        )
+        self.task: Any = None
+
+    def on_start(self, run_id: str, total_rounds: int, first_round: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("rounds", total=total_rounds, completed=first_round - 1, status="")
+
+    def on_round(self, entry: dict[str, Any]) -> None:
+        auc = entry.get("evaluate", {}).get("auc")
+        self.progress.update(self.task, advance=1, status=f"round {entry['round']}: AUC {_fmt(auc)}")
+
+    def on_end(self, status: str, record: dict[str, Any]) -> None:
+        self.progress.stop()
+
+
+def ensure_nodes(data_dir: Path) -> list[Path]:
+    """Give every silo a node state folder (key + consent ledger from its consent.csv) if it lacks one."""
+    from fedretain.clients.node import simulation_silos
+    from fedretain.clients.provision import provision_node
+
+    silos = simulation_silos(str(data_dir))
+    for silo in silos:
+        provision_node(silo)
+    return silos
+
+
+@click.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of merchant silos (one virtual node each).")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
+@click.option("--proximal-mu", default=0.0, show_default=True, type=float, help="FedProx μ (needs --strategy fedprox).")
+@click.option("--local-epochs", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--learning-rate", default=0.01, show_default=True, type=float)
+@click.option("--purpose", default="retention_modeling", show_default=True)
+@click.option("--horizon-days", default=30.0, show_default=True, type=float)
+@click.option("--cutoff", default="", help="Feature cutoff (ISO date); default: data end − horizon per merchant.")
+@click.option("--features", default="", help="Comma-separated feature names (default: all registered).")
+@click.option("--min-nodes", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--dp-mode", type=click.Choice(["none", "local", "central", "aggregate"]), default="none", show_default=True)
+@click.option("--target-epsilon", default=3.0, show_default=True, type=float)
+@click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int)
+def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
+    """Federated training over local silos in Flower's Simulation Engine."""
+    from fedretain.server import progress
+    from fedretain.server.settings import RunSettings
+    from fedretain.server.simulation import run_in_simulation
+
+    features = tuple(f.strip() for f in opts.pop("features").split(",") if f.strip())
+    try:
+        settings = RunSettings(out_dir=str(out_dir), **({"features": features} if features else {}), **opts)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    ensure_nodes(data_dir)
+    observer = RichRoundObserver()
+    progress.add_observer(observer)
+    try:
+        run_dir = run_in_simulation(settings, data_dir)
+    finally:
+        progress.remove_observer(observer)
+    record = json.loads((run_dir / "run.json").read_text())
+    console.print(round_table(record["rounds"]))
+    console.print(f"run record: {run_dir / 'run.json'}   global model: {run_dir / 'model.pt'}")
+    if record["status"] != "completed":
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", "silo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--consent-db", type=click.Path(path_type=Path), default=None, help="Default: SILO/.node/consent.db")
+@click.option("--purpose", default="retention_modeling", show_default=True)
+@click.option("--churn-threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--top", default=10, show_default=True, type=int, help="Rows of the win-back list to print.")
+def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None, purpose: str,
+          churn_threshold: float, top: int) -> None:
+    """Score a merchant's own users with a global model: churn risk, LTV, segment, win-back rank."""
+    from fedretain.clients.node import MerchantNode, NodeConfig
+    from fedretain.consent.gate import ConsentError
+    from fedretain.ingest import write_table
+    from fedretain.models import ModelBundle
+    from fedretain.scoring import Segmenter, score_users
+
+    try:
+        bundle = ModelBundle.load(model_path)
+        node = MerchantNode(NodeConfig.for_silo(silo, consent_db=consent_db))
+        decision, gated = node.gate(purpose)
+        scores = score_users(bundle, gated, node.data_end(), Segmenter(churn_threshold=churn_threshold))
+    except (ValueError, FileNotFoundError, ConsentError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_table(scores, out_path)
+    table = Table(title=f"Win-back list: top {top} of {len(scores)} scored users "
+                        f"({decision.n_excluded} without consent for {purpose} not scored)")
+    for col in ("rank", "user_id", "churn_probability", "predicted_ltv", "past_spend", "segment"):
+        table.add_column(col)
+    for row in scores.head(top).itertuples():
+        table.add_row(str(row.rank), row.user_id, f"{row.churn_probability:.3f}", f"{row.predicted_ltv:.2f}",
+                      f"{row.past_spend:.2f}", row.segment)
+    console.print(table)
+    console.print(scores["segment"].value_counts().to_string())
+    console.print(f"scores written to {out_path}")

@@ -1,0 +1,243 @@
+"""The round loop of a federated training run.
+
+Flower's ``Strategy.start`` runs rounds 1..N in one go; a platform also needs to
+resume from a checkpoint, wait for nodes with a timeout, retry a round that got too
+few replies, checkpoint every round and record which merchant (and which consent
+state) fed which global model. So this loop drives the strategy's own
+``configure_*``/``aggregate_*`` steps (FedAvg, FedProx, or Flower's DP wrappers) and
+adds exactly those duties around them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedretain.features import feature_columns
+from fedretain.models import ModelBundle, RetentionNet, Standardizer
+from fedretain.server import progress
+from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
+from fedretain.server.run_record import RunRecord, now_iso
+from fedretain.server.settings import RunSettings
+
+log = logging.getLogger("fedretain.server")
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (too few nodes, every retry failed); the record says why."""
+
+
+def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of every numeric metric, ignoring NaN (e.g. AUC of a one-class node)."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    keys = sorted(set().union(*(m.keys() for m in metrics)))
+    out: dict[str, float] = {}
+    for key in keys:
+        num = den = 0.0
+        for m in metrics:
+            v, w = m.get(key), float(m.get(weight_key, 0))
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and w > 0:
+                num += w * float(v)
+                den += w
+        if key == weight_key:
+            out[key] = float(sum(float(m.get(weight_key, 0)) for m in metrics))
+        elif den > 0:
+            out[key] = num / den
+    return MetricRecord(out)
+
+
+@dataclass
+class NodeReply:
+    node_id: int
+    phase: str
+    ok: bool
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "merchant_id": self.lineage.get("merchant-id", f"node-{self.node_id}"),
+            "phase": self.phase,
+            "num_examples": self.metrics.get("num-examples"),
+            "epsilon": self.metrics.get("epsilon"),
+            "metrics": self.metrics,
+            "lineage": self.lineage,
+            "error": self.error,
+        }
+
+
+def read_replies(replies: list[Message], phase: str) -> list[NodeReply]:
+    out = []
+    for msg in replies:
+        nid = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            out.append(NodeReply(nid, phase, False, {}, {}, error=str(msg.error.reason)))
+            continue
+        content = msg.content
+        metrics = {}
+        for rec in content.metric_records.values():
+            metrics.update({k: v for k, v in rec.items() if not isinstance(v, list)})
+        lineage = dict(content["lineage"]) if "lineage" in content.config_records else {}
+        out.append(NodeReply(nid, phase, True, metrics, lineage))
+    return out
+
+
+class FederatedTraining:
+    """Runs (or resumes) one training run against a Flower ``Grid``."""
+
+    def __init__(self, grid: Grid, settings: RunSettings, strategy: Strategy) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.strategy = strategy
+        self.out_dir = Path(settings.out_dir)
+        self.columns = feature_columns(settings.features)
+
+    # -- helpers ---------------------------------------------------------------------
+    def wait_for_nodes(self, minimum: int) -> list[int]:
+        deadline = time.monotonic() + self.settings.node_wait_timeout
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= minimum:
+                return nodes
+            if time.monotonic() > deadline:
+                raise RunAborted(
+                    f"only {len(nodes)} merchant node(s) connected after {self.settings.node_wait_timeout:.0f} s; "
+                    f"this run needs at least {minimum}"
+                )
+            time.sleep(0.5)
+
+    def base_config(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "run-id": s.run_id, "purpose": s.purpose, "features": list(s.features),
+            "horizon-days": float(s.horizon_days), "cutoff": s.cutoff, "consent-at": s.consent_at,
+            "hidden": list(s.hidden),
+        }
+
+    def federated_standardizer(self) -> tuple[Standardizer, list[NodeReply]]:
+        """Global mean/std from the nodes' summed moments (counts and sums, never rows)."""
+        nodes = self.wait_for_nodes(self.settings.min_nodes)
+        content = RecordDict({"config": ConfigRecord(self.base_config())})
+        msgs = [Message(content, dst_node_id=n, message_type="query.feature_stats") for n in nodes]
+        replies = self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout)
+        ok = [r for r in replies if not r.has_error()]
+        info = read_replies(list(replies), "feature_stats")
+        if len(ok) < self.settings.min_nodes:
+            errors = "; ".join(f"node {r.node_id}: {r.error}" for r in info if not r.ok)
+            raise RunAborted(f"feature statistics: {len(ok)} of {len(nodes)} nodes answered ({errors})")
+        count = sum(float(r.content["stats"]["num-examples"]) for r in ok)
+        total = np.sum([np.asarray(r.content["stats"]["sum"], float) for r in ok], axis=0)
+        total_sq = np.sum([np.asarray(r.content["stats"]["sumsq"], float) for r in ok], axis=0)
+        return Standardizer.from_moments(count, total, total_sq), info
+
+    def bundle(self, arrays: ArrayRecord, scaler: Standardizer, server_round: int) -> ModelBundle:
+        return ModelBundle(
+            state_dict=arrays.to_torch_state_dict(),
+            feature_names=self.columns,
+            standardizer=scaler,
+            hidden=self.settings.hidden,
+            meta={
+                "run_id": self.settings.run_id, "round": server_round, "purpose": self.settings.purpose,
+                "horizon_days": self.settings.horizon_days, "created": now_iso(),
+            },
+        )
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self) -> RunRecord:
+        s = self.settings
+        record, arrays, scaler, first = self._start_or_resume()
+        train_cfg = ConfigRecord({
+            **self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist(),
+            "local-epochs": s.local_epochs, "batch-size": s.batch_size, "learning-rate": s.learning_rate,
+            "proximal-mu": s.proximal_mu, "total-rounds": s.rounds,
+        })
+        eval_cfg = ConfigRecord({**self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist()})
+        progress.notify("on_start", s.run_id, s.rounds, first)
+        try:
+            for rnd in range(first, s.rounds + 1):
+                arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg)
+        except Exception as exc:
+            record.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            progress.notify("on_end", "failed", record.data)
+            raise
+        record.finish("completed", final_model=str(self.out_dir / "model.pt"))
+        progress.notify("on_end", "completed", record.data)
+        return record
+
+    def _start_or_resume(self) -> tuple[RunRecord, ArrayRecord, Standardizer, int]:
+        s = self.settings
+        found = latest_checkpoint(self.out_dir) if s.resume else None
+        if s.resume and (self.out_dir / RunRecord.FILENAME).is_file() and found:
+            record = RunRecord.load(self.out_dir)
+            rnd, path = found
+            rnd = min(rnd, record.last_completed_round) if record.last_completed_round else rnd
+            bundle = ModelBundle.load(path)
+            if bundle.feature_names != self.columns:
+                raise RunAborted(f"cannot resume: checkpoint {path} has other features than this run")
+            record.data["status"] = "running"
+            record.event("resumed", from_round=rnd, checkpoint=str(path))
+            log.info("resuming run %s after round %d from %s", record.data["run_id"], rnd, path)
+            return record, ArrayRecord(bundle.state_dict), bundle.standardizer, rnd + 1
+        record = RunRecord.create(self.out_dir, s.run_id, s.as_dict())
+        scaler, info = self.federated_standardizer()
+        record.data["feature_columns"] = self.columns
+        record.data["standardization"] = {
+            "source": "federated moments", "nodes": [r.as_dict() for r in info],
+            "num_examples": int(sum(r.metrics.get("num-examples", 0) for r in info if r.ok)),
+        }
+        torch.manual_seed(s.seed)
+        model = RetentionNet(len(self.columns), s.hidden)
+        record.save()
+        return record, ArrayRecord(model.state_dict()), scaler, 1
+
+    def _round(
+        self, record: RunRecord, rnd: int, arrays: ArrayRecord, scaler: Standardizer,
+        train_cfg: ConfigRecord, eval_cfg: ConfigRecord,
+    ) -> ArrayRecord:
+        s = self.settings
+        started = now_iso()
+        for attempt in range(s.round_retries + 1):
+            self.wait_for_nodes(s.min_nodes)
+            replies = list(self.grid.send_and_receive(
+                self.strategy.configure_train(rnd, arrays, train_cfg, self.grid), timeout=s.round_timeout
+            ))
+            train_info = read_replies(replies, "train")
+            n_ok = sum(r.ok for r in train_info)
+            if n_ok >= s.min_nodes:
+                break
+            errors = "; ".join(f"node {r.node_id}: {r.error}" for r in train_info if not r.ok) or "no replies"
+            record.event("round_retry" if attempt < s.round_retries else "round_failed", round=rnd,
+                         answered=n_ok, minimum=s.min_nodes, errors=errors)
+            if attempt == s.round_retries:
+                raise RunAborted(f"round {rnd}: only {n_ok} node(s) answered (minimum {s.min_nodes}): {errors}")
+        new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+        if new_arrays is None:
+            raise RunAborted(f"round {rnd}: aggregation produced no model")
+        eval_replies = list(self.grid.send_and_receive(
+            self.strategy.configure_evaluate(rnd, new_arrays, eval_cfg, self.grid), timeout=s.round_timeout
+        ))
+        eval_info = read_replies(eval_replies, "evaluate")
+        eval_metrics = self.strategy.aggregate_evaluate(rnd, eval_replies)
+        ckpt = save_checkpoint(self.out_dir, rnd, self.bundle(new_arrays, scaler, rnd))
+        entry = {
+            "round": rnd, "status": "completed", "started": started, "finished": now_iso(),
+            "train": dict(train_metrics) if train_metrics else {},
+            "evaluate": dict(eval_metrics) if eval_metrics else {},
+            "nodes": [r.as_dict() for r in train_info + eval_info],
+            "checkpoint": str(ckpt),
+        }
+        record.add_round(entry)
+        progress.notify("on_round", entry)
+        return new_arrays

@@ -1,0 +1,39 @@
+"""Observers of a run's progress (a rich progress bar in the CLI, logs elsewhere).
+
+The ServerApp runs inside Flower (a thread in simulation, a process in deployment), so
+it reports through this small registry instead of printing: the CLI registers an
+observer when it runs the simulation in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+log = logging.getLogger("fedretain.server")
+
+
+class RunObserver(Protocol):
+    def on_start(self, run_id: str, total_rounds: int, first_round: int) -> None: ...
+    def on_round(self, entry: dict[str, Any]) -> None: ...
+    def on_end(self, status: str, record: dict[str, Any]) -> None: ...
+
+
+_OBSERVERS: list[RunObserver] = []
+
+
+def add_observer(obs: RunObserver) -> None:
+    _OBSERVERS.append(obs)
+
+
+def remove_observer(obs: RunObserver) -> None:
+    if obs in _OBSERVERS:
+        _OBSERVERS.remove(obs)
+
+
+def notify(event: str, *args: Any) -> None:
+    for obs in list(_OBSERVERS):
+        try:
+            getattr(obs, event)(*args)
+        except Exception:  # an observer must never break a run
+            log.exception("run observer failed on %s", event)

@@ -1,0 +1,122 @@
+"""The run record: a JSON file that says what a federated run did, round by round.
+
+It holds the configuration, aggregated metrics per round, which merchants contributed
+to which round with how many examples, and the consent lineage each merchant reported
+(ledger head, users used per scope) and ε spent — never a user id. Written atomically
+after every round so a crash or a restart never loses finished rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf → None, numpy scalars → Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(_clean(payload), fh, indent=2, sort_keys=False, allow_nan=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """Append-as-you-go record of one run, persisted to ``<out_dir>/run.json``."""
+
+    FILENAME = "run.json"
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> "RunRecord":
+        data = {
+            "format": "fedretain-run/1",
+            "run_id": run_id,
+            "status": "running",
+            "created": now_iso(),
+            "updated": now_iso(),
+            "config": config,
+            "feature_columns": [],
+            "standardization": {},
+            "rounds": [],
+            "merchants": {},
+            "events": [],
+        }
+        rec = cls(Path(out_dir) / cls.FILENAME, data)
+        rec.save()
+        return rec
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "RunRecord":
+        path = Path(out_dir) / cls.FILENAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read run record ({exc})") from exc
+        if data.get("format") != "fedretain-run/1":
+            raise ValueError(f"{path}: not a fedretain run record")
+        return cls(path, data)
+
+    @property
+    def last_completed_round(self) -> int:
+        done = [r["round"] for r in self.data["rounds"] if r.get("status") == "completed"]
+        return max(done, default=0)
+
+    def event(self, kind: str, **details: Any) -> None:
+        """Log a notable event (resume, retry, node failure) with a timestamp."""
+        self.data["events"].append({"at": now_iso(), "kind": kind, **details})
+        self.save()
+
+    def add_round(self, entry: dict[str, Any]) -> None:
+        self.data["rounds"] = [r for r in self.data["rounds"] if r["round"] != entry["round"]]
+        self.data["rounds"].append(entry)
+        self.data["rounds"].sort(key=lambda r: r["round"])
+        for node in entry.get("nodes", []):
+            if node.get("phase") != "train" or node.get("error"):
+                continue
+            m = self.data["merchants"].setdefault(
+                node["merchant_id"], {"rounds": [], "train_examples": {}, "epsilon_spent": None}
+            )
+            if entry["round"] not in m["rounds"]:
+                m["rounds"].append(entry["round"])
+            m["train_examples"][str(entry["round"])] = node.get("num_examples")
+            if node.get("epsilon") is not None:
+                m["epsilon_spent"] = node["epsilon"]
+        self.save()
+
+    def finish(self, status: str, **extra: Any) -> None:
+        self.data["status"] = status
+        self.data.update(extra)
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = now_iso()
+        write_json_atomic(self.path, self.data)

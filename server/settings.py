@@ -1,0 +1,125 @@
+"""Run settings of a federated training run, read from Flower's run_config.
+
+One typed, validated object instead of string lookups scattered through the server:
+unknown strategies, purposes or features fail here, before any node is contacted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fedretain.consent.vocab import check_purpose
+from fedretain.features import DEFAULT_FEATURES, check_features
+
+STRATEGIES = ("fedavg", "fedprox")
+DP_MODES = ("none", "local", "central", "aggregate")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything the ServerApp needs to run (and resume) one federated training run."""
+
+    rounds: int = 5
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    local_epochs: int = 2
+    batch_size: int = 256
+    learning_rate: float = 0.01
+    purpose: str = "retention_modeling"
+    horizon_days: float = 30.0
+    cutoff: str = ""
+    consent_at: str = ""
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    hidden: tuple[int, ...] = (64, 32)
+    min_nodes: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 120.0
+    round_retries: int = 1
+    out_dir: str = "runs"
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    resume: bool = False
+    seed: int = 0
+    dp_mode: str = "none"
+    target_epsilon: float = 3.0
+    target_delta: float = 0.0  # 0 → chosen per node below 1/n
+    max_grad_norm: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"unknown dp-mode {self.dp_mode!r}; choose one of {', '.join(DP_MODES)}")
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("strategy fedprox needs proximal-mu > 0")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.min_nodes < 1:
+            raise ValueError(f"min-nodes must be >= 1, got {self.min_nodes}")
+        check_purpose(self.purpose)
+        check_features(self.features)
+
+    # Flower run_config keys (kebab-case, as in pyproject's [tool.flwr.app.config])
+    _KEYS = {
+        "num-server-rounds": "rounds", "strategy": "strategy", "proximal-mu": "proximal_mu",
+        "local-epochs": "local_epochs", "batch-size": "batch_size", "learning-rate": "learning_rate",
+        "purpose": "purpose", "horizon-days": "horizon_days", "cutoff": "cutoff", "consent-at": "consent_at",
+        "features": "features", "hidden": "hidden", "min-nodes": "min_nodes", "fraction-train": "fraction_train",
+        "round-timeout": "round_timeout", "node-wait-timeout": "node_wait_timeout",
+        "round-retries": "round_retries", "out-dir": "out_dir", "run-id": "run_id", "resume": "resume",
+        "seed": "seed", "dp-mode": "dp_mode", "target-epsilon": "target_epsilon",
+        "target-delta": "target_delta", "max-grad-norm": "max_grad_norm",
+    }
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
+        """Parse Flower's run_config; keys this server does not know are kept in ``extra``."""
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = cls._KEYS.get(key)
+            if name is None:
+                extra[key] = value
+                continue
+            if name == "features":
+                value = tuple(v.strip() for v in str(value).split(",") if v.strip()) if value else DEFAULT_FEATURES
+            elif name == "hidden":
+                value = tuple(int(v) for v in str(value).split(",") if v.strip())
+            elif name in ("run_id",) and not value:
+                continue
+            kwargs[name] = value
+        kwargs["extra"] = extra
+        types = {f: type(getattr(cls(), f)) for f in ("rounds", "local_epochs", "batch_size", "min_nodes", "seed", "round_retries")}
+        for name, typ in types.items():
+            if name in kwargs:
+                kwargs[name] = typ(kwargs[name])
+        for name in ("proximal_mu", "learning_rate", "horizon_days", "fraction_train", "round_timeout",
+                     "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
+        if "resume" in kwargs:
+            kwargs["resume"] = str(kwargs["resume"]).lower() in ("1", "true", "yes")
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_run_config` (Flower config values: str/int/float/bool)."""
+        out: dict[str, Any] = {}
+        for key, name in self._KEYS.items():
+            value = getattr(self, name)
+            if name == "features":
+                value = ",".join(value)
+            elif name == "hidden":
+                value = ",".join(str(h) for h in value)
+            out[key] = value
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        d["hidden"] = list(self.hidden)
+        return d

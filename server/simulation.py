@@ -1,0 +1,56 @@
+"""Run the fedretain ServerApp and ClientApp in Flower's Simulation Engine, in-process.
+
+``flwr run`` with a local simulation works too (the apps are normal Flower apps), but it
+starts a detached SuperLink and re-reads pyproject; for the CLI and tests we run the
+same two apps in this process so a run's settings, progress bar and exceptions stay
+here. One virtual SuperNode per silo; each silo is partition ``i`` in sorted order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fedretain.server.settings import RunSettings
+
+
+def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None) -> Path:
+    """Train on every silo under ``data_dir``; return the run folder (run.json, checkpoints)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="fedretain-ray-"))
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    data_dir = Path(data_dir).resolve()
+    os.environ["FEDRETAIN_SIM_DATA_DIR"] = str(data_dir)  # inherited by the Ray workers
+
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedretain.clients.client_app import app as client_app
+    from fedretain.clients.node import simulation_silos
+    from fedretain.server.server_app import app as server_app
+
+    n_nodes = len(simulation_silos(str(data_dir)))
+    run_config = settings.to_run_config()
+    run_config["out-dir"] = str(Path(settings.out_dir).resolve())
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    cpus = num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "_temp_dir": str(ray_tmp), "logging_level": logging.ERROR,
+                      "log_to_driver": True},
+    }
+    _run_simulation(
+        num_supernodes=n_nodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_config=backend_config,
+        server_app_context=context,
+    )
+    return Path(run_config["out-dir"])
