@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
 from fedretain.consent.vocab import SCOPES
 from fedretain.models import RetentionNet, Standardizer
-from fedretain.train import LocalTrainer, TrainConfig, evaluate
+from fedretain.clients.training import make_trainer
+from fedretain.train import evaluate
 
 torch.set_num_threads(1)  # one thread per node process is faster on small CPUs (see docs)
 
@@ -128,18 +129,11 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(msg.content["arrays"], len(prep.columns), cfg)
     global_params = [p.detach().clone() for p in model.parameters()]
     scaler = _standardizer(cfg)
-    trainer = LocalTrainer(
-        TrainConfig(
-            epochs=int(cfg.get("local-epochs", 2)),
-            batch_size=int(cfg.get("batch-size", 256)),
-            learning_rate=float(cfg.get("learning-rate", 0.01)),
-            proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-            seed=int(cfg.get("server-round", 0)) * 7919 + int(context.node_id) % 7919,
-        )
-    )
+    trainer = make_trainer(cfg, context, node, prep)
     result = trainer.fit(model, scaler.transform(prep.x_train), prep.y_train, global_params)
     record_usage(node, prep, cfg, "train")
     metrics = {"train_loss": float(result.loss), "num-examples": int(result.num_examples)}
+    metrics.update(getattr(result, "extra_metrics", {}) or {})
     metrics.update(consent_metrics(prep))
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}

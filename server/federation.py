@@ -123,7 +123,9 @@ class FederatedTraining:
         return {
             "run-id": s.run_id, "purpose": s.purpose, "features": list(s.features),
             "horizon-days": float(s.horizon_days), "cutoff": s.cutoff, "consent-at": s.consent_at,
-            "hidden": list(s.hidden),
+            "hidden": list(s.hidden), "dp-mode": s.dp_mode, "target-epsilon": float(s.target_epsilon),
+            "target-delta": float(s.target_delta), "max-grad-norm": float(s.max_grad_norm),
+            "total-rounds": int(s.rounds),
         }
 
     def federated_standardizer(self) -> tuple[Standardizer, list[NodeReply]]:
@@ -161,7 +163,7 @@ class FederatedTraining:
         train_cfg = ConfigRecord({
             **self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist(),
             "local-epochs": s.local_epochs, "batch-size": s.batch_size, "learning-rate": s.learning_rate,
-            "proximal-mu": s.proximal_mu, "total-rounds": s.rounds,
+            "proximal-mu": s.proximal_mu,
         })
         eval_cfg = ConfigRecord({**self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist()})
         progress.notify("on_start", s.run_id, s.rounds, first)
