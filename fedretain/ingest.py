@@ -847,7 +847,7 @@ def _cell(value: Any, limit: int = 200) -> str:
 def _ts_hint(mapping: ColumnMapping) -> str:
     if mapping.timestamp_format:
         return f"expected format {mapping.timestamp_format!r} or epoch {mapping.timestamp_unit}"
-    return f"expected ISO 8601 or epoch {mapping.timestamp_unit}; set timestamp_format in mapping.json for other formats"
+    return f"expected ISO 8601 or epoch {mapping.timestamp_unit}, or set timestamp_format in mapping.json"
 
 
 def _naive_utc_now(now: datetime | str | pd.Timestamp | None) -> pd.Timestamp:

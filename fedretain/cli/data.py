@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 import click
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -96,9 +97,9 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
         title += f", data_end {m['data_end']}"
     console.print(title)
 
-    files = Table(title="Files", title_justify="left")
-    for col in ("file", "rows read", "accepted", "rejected", "users", "date range"):
-        files.add_column(col, overflow="fold", no_wrap=col == "date range",
+    files = Table(title="Files", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("file", "read", "accepted", "rejected", "users", "date range"):
+        files.add_column(col, overflow="fold", no_wrap=True,
                          justify="left" if col in ("file", "date range") else "right")
     for r in reports:
         files.add_row(Path(r.file).name, f"{r.rows_read:,}", f"{r.rows_accepted:,}",
@@ -180,22 +181,23 @@ def import_cdnow_cmd(src: Path, out_dir: Path, n_merchants: int, split: str, see
 
 def _print_created(console: Console, paths: list[Path], title: str) -> int:
     """Check each created silo and print one table row per silo; 1 if any row was rejected, 2 on errors."""
-    table = Table(title=title, title_justify="left")
-    for col in ("silo", "merchant", "events", "users", "date range", "rejected"):
-        table.add_column(col, overflow="fold", no_wrap=col == "date range",
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("silo", "events", "users", "date range", "rejected"):
+        table.add_column(col, overflow="fold", no_wrap=col != "silo",
                          justify="right" if col in ("events", "users", "rejected") else "left")
     worst = EXIT_OK
     for p in paths:
         try:
             silo = load_silo(p)
         except IngestError as exc:
-            table.add_row(Path(p).name, "", "", "", "", f"[red]error: {exc}[/red]")
+            table.add_row(Path(p).name, "", "", "", f"[red]error: {exc}[/red]")
             worst = EXIT_FILE_ERROR
             continue
         rejected = silo.report.rows_rejected + (silo.users_report.rows_rejected if silo.users_report else 0)
         if rejected:
             worst = max(worst, EXIT_REJECTED)
-        table.add_row(Path(p).name, silo.merchant_id, f"{len(silo.events):,}", f"{len(silo.users):,}",
+        name = Path(p).name if Path(p).name == silo.merchant_id else f"{Path(p).name} ({silo.merchant_id})"
+        table.add_row(name, f"{len(silo.events):,}", f"{len(silo.users):,}",
                       _date_range(silo.report),
                       f"[red]{rejected:,}[/red]" if rejected else "0")
     console.print(table)
