@@ -27,7 +27,7 @@ from fedretain.train import to_targets
 
 NODE_DIR = ".node"  # per-silo folder for the node's own state (ledger, keys, budget)
 TEST_FRACTION = 0.3
-_SPLIT_KEY = "fedretain-split-1"  # 16 chars: pandas' hash key
+_SPLIT_KEY = "fedretain-split1"  # exactly 16 bytes: pandas hash key
 
 
 @dataclass(frozen=True)

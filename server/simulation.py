@@ -36,13 +36,14 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
     from fedretain.server.server_app import app as server_app
 
     n_nodes = len(simulation_silos(str(data_dir)))
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the run's own progress is reported by observers
     run_config = settings.to_run_config()
     run_config["out-dir"] = str(Path(settings.out_dir).resolve())
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cpus = num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "_temp_dir": str(ray_tmp), "logging_level": logging.ERROR,
+        "init_args": {"num_cpus": cpus, "_node_ip_address": "127.0.0.1", "_temp_dir": str(ray_tmp), "logging_level": logging.ERROR,
                       "log_to_driver": True},
     }
     _run_simulation(
