@@ -71,34 +71,36 @@ def lineage(node: MerchantNode, prep: Prepared) -> ConfigRecord:
     )
 
 
-def consent_metrics(prep: Prepared) -> dict[str, Any]:
-    """Aggregate consent counts: users admitted/excluded and used per scope (all scopes, fixed keys)."""
+def consent_metrics(prep: Prepared, phase: str) -> dict[str, Any]:
+    """Aggregate consent counts: users admitted, excluded, used, and used per scope (all scopes: fixed keys)."""
     d = prep.decision
+    users, counts = prep.usage(phase)
     out: dict[str, Any] = {
         "users-candidates": int(d.n_candidates),
         "users-consented": int(len(d.grants)),
-        "users-used": int(len(prep.used_users)),
+        "users-used": int(len(users)),
     }
     for scope in SCOPES:
-        out[f"scope-{scope}"] = int(prep.scope_counts.get(scope, 0))
+        out[f"scope-{scope}"] = int(counts.get(scope, 0))
     return out
 
 
 def record_usage(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phase: str) -> None:
     """Append the usage record to the node's ledger before replying (fails closed)."""
     d = prep.decision
+    users, counts = prep.usage(phase)
     with node.ledger() as ledger:
         ledger.record_usage(
             run_id=str(cfg.get("run-id", "")),
             round=int(cfg.get("server-round", 0)),
             purpose=d.purpose,
             feature_set=f"{phase}:" + ",".join(cfg["features"]),
-            scope_counts=prep.scope_counts,
-            n_users=len(prep.used_users),
+            scope_counts=counts,
+            n_users=len(users),
             ledger_size=d.ledger_size,
             ledger_root=d.ledger_head,
             at=d.at,
-            subjects=[str(u) for u in prep.used_users],
+            subjects=[str(u) for u in users],
         )
 
 
@@ -134,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     record_usage(node, prep, cfg, "train")
     metrics = {"train_loss": float(result.loss), "num-examples": int(result.num_examples)}
     metrics.update(getattr(result, "extra_metrics", {}) or {})
-    metrics.update(consent_metrics(prep))
+    metrics.update(consent_metrics(prep, "train"))
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}
     )
@@ -151,6 +153,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     record_usage(node, prep, cfg, "evaluate")
     metrics = {k: float(v) for k, v in report.items() if k != "num_examples"}
     metrics["num-examples"] = int(prep.n_test)
+    metrics.update(consent_metrics(prep, "evaluate"))
     return Message(
         RecordDict({"metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}), reply_to=msg
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -103,8 +103,19 @@ class Prepared:
     columns: list[str]
     decision: GateDecision
     cutoff: pd.Timestamp
-    used_users: pd.Index
-    scope_counts: dict[str, int] = field(default_factory=dict)
+    train_users: pd.Index
+    test_users: pd.Index
+    granted: pd.DataFrame  # scopes granted by the examples (index user_id)
+
+    @property
+    def used_users(self) -> pd.Index:
+        return self.train_users.append(self.test_users)
+
+    def usage(self, phase: str) -> tuple[pd.Index, dict[str, int]]:
+        """Users whose data a phase reads (train: training users; evaluate: held-out users) and per-scope counts."""
+        users = self.train_users if phase == "train" else self.test_users if phase == "evaluate" else self.used_users
+        g = self.granted.loc[users]
+        return users, {s: int(g[s].sum()) for s in self.granted.columns}
 
     @property
     def n_train(self) -> int:
@@ -193,11 +204,9 @@ class MerchantNode:
         y = to_targets(labels["repurchase"].to_numpy(), labels["spend"].to_numpy())
         x = feats[feature_columns(names)].to_numpy(np.float64)
         test = split_test(feats.index, self.merchant_id)
-        used = feats.index
-        g_used = grants.loc[used]
-        counts = {s: int(g_used[s].sum()) for s in scopes_read(names)}
         return Prepared(
             x_train=x[~test], y_train=y[~test], x_test=x[test], y_test=y[test],
-            columns=feature_columns(names), decision=decision, cutoff=cut, used_users=used,
-            scope_counts=counts,
+            columns=feature_columns(names), decision=decision, cutoff=cut,
+            train_users=feats.index[~test], test_users=feats.index[test],
+            granted=grants.loc[feats.index, list(scopes_read(names))].astype(bool),
         )
