@@ -112,7 +112,9 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
             console.print(f"{Path(r.file).name}: ignored column(s) not in the schema: {', '.join(r.ignored_columns)}")
         if not r.rows_rejected:
             continue
-        rej = Table(title=f"Rejected rows in {Path(r.file).name} (by first problem)", title_justify="left")
+        first_row = "the header is row 1" if Path(r.file).suffix.lower() == ".csv" else "the first row is row 1"
+        rej = Table(title=f"Rejected rows in {Path(r.file).name} (by first problem)", title_justify="left",
+                    caption=f"rows are numbered as in the file: {first_row}", caption_justify="left")
         rej.add_column("reason", overflow="fold")
         rej.add_column("rows", justify="right")
         rej.add_column("examples (row, field, value)", overflow="fold")
