@@ -73,7 +73,13 @@ DUPLICATE_USER = "duplicate user_id"
 
 @dataclass(frozen=True)
 class Problem:
-    """One rejected value: where it is (file, row, field), why (reason), and what it was (value)."""
+    """One rejected value: where it is (file, row, field), why (reason), and what it was (value).
+
+    ``row`` is numbered as in the file: in a CSV the header is row 1 (first data row = row 2),
+    in Parquet the first row is row 1. ``field`` is the file's own column name, or ``"*"`` for
+    the whole row (blank or duplicate rows). ``reason`` is a short key also used in
+    ``IngestReport.rejected_by_reason``; ``detail`` adds specifics such as the row duplicated.
+    """
 
     file: str
     row: int
