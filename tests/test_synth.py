@@ -17,6 +17,8 @@ from fedretain.schema import CHANNELS, EVENT_COLUMN_NAMES, EVENT_TYPES, MEMBER_T
 from fedretain.synth import SILO_FILES, generate, merchant_sizes, simulate, write_silo
 
 DATA_END = pd.Timestamp("2026-10-31")
+END = DATA_END + pd.Timedelta(days=1)  # data_end is inclusive: a whole day, as clients.node reads it
+CUTOFF = END - pd.Timedelta(days=30)  # features < CUTOFF <= labels < END, as fedretain.labels
 DAYS = 180
 N_USERS = 20_000
 
@@ -65,11 +67,12 @@ def test_silo_files_and_schema(silos, tmp_path):
 
 def test_timestamps_within_window_and_sorted(silos):
     for merchant, events, _, consent in silos:
-        end = pd.Timestamp(merchant["data_end"])
-        assert events["ts"].max() < end and events["ts"].min() >= end - pd.Timedelta(days=DAYS)
+        last_day = pd.Timestamp(merchant["data_end"])
+        assert events["ts"].max().normalize() <= last_day and events["ts"].max() >= last_day  # last day used
+        assert events["ts"].min() >= last_day - pd.Timedelta(days=DAYS - 1)
         assert events["ts"].is_monotonic_increasing
         eff = pd.to_datetime(consent["effective_at"], utc=True).dt.tz_localize(None)
-        assert eff.max() <= end
+        assert eff.max() < last_day + pd.Timedelta(days=1)
 
 
 def test_refund_follows_a_purchase_of_the_same_item(silos):
@@ -102,16 +105,16 @@ def test_merchants_are_non_iid(silos):
 
 
 def _repeat_labels(events: pd.DataFrame, cutoff: pd.Timestamp) -> pd.Series:
-    """Users with a purchase at or before ``cutoff`` -> 1 if they purchase in (cutoff, cutoff + 30 days]."""
+    """Users with a purchase before ``cutoff`` -> 1 if they purchase in [cutoff, cutoff + 30 days)."""
     p = events[events["event"] == "purchase"]
-    before = p.loc[p["ts"] <= cutoff, "user_id"].unique()
-    after = set(p.loc[(p["ts"] > cutoff) & (p["ts"] <= cutoff + pd.Timedelta(days=30)), "user_id"])
+    before = p.loc[p["ts"] < cutoff, "user_id"].unique()
+    after = set(p.loc[(p["ts"] >= cutoff) & (p["ts"] < cutoff + pd.Timedelta(days=30)), "user_id"])
     return pd.Series([u in after for u in before], index=before, dtype=int)
 
 
 def test_calibration_repeat_rate_and_membership(silos):
     events, users = _pooled(silos)
-    y = _repeat_labels(events, DATA_END - pd.Timedelta(days=30))
+    y = _repeat_labels(events, CUTOFF)
     assert len(y) > 0.7 * N_USERS
     assert 0.25 <= y.mean() <= 0.35
     member = users.loc[y.index, "member_tier"].ne("none").to_numpy()
@@ -121,11 +124,11 @@ def test_calibration_repeat_rate_and_membership(silos):
 
 
 def test_calibration_first_month_retention_by_referral(silos):
-    """New buyers whose first purchase is >= 30 days before data_end: share buying again within 30 days."""
+    """Buyers whose first purchase leaves 30 observed days: share buying again within 30 days of it."""
     events, users = _pooled(silos)
     p = events[events["event"] == "purchase"]
     first = p.groupby("user_id")["ts"].min()
-    cohort = first[first <= DATA_END - pd.Timedelta(days=30)]
+    cohort = first[first < CUTOFF]
     p = p.join(cohort.rename("first"), on="user_id", how="inner")
     again = set(p.loc[(p["ts"] > p["first"]) & (p["ts"] <= p["first"] + pd.Timedelta(days=30)), "user_id"])
     retained = pd.Series(cohort.index.isin(list(again)), index=cohort.index)
@@ -137,9 +140,9 @@ def test_calibration_first_month_retention_by_referral(silos):
 def test_behaviour_before_cutoff_predicts_repeat_purchase(silos):
     """The signal is in observable behaviour: recent, frequent, engaged buyers come back more."""
     events, _ = _pooled(silos)
-    cutoff = DATA_END - pd.Timedelta(days=30)
+    cutoff = CUTOFF
     y = _repeat_labels(events, cutoff)
-    hist = events[(events["ts"] <= cutoff) & events["user_id"].isin(y.index)]
+    hist = events[(events["ts"] < cutoff) & events["user_id"].isin(y.index)]
     n_purchases = hist[hist["event"] == "purchase"].groupby("user_id").size().reindex(y.index)
     watch = hist.groupby("user_id")["watch_seconds"].sum().reindex(y.index)
     recency = (cutoff - hist.groupby("user_id")["ts"].max()).reindex(y.index)
@@ -211,8 +214,8 @@ def test_other_window_and_sizes(tmp_path):
     assert [s.merchant["merchant_id"] for s in silos] == [f"merchant_{k:02d}" for k in range(10)]
     assert sum(len(s.users) for s in silos) == 3_000 and min(len(s.users) for s in silos) >= 100
     for s in silos:
-        assert s.events["ts"].max() < pd.Timestamp("2025-12-31")
-        assert s.events["ts"].min() >= pd.Timestamp("2025-11-01")
+        assert s.events["ts"].max() < pd.Timestamp("2026-01-01")
+        assert s.events["ts"].min() >= pd.Timestamp("2025-11-02")  # 60 whole days ending 2025-12-31
     with pytest.raises(ValueError, match="days"):
         simulate(days=0)
 
