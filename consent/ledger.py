@@ -1,0 +1,586 @@
+"""The consent ledger: one append-only, hash-chained, Merkle-signed SQLite file per merchant node.
+
+Why this shape:
+
+* **append-only in the database itself** — ``BEFORE UPDATE``/``BEFORE DELETE`` triggers
+  abort any edit, so a bug or a careless SQL session cannot rewrite consent history;
+* **tamper-evident beyond the triggers** — each row stores ``entry_hash = SHA-256(prev_hash
+  || leaf_hash)`` (a hash chain that pinpoints the first altered row), and after every
+  batch the node signs an RFC 9162 Merkle root of all records with its Ed25519 key
+  (signed heads), so even an attacker who drops the triggers and recomputes the chain
+  cannot produce a history the node key never signed;
+* **no mutable "current state"** — consent at time T is *computed* from the log by
+  replay (:meth:`ConsentLedger.state_at`), so the answer for any past T stays reproducible.
+
+Record timestamps are stored as integer microseconds since the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import signing
+from .importer import Batch, ConsentImportError, prepare_records, prepare_table, read_table
+from .merkle import EMPTY_ROOT, Frontier, consistency_proof, inclusion_proof
+from .records import ConsentRecord, format_ts, to_us
+from .usage import USAGE_SCHEMA, UsageRecord, record_usage, usages
+from .vocab import SCOPES, VOCAB_VERSION, UnknownTermError, check_purpose
+
+__all__ = ["ConsentLedger", "LedgerHead", "LedgerError", "checkpoint_text", "FORMAT", "replay_state"]
+
+FORMAT = "fedretain-consent-ledger/v1"
+ZERO_HASH = bytes(32)
+NO_EXPIRY = np.iinfo(np.int64).max
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE records (
+    seq          INTEGER PRIMARY KEY,
+    record_id    TEXT NOT NULL,       -- unique: see INDEXES
+    subject_id   TEXT NOT NULL,
+    purpose      TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    scopes       TEXT NOT NULL,      -- ';'-joined sorted scopes; '' = all (withdraw/expire)
+    effective_at INTEGER NOT NULL,   -- µs since epoch, UTC
+    expires_at   INTEGER,            -- µs since epoch, UTC; NULL = no expiry
+    canonical    TEXT NOT NULL,      -- canonical JSON of the record: the Merkle leaf
+    prev_hash    BLOB NOT NULL,
+    entry_hash   BLOB NOT NULL       -- SHA-256(prev_hash || SHA-256(0x00 || canonical))
+);
+CREATE TABLE heads (
+    head_id         INTEGER PRIMARY KEY,
+    size            INTEGER NOT NULL,
+    root_hex        TEXT NOT NULL,
+    timestamp       TEXT NOT NULL,
+    signature_hex   TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    frontier        BLOB NOT NULL    -- perfect-subtree roots, to append without re-reading leaves
+);
+"""
+# Secondary indexes; a bulk import drops and rebuilds them inside its transaction, which is
+# several times faster than updating them row by row (a sort instead of random B-tree inserts).
+INDEXES: dict[str, str] = {
+    "records_record_id": "CREATE UNIQUE INDEX records_record_id ON records(record_id)",
+    "records_subject": "CREATE INDEX records_subject ON records(subject_id)",
+    "records_purpose_time": "CREATE INDEX records_purpose_time ON records(purpose, effective_at)",
+}
+BULK_ROWS = 20_000
+PROTECTED_TABLES: tuple[str, ...] = ("meta", "records", "heads", "usage", "usage_subjects")
+TRIGGERS: tuple[str, ...] = tuple(f"{t}_no_{op}" for t in PROTECTED_TABLES for op in ("update", "delete"))
+
+
+def _trigger_sql(table: str) -> str:
+    return "".join(
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, 'consent ledger is append-only: {op} on {table} refused'); END;\n"
+        for op in ("UPDATE", "DELETE")
+    )
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened, written or trusted; the message says why."""
+
+
+def checkpoint_text(controller: str, size: int, root_hex: str, timestamp: str) -> bytes:
+    """The exact bytes a signed head signs (one field per line, no trailing newline)."""
+    return f"{FORMAT}\n{controller}\n{size}\n{root_hex}\n{timestamp}".encode()
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """A signed checkpoint: the ledger's size and RFC 9162 root at a moment, signed by the node."""
+
+    size: int
+    root_hex: str
+    signature: str  # hex Ed25519 signature over checkpoint_text(...)
+    timestamp: str
+    controller: str
+    key_fingerprint: str
+
+    def checkpoint(self) -> bytes:
+        return checkpoint_text(self.controller, self.size, self.root_hex, self.timestamp)
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        """Is this head signed by ``public_key``? (For servers holding the node's public key.)"""
+        try:
+            sig = bytes.fromhex(self.signature)
+        except ValueError:
+            return False
+        return signing.verify_signature(public_key, sig, self.checkpoint())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "root_hex": self.root_hex, "signature": self.signature,
+                "timestamp": self.timestamp, "controller": self.controller,
+                "key_fingerprint": self.key_fingerprint}
+
+
+class ConsentLedger:
+    """One merchant node's consent ledger (see the module docstring).
+
+    Open with :meth:`open` (or :meth:`create`). Writing needs the node's private key
+    (``key_path``); reading and verifying do not.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, key: Ed25519PrivateKey | None) -> None:
+        self._conn = conn
+        self.path = path
+        self._key = key
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("format") != FORMAT:
+            raise LedgerError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
+        self.controller: str = meta["controller"]
+        self.key_fingerprint: str = meta["key_fingerprint"]
+        self.public_key_pem: str = meta["public_key_pem"]
+        self.created_at: str = meta.get("created_at", "")
+        if key is not None and signing.fingerprint(key) != self.key_fingerprint:
+            raise LedgerError(
+                f"the key {signing.fingerprint(key)} does not match this ledger's key {self.key_fingerprint}"
+            )
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        key_path: str | os.PathLike[str] | None = None,
+        create: bool = False,
+        controller: str | None = None,
+    ) -> ConsentLedger:
+        """Open the ledger at ``path``; with ``create=True`` make it (needs ``controller``, ``key_path``)."""
+        path = Path(path)
+        if not path.exists():
+            if not create:
+                raise LedgerError(f"no consent ledger at {path} (create one with `fedretain consent init`)")
+            if not controller:
+                raise LedgerError("creating a ledger needs the controller (merchant id)")
+            if key_path is None:
+                raise LedgerError("creating a ledger needs a key path for the node's signing key")
+            return cls.create(path, controller=controller, key_path=key_path)
+        key = signing.load_private_key(key_path) if key_path is not None else None
+        conn = _connect(path)
+        try:
+            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not {"meta", "records", "heads"} <= names:
+                raise LedgerError(f"{path} is not a consent ledger (tables missing)")
+            ledger = cls(conn, path, key)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerError(f"{path} is not a readable SQLite consent ledger: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return ledger
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], *, controller: str, key_path: str | os.PathLike[str]) -> ConsentLedger:
+        """Create a new ledger file (the key is created too if ``key_path`` does not exist)."""
+        path = Path(path)
+        if path.exists():
+            raise LedgerError(f"{path} already exists; refusing to overwrite a consent ledger")
+        controller = controller.strip()
+        if not controller or "\n" in controller:
+            raise LedgerError("the controller (merchant id) must be non-empty single-line text")
+        key, _ = signing.load_or_create_key(key_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".creating")
+        for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+            p.unlink(missing_ok=True)
+        conn = _connect(tmp)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _statements(SCHEMA + USAGE_SCHEMA + "".join(_trigger_sql(t) for t in PROTECTED_TABLES)):
+                conn.execute(stmt)
+            for stmt in INDEXES.values():
+                conn.execute(stmt)
+            now = format_ts(datetime.now(timezone.utc))
+            meta = {
+                "format": FORMAT,
+                "controller": controller,
+                "created_at": now,
+                "public_key_pem": signing.public_key_pem(key),
+                "key_fingerprint": signing.fingerprint(key),
+                "vocab_version": VOCAB_VERSION,
+            }
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+            _write_head(conn, key, controller, Frontier(), now)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except BaseException:
+            conn.close()
+            for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+                p.unlink(missing_ok=True)
+            raise
+        conn.close()
+        os.replace(tmp, path)
+        for p in (Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+            p.unlink(missing_ok=True)
+        return cls.open(path, key_path=key_path)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ConsentLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying connection (read access for audits and reports)."""
+        return self._conn
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The node key: from the private key if opened with one, else as recorded in the ledger."""
+        if self._key is not None:
+            return self._key.public_key()
+        return signing.load_public_key(self.public_key_pem)
+
+    @property
+    def has_signing_key(self) -> bool:
+        return self._key is not None
+
+    # -- writing ------------------------------------------------------------------------
+    def append(self, record: ConsentRecord) -> int:
+        """Append one record and sign a new head; returns the new ledger size."""
+        return self.append_many([record])
+
+    def append_many(self, records: Sequence[ConsentRecord]) -> int:
+        """Append records in one transaction with one signed head; returns the new size."""
+        if not records:
+            return self.size
+        return self._insert(prepare_records(list(records), controller=self.controller), source="records")
+
+    def import_file(self, path: str | os.PathLike[str], *, recorded_by: str | None = None) -> int:
+        """Import a CSV/JSONL consent file as one transaction; returns the number of records added.
+
+        A file with any bad row changes nothing; :class:`ConsentImportError` names the
+        file, the row and the field.
+        """
+        self._require_key()
+        path = Path(path)
+        df = read_table(path)
+        if len(df) == 0:
+            return 0
+        batch = prepare_table(df, source=path.name, controller=self.controller,
+                              default_recorded_by=recorded_by if recorded_by is not None else f"import:{path.name}")
+        before = self.size
+        return self._insert(batch, source=path.name) - before
+
+    def _require_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            raise LedgerError("the ledger was opened without the node key; writing needs it to sign heads")
+        return self._key
+
+    def _insert(self, batch: Batch, *, source: str) -> int:
+        key = self._require_key()
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            missing = self._missing_triggers()
+            if missing:
+                raise LedgerError(f"append-only triggers are missing ({', '.join(missing)}): the file was "
+                                  "modified outside fedretain; run `fedretain consent verify`")
+            frontier, last_entry = self._tip(key)
+            seq0 = frontier.size + 1
+            rows = []
+            sha = hashlib.sha256
+            prev = last_entry
+            append_leaf = frontier.append
+            for i, text in enumerate(batch.canonical):
+                lh = sha(b"\x00" + text.encode("utf-8")).digest()
+                eh = sha(prev + lh).digest()
+                rows.append((seq0 + i, batch.record_id[i], batch.subject_id[i], batch.purpose[i], batch.action[i],
+                             batch.scopes[i], batch.effective_us[i], batch.expires_us[i], text, prev, eh))
+                append_leaf(lh)
+                prev = eh
+            rebuild = len(rows) >= BULK_ROWS and len(rows) >= seq0 // 2
+            if rebuild:
+                for name in INDEXES:
+                    conn.execute(f"DROP INDEX IF EXISTS {name}")
+            conn.executemany("INSERT INTO records (seq, record_id, subject_id, purpose, action, scopes, "
+                             "effective_at, expires_at, canonical, prev_hash, entry_hash) "
+                             "VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            del rows
+            if rebuild:
+                for stmt in INDEXES.values():
+                    conn.execute(stmt)
+            _write_head(conn, key, self.controller, frontier, format_ts(datetime.now(timezone.utc)))
+            conn.execute("COMMIT")
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK")
+            raise self._duplicate_error(batch, source) from None  # diagnosed after the rollback
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return frontier.size
+
+    def _tip(self, key: Ed25519PrivateKey) -> tuple[Frontier, bytes]:
+        """The last signed head's frontier and the last entry hash, checked before extending them."""
+        head = self._conn.execute(
+            "SELECT size, root_hex, timestamp, signature_hex, frontier FROM heads ORDER BY head_id DESC LIMIT 1"
+        ).fetchone()
+        if head is None:
+            raise LedgerError("the ledger has no signed head; run `fedretain consent verify`")
+        size, root_hex, ts, sig_hex, blob = head
+        try:
+            frontier = Frontier.from_bytes(size, blob)
+            ok = frontier.root().hex() == root_hex and signing.verify_signature(
+                key.public_key(), bytes.fromhex(sig_hex), checkpoint_text(self.controller, size, root_hex, ts))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise LedgerError("the latest signed head does not verify; refusing to append "
+                              "(run `fedretain consent verify`)")
+        last = self._conn.execute("SELECT seq, entry_hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        n = 0 if last is None else last[0]
+        if n != size:
+            raise LedgerError(f"the ledger holds {n} records but its latest signed head covers {size}; refusing "
+                              "to append (run `fedretain consent verify`)")
+        return frontier, (ZERO_HASH if last is None else bytes(last[1]))
+
+    def _duplicate_error(self, batch: Batch, source: str) -> ConsentImportError:
+        existing: set[str] = set()
+        ids = batch.record_id
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            q = f"SELECT record_id FROM records WHERE record_id IN ({','.join('?' * len(chunk))})"
+            existing.update(r[0] for r in self._conn.execute(q, chunk))
+        errs = [(int(batch.rows[i]), "record_id", f"record_id {rid!r} is already in the ledger "
+                 "(this consent event was imported before)") for i, rid in enumerate(ids) if rid in existing]
+        if not errs:
+            errs = [(0, "record_id", "duplicate record ids")]
+        return ConsentImportError(source, errs[:100], len(errs))
+
+    def _missing_triggers(self) -> list[str]:
+        have = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        return [t for t in TRIGGERS if t not in have]
+
+    # -- usage log ----------------------------------------------------------------------
+    def record_usage(self, run_id: str, round: int, purpose: str, feature_set: str | Iterable[str],
+                     scope_counts: dict[str, int], n_users: int, ledger_size: int, ledger_root: str,
+                     at: Any, subjects: Iterable[str]) -> int:
+        """Log that ``subjects``' data was used by ``run_id``/``round`` (see :mod:`.usage`)."""
+        return record_usage(self._conn, run_id, round, purpose, feature_set, scope_counts, n_users,
+                            ledger_size, ledger_root, at, subjects)
+
+    def usages(self, subject: str | None = None) -> list[UsageRecord]:
+        """Usage entries, all or those that used ``subject``'s data."""
+        return usages(self._conn, subject)
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Number of records (the largest seq)."""
+        r = self._conn.execute("SELECT MAX(seq) FROM records").fetchone()[0]
+        return int(r or 0)
+
+    def head(self) -> LedgerHead:
+        """The latest signed head."""
+        heads = self.heads(last=True)
+        if not heads:
+            raise LedgerError("the ledger has no signed head")
+        return heads[0]
+
+    def heads(self, last: bool = False) -> list[LedgerHead]:
+        """All signed heads, oldest first (or just the latest)."""
+        q = "SELECT size, root_hex, signature_hex, timestamp, key_fingerprint FROM heads ORDER BY head_id"
+        if last:
+            q += " DESC LIMIT 1"
+        return [LedgerHead(r[0], r[1], r[2], r[3], self.controller, r[4]) for r in self._conn.execute(q)]
+
+    def records(self, subject: str | None = None) -> list[ConsentRecord]:
+        """Records in ledger order (all, or one subject's)."""
+        return list(self.iter_records(subject))
+
+    def iter_records(self, subject: str | None = None) -> Iterator[ConsentRecord]:
+        if subject is None:
+            cur = self._conn.execute("SELECT canonical FROM records ORDER BY seq")
+        else:
+            cur = self._conn.execute("SELECT canonical FROM records WHERE subject_id = ? ORDER BY seq", (subject,))
+        for (text,) in cur:
+            yield ConsentRecord.from_json(text)
+
+    def history(self, subject: str) -> pd.DataFrame:
+        """One subject's consent history, ordered as replay sees it (effective time, then seq)."""
+        rows = self._conn.execute(
+            "SELECT seq, canonical FROM records WHERE subject_id = ? ORDER BY effective_at, seq", (subject,)
+        ).fetchall()
+        out = []
+        for seq, text in rows:
+            d = ConsentRecord.from_json(text).to_dict()
+            d["scopes"] = ";".join(d["scopes"])
+            out.append({"seq": seq, **d})
+        cols = ["seq", "record_id", "purpose", "action", "scopes", "effective_at", "expires_at",
+                "collection_method", "notice_version", "jurisdiction", "recorded_by", "recorded_at",
+                "vocab_version", "subject_id", "controller"]
+        return pd.DataFrame(out, columns=cols)
+
+    def log_frame(self, purpose: str | None = None, until: Any = None, *, size: int | None = None) -> pd.DataFrame:
+        """The log's replay columns in replay order (effective_at, seq); ``expires_at`` max = none.
+
+        ``size`` limits the log to its first ``size`` records (a verified prefix).
+        """
+        where, params = [], []
+        if size is not None:
+            where.append("seq <= ?")
+            params.append(int(size))
+        if purpose is not None:
+            where.append("purpose = ?")
+            params.append(purpose)
+        if until is not None:
+            where.append("effective_at <= ?")
+            params.append(to_us(until, "at"))
+        q = ("SELECT seq, subject_id, purpose, action, scopes, effective_at, "
+             f"COALESCE(expires_at, {NO_EXPIRY}) FROM records")
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += " ORDER BY effective_at, seq"
+        rows = self._conn.execute(q, params).fetchall()
+        cols = ["seq", "subject_id", "purpose", "action", "scopes", "effective_at", "expires_at"]
+        if not rows:
+            return pd.DataFrame({c: pd.Series([], dtype=("int64" if c in ("seq", "effective_at", "expires_at")
+                                                          else object)) for c in cols})
+        data = list(zip(*rows))
+        return pd.DataFrame({
+            "seq": np.fromiter(data[0], np.int64, len(rows)),
+            "subject_id": np.array(data[1], dtype=object),
+            "purpose": np.array(data[2], dtype=object),
+            "action": np.array(data[3], dtype=object),
+            "scopes": np.array(data[4], dtype=object),
+            "effective_at": np.fromiter(data[5], np.int64, len(rows)),
+            "expires_at": np.fromiter(data[6], np.int64, len(rows)),
+        })
+
+    def state_at(self, purpose: str, at: Any, subjects: Iterable[str] | None = None, *,
+                 size: int | None = None) -> pd.DataFrame:
+        """Consent state for ``purpose`` at time ``at``, replayed from the log.
+
+        Index ``subject_id``; one bool column per vocabulary scope. Without ``subjects``:
+        every subject with a record for the purpose effective by ``at``; with it: exactly
+        those subjects (unknown ones all False). ``size`` replays only the first ``size``
+        records. The stored columns are trusted here — call :meth:`verify` first (the gate does).
+        """
+        try:
+            check_purpose(purpose)
+        except UnknownTermError as err:
+            raise UnknownTermError(f"field 'purpose': {err}") from None
+        log = self.log_frame(purpose, at, size=size)
+        return replay_state(log, to_us(at, "at"), subjects)
+
+    # -- proofs & verification ------------------------------------------------------------
+    def leaf_hashes(self, size: int | None = None) -> list[bytes]:
+        """RFC 9162 leaf hashes of the first ``size`` records (all by default)."""
+        q = "SELECT canonical FROM records ORDER BY seq"
+        if size is not None:
+            q += f" LIMIT {int(size)}"
+        sha = hashlib.sha256
+        return [sha(b"\x00" + (t if isinstance(t, bytes) else t.encode("utf-8"))).digest()
+                for (t,) in self._conn.execute(q)]
+
+    def inclusion_proof(self, record_id: str, tree_size: int | None = None) -> tuple[int, int, list[str]]:
+        """``(leaf_index, tree_size, audit path hex)`` proving ``record_id`` is in the tree."""
+        row = self._conn.execute("SELECT seq FROM records WHERE record_id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no record {record_id!r} in the ledger")
+        n = self.size if tree_size is None else int(tree_size)
+        hashes = self.leaf_hashes(n)
+        proof = inclusion_proof(hashes, row[0] - 1, n)
+        return row[0] - 1, n, [p.hex() for p in proof]
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[str]:
+        """Hex RFC 9162 consistency proof between two tree sizes of this ledger."""
+        n = self.size if new_size is None else int(new_size)
+        return [p.hex() for p in consistency_proof(self.leaf_hashes(n), old_size, n)]
+
+    def root_hex(self, size: int | None = None) -> str:
+        """Recomputed RFC 9162 root of the first ``size`` records."""
+        fr = Frontier()
+        fr.extend(self.leaf_hashes(size))
+        return fr.root().hex() if fr.size else EMPTY_ROOT.hex()
+
+    def verify(self, public_key: Ed25519PublicKey | None = None) -> Any:
+        """Full audit (hash chain, indexed columns, Merkle roots, signatures): a ``VerifyResult``."""
+        from .audit import verify_ledger
+
+        return verify_ledger(self, public_key)
+
+
+def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None = None) -> pd.DataFrame:
+    """Vectorised replay of a purpose's log (rows in (effective_at, seq) order, all <= ``at_us``).
+
+    For each (subject, scope) the last record touching the scope wins: a grant makes it
+    granted unless its expiry is <= ``at_us``; a withdraw/expire makes it not granted.
+    """
+    scopes = list(SCOPES)
+    if len(log):
+        codes, uniq = pd.factorize(log["subject_id"].to_numpy(dtype=object))
+        scode, suniq = pd.factorize(log["scopes"].to_numpy(dtype=object))
+        all_bits = (1 << len(scopes)) - 1
+        bit = {s: 1 << j for j, s in enumerate(scopes)}
+        masks = np.array([sum(bit[s] for s in u.split(";")) if u else all_bits for u in suniq], dtype=np.int64)
+        rec_mask = masks[scode]
+        alive = (log["action"].to_numpy(dtype=object) == "grant") & (log["expires_at"].to_numpy() > at_us)
+        state = np.zeros((len(uniq), len(scopes)), dtype=bool)
+        for j in range(len(scopes)):
+            idx = np.flatnonzero(rec_mask & (1 << j))
+            if not len(idx):
+                continue
+            rev = codes[idx][::-1]
+            u, first = np.unique(rev, return_index=True)
+            state[u, j] = alive[idx[::-1][first]]
+        out = pd.DataFrame(state, index=pd.Index(uniq, name="subject_id", dtype=object), columns=scopes)
+    else:
+        out = pd.DataFrame(np.zeros((0, len(scopes)), dtype=bool), columns=scopes,
+                           index=pd.Index([], name="subject_id", dtype=object))
+    if subjects is not None:
+        wanted = pd.Index(pd.unique(np.asarray(list(subjects) if not isinstance(subjects, (pd.Index, pd.Series, np.ndarray))
+                                               else subjects, dtype=object)), name="subject_id", dtype=object)
+        out = out.reindex(wanted, fill_value=False)
+    return out
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA synchronous=FULL")  # a consent change, once acknowledged, survives power loss
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA cache_size=-262144")  # up to 256 MiB: big imports stay off the disk until commit
+    conn.execute("PRAGMA temp_store=MEMORY")
+    return conn
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements (triggers contain ';' inside BEGIN...END)."""
+    out, buf = [], []
+    for line in script.splitlines(keepends=True):
+        buf.append(line)
+        text = "".join(buf).strip()
+        if text and sqlite3.complete_statement(text):
+            out.append(text)
+            buf = []
+    return out
+
+
+def _write_head(conn: sqlite3.Connection, key: Ed25519PrivateKey, controller: str, frontier: Frontier,
+                timestamp: str) -> LedgerHead:
+    root_hex = frontier.root().hex()
+    sig = signing.sign(key, checkpoint_text(controller, frontier.size, root_hex, timestamp)).hex()
+    fp = signing.fingerprint(key)
+    conn.execute("INSERT INTO heads (size, root_hex, timestamp, signature_hex, key_fingerprint, frontier) "
+                 "VALUES (?,?,?,?,?,?)", (frontier.size, root_hex, timestamp, sig, fp, frontier.to_bytes()))
+    return LedgerHead(frontier.size, root_hex, sig, timestamp, controller, fp)
+
