@@ -1,0 +1,160 @@
+"""The node's privacy-budget ledger: reservation before training, refusal, persistence."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from fedretain.models import RetentionNet
+from fedretain.privacy.accountant import Accountant, DpEvent, PrivacyError
+from fedretain.privacy.budget import BudgetExceeded, BudgetLedger, RunPlan, ledger_path
+from fedretain.privacy.dp_trainer import DPConfig, DPTrainer
+from fedretain.train import TrainConfig
+
+PURPOSE = "retention_modeling"
+
+
+def _data(n=640, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.stack([(rng.random(n) < 1 / (1 + np.exp(-x[:, 0]))).astype(np.float32),
+                  np.abs(rng.normal(size=n)).astype(np.float32)], axis=1)
+    return x, y
+
+
+def _dump(path) -> list[str]:
+    """Every row of every table: what 'the ledger is unchanged' means."""
+    with sqlite3.connect(path) as conn:
+        return list(conn.iterdump())
+
+
+def _trainer(path, run_id, rnd=1, eps=3.0, rounds=1):
+    return DPTrainer(TrainConfig(epochs=1, batch_size=64, learning_rate=0.01),
+                     DPConfig(target_epsilon=eps, total_rounds=rounds, noise_seed=1), path, run_id, PURPOSE, rnd)
+
+
+def _plan(run_id, eps=3.0, **kw):
+    base = dict(run_id=run_id, purpose=PURPOSE, mode="local", accountant="rdp", epsilon=eps, delta=1e-5,
+                noise_multiplier=1.0, sample_rate=0.1, planned_steps=10, n_records=100)
+    return RunPlan(**{**base, **kw})
+
+
+def test_lifetime_4_allows_one_run_at_3_and_refuses_the_second_unchanged(tmp_path):
+    path = ledger_path(tmp_path)
+    with BudgetLedger.open(path, create=True) as ledger:
+        ledger.set_budget(PURPOSE, 4.0)
+    x, y = _data()
+    model = RetentionNet(x.shape[1])
+    first = _trainer(path, "run-1").fit(model, x, y)
+    assert 2.9 <= first.extra_metrics["epsilon"] <= 3.0
+
+    before_ledger = _dump(path)
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetExceeded, match="only ε=1 of the lifetime budget ε=4 remains"):
+        _trainer(path, "run-2").fit(model, x, y)
+    assert _dump(path) == before_ledger  # the refused run wrote nothing
+    assert all(torch.equal(before_model[k], v) for k, v in model.state_dict().items())  # and trained nothing
+
+    with BudgetLedger.open(path) as ledger:
+        [row] = ledger.status()
+        assert row["committed_epsilon"] == 3.0 and row["remaining_epsilon"] == 1.0
+        assert [r["run_id"] for r in row["runs"]] == ["run-1"]
+        assert row["runs"][0]["spent_epsilon"] == pytest.approx(first.extra_metrics["epsilon"])
+
+
+def test_no_budget_or_no_ledger_fails_closed(tmp_path):
+    x, y = _data(100)
+    with pytest.raises(PrivacyError, match="privacy ledger not found"):
+        _trainer(ledger_path(tmp_path), "r").fit(RetentionNet(x.shape[1]), x, y)
+    with BudgetLedger.open(ledger_path(tmp_path), create=True):
+        pass
+    before = _dump(ledger_path(tmp_path))
+    with pytest.raises(BudgetExceeded, match="no lifetime privacy budget"):
+        _trainer(ledger_path(tmp_path), "r").fit(RetentionNet(x.shape[1]), x, y)
+    assert _dump(ledger_path(tmp_path)) == before
+
+
+def test_accountant_survives_a_node_restart_and_extra_rounds_are_refused(tmp_path):
+    path = ledger_path(tmp_path)
+    with BudgetLedger.open(path, create=True) as ledger:
+        ledger.set_budget(PURPOSE, 10.0)
+    x, y = _data()
+    model = RetentionNet(x.shape[1])
+    eps = [_trainer(path, "run", rnd, rounds=2).fit(model, x, y).extra_metrics["epsilon"] for rnd in (1, 2)]
+    # each round opened the ledger afresh (as a restarted node would): round 2 continued round 1's history
+    with BudgetLedger.open(path) as ledger:
+        plan = ledger.run("run", PURPOSE)
+        acc = ledger.accountant_for("run", PURPOSE)
+    assert eps[0] < eps[1] <= 3.0
+    assert acc.steps == plan.planned_steps
+    fresh = Accountant("rdp", [DpEvent(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)])
+    assert eps[1] == pytest.approx(fresh.epsilon(plan.delta))
+    before = _dump(path)
+    with pytest.raises(BudgetExceeded, match="past the .* planned"):  # a retried / third round
+        _trainer(path, "run", 3, rounds=2).fit(model, x, y)
+    assert _dump(path) == before
+
+
+def test_reserve_is_idempotent_per_run_and_refuses_a_changed_mechanism(tmp_path):
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_budget(PURPOSE, 5.0)
+        first = ledger.reserve(_plan("a"))
+        assert ledger.reserve(_plan("a")) == first
+        with pytest.raises(PrivacyError, match="different DP mechanism"):
+            ledger.reserve(_plan("a", noise_multiplier=0.5))
+        assert ledger.committed(PURPOSE) == (3.0, 1e-5)
+
+
+def test_budget_delta_is_enforced_and_budgets_are_per_purpose(tmp_path):
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_budget(PURPOSE, 100.0, delta=1.5e-5)
+        ledger.reserve(_plan("a", eps=1.0))
+        with pytest.raises(BudgetExceeded, match="lifetime δ"):
+            ledger.reserve(_plan("b", eps=1.0))
+        with pytest.raises(BudgetExceeded, match="no lifetime privacy budget"):
+            ledger.reserve(_plan("c", purpose="ltv_modeling"))
+        ledger.set_budget("ltv_modeling", 2.0)
+        ledger.reserve(_plan("c", purpose="ltv_modeling", eps=2.0))
+        assert [r["purpose"] for r in ledger.status()] == ["ltv_modeling", PURPOSE]
+
+
+def test_ledger_is_append_only(tmp_path):
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_budget(PURPOSE, 5.0)
+        ledger.reserve(_plan("a"))
+    conn = sqlite3.connect(ledger_path(tmp_path))
+    for sql in ("UPDATE runs SET epsilon = 0.1", "DELETE FROM runs", "UPDATE budgets SET epsilon = 99",
+                "DELETE FROM budgets"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(sql)
+    conn.close()
+
+
+def test_spend_beyond_reservation_is_refused(tmp_path):
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_budget(PURPOSE, 5.0)
+        plan = ledger.reserve(_plan("a", eps=1.0))
+        acc = Accountant("rdp", [DpEvent(plan.noise_multiplier, plan.sample_rate, 10_000)])
+        with pytest.raises(BudgetExceeded, match="more than its reservation"):
+            ledger.record_spend("a", PURPOSE, 1, 10_000, acc)
+        assert ledger.spends("a") == []
+
+
+def test_unknown_purpose_and_bad_values_are_refused(tmp_path):
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        with pytest.raises(ValueError, match="unknown purpose"):
+            ledger.set_budget("marketing", 1.0)
+        with pytest.raises(PrivacyError):
+            ledger.set_budget(PURPOSE, -1.0)
+        with pytest.raises(PrivacyError):
+            ledger.set_budget(PURPOSE, 1.0, delta=2.0)
+
+
+def test_a_foreign_file_is_not_taken_for_a_ledger(tmp_path):
+    bad = tmp_path / "privacy.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(PrivacyError, match="unreadable privacy ledger"):
+        BudgetLedger.open(bad)
