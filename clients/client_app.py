@@ -8,6 +8,7 @@ numbers only — never user ids, rows, per-user features or scores.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,7 +37,30 @@ def _consent_time(cfg: ConfigRecord) -> datetime:
     return datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
 
 
+# The consent decision and features of one round, shared by its train and evaluate
+# messages when both run in this process: consent is evaluated once per round.
+_ROUND_CACHE: "OrderedDict[tuple, Prepared]" = OrderedDict()
+_ROUND_CACHE_SIZE = 16
+
+
 def prepare_from_config(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
+    rnd = cfg.get("server-round")
+    key = None
+    if rnd is not None:
+        key = (str(node.config.data_path), str(cfg.get("run-id", "")), int(rnd), str(cfg["purpose"]),
+               tuple(cfg["features"]), float(cfg.get("horizon-days", 30)), str(cfg.get("cutoff", "")),
+               str(cfg.get("consent-at", "")))
+        if key in _ROUND_CACHE:
+            return _ROUND_CACHE[key]
+    prep = _prepare(node, cfg)
+    if key is not None:
+        _ROUND_CACHE[key] = prep
+        while len(_ROUND_CACHE) > _ROUND_CACHE_SIZE:
+            _ROUND_CACHE.popitem(last=False)
+    return prep
+
+
+def _prepare(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
     return node.prepare(
         purpose=str(cfg["purpose"]),
         feature_names=list(cfg["features"]),
@@ -157,3 +181,4 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     return Message(
         RecordDict({"metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}), reply_to=msg
     )
+from fedretain.clients import analytics_handlers  # noqa: E402,F401  (registers query handlers)

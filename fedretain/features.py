@@ -34,38 +34,64 @@ class GatedLike(Protocol):
     grants: pd.DataFrame
 
 
-@dataclass(frozen=True)
 class Window:
-    """Pre-cutoff events plus the per-user frame everything is aligned to."""
+    """Pre-cutoff events, split once by event type, plus the per-user frame everything aligns to.
 
-    events: pd.DataFrame  # events with ts < cutoff, plus 'age_days' (cutoff - ts in days)
-    users: pd.DataFrame  # index user_id (the population), attribute columns
-    cutoff: pd.Timestamp
+    Features ask many questions of the same few event types; splitting once and
+    memoising per-type frames keeps the whole matrix at a handful of passes over the data.
+    """
+
+    def __init__(self, events: pd.DataFrame, users: pd.DataFrame, cutoff: pd.Timestamp) -> None:
+        self.events = events  # events with ts < cutoff, plus 'age_days' (cutoff - ts in days)
+        self.users = users  # index user_id (the population), attribute columns
+        self.cutoff = cutoff
+        codes = events["event"].astype(str).to_numpy()
+        self._by_type = {t: events[codes == t] for t in pd.unique(codes)} if len(events) else {}
+        self._memo: dict[tuple, pd.Series] = {}
 
     def of(self, *event_types: str) -> pd.DataFrame:
-        return self.events[self.events["event"].isin(event_types)]
+        parts = [self._by_type[t] for t in event_types if t in self._by_type]
+        if not parts:
+            return self.events.iloc[0:0]
+        return parts[0] if len(parts) == 1 else pd.concat(parts)
+
+    def _cached(self, key: tuple, compute: Callable[[], pd.Series]) -> pd.Series:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def count(self, *event_types: str, within_days: float | None = None) -> pd.Series:
-        ev = self.of(*event_types)
-        if within_days is not None:
-            ev = ev[ev["age_days"] < within_days]
-        return ev.groupby("user_id", observed=True).size().reindex(self.users.index, fill_value=0).astype(float)
+        def compute() -> pd.Series:
+            ev = self.of(*event_types)
+            if within_days is not None:
+                ev = ev[ev["age_days"] < within_days]
+            return ev.groupby("user_id", observed=True).size().reindex(self.users.index, fill_value=0).astype(float)
+
+        return self._cached(("count", event_types, within_days), compute)
 
     def total(self, column: str, *event_types: str, within_days: float | None = None) -> pd.Series:
-        ev = self.of(*event_types)
-        if within_days is not None:
-            ev = ev[ev["age_days"] < within_days]
-        return ev.groupby("user_id", observed=True)[column].sum().reindex(self.users.index, fill_value=0.0).astype(float)
+        def compute() -> pd.Series:
+            ev = self.of(*event_types)
+            if within_days is not None:
+                ev = ev[ev["age_days"] < within_days]
+            grouped = ev.groupby("user_id", observed=True)[column].sum()
+            return grouped.reindex(self.users.index, fill_value=0.0).astype(float)
+
+        return self._cached(("total", column, event_types, within_days), compute)
 
     def days_since_last(self, *event_types: str) -> pd.Series:
-        ev = self.of(*event_types)
-        last = ev.groupby("user_id", observed=True)["age_days"].min()
-        return last.reindex(self.users.index).fillna(NEVER_DAYS).clip(upper=NEVER_DAYS).astype(float)
+        def compute() -> pd.Series:
+            last = self.of(*event_types).groupby("user_id", observed=True)["age_days"].min()
+            return last.reindex(self.users.index).fillna(NEVER_DAYS).clip(upper=NEVER_DAYS).astype(float)
+
+        return self._cached(("last", event_types), compute)
 
     def days_since_first(self, *event_types: str) -> pd.Series:
-        ev = self.of(*event_types)
-        first = ev.groupby("user_id", observed=True)["age_days"].max()
-        return first.reindex(self.users.index).fillna(0.0).clip(upper=NEVER_DAYS).astype(float)
+        def compute() -> pd.Series:
+            first = self.of(*event_types).groupby("user_id", observed=True)["age_days"].max()
+            return first.reindex(self.users.index).fillna(0.0).clip(upper=NEVER_DAYS).astype(float)
+
+        return self._cached(("first", event_types), compute)
 
 
 @dataclass(frozen=True)
@@ -296,14 +322,16 @@ def compute_features(
     population = pd.Index(gated.grants.index, name="user_id").astype("string")
     ev = gated.events
     ev = ev[(ev["ts"] < cutoff) & ev["user_id"].isin(population)]
+    ev = ev.assign(user_id=pd.Categorical(ev["user_id"].astype(str), categories=population.astype(str)))
     ev = ev.assign(age_days=(cutoff - ev["ts"]) / DAY)
     users = gated.users.set_index("user_id").reindex(population) if "user_id" in gated.users else gated.users
+    users.index = population.astype(str)
     window = Window(events=ev, users=users, cutoff=cutoff)
     grants = gated.grants.reindex(population).fillna(False).astype(bool)
     out = {}
     for name in names:
         feat = FEATURES[name]
-        values = feat.fn(window).reindex(population).fillna(0.0).astype(float)
+        values = feat.fn(window).reindex(users.index).fillna(0.0).astype(float)
         allowed = np.logical_and.reduce([grants[s].to_numpy() for s in feat.scopes])
         out[name] = np.where(allowed, values.to_numpy(), 0.0)
     for scope in scopes_read(names):
