@@ -107,11 +107,12 @@ _CATEGORIES = (
      (0.50, 0.15, 0.25, 0.10), (0.25, 0.10, 0.40, 0.25), 0.02),
 )
 _CONSENT_RATES = (0.72, 0.66, 0.80, 0.58, 0.85, 0.62, 0.76, 0.69)
-# scope probabilities of a grant, per purpose, in consent.vocab.SCOPES order
+# probability that a grant of the purpose includes the scope (scopes not named: never)
+_SCOPE_KEYS = ("purchase_history", "viewing_behavior", "engagement", "social", "profile", "location", "device")
 _SCOPE_P = {
-    "retention_modeling": (0.97, 0.88, 0.84, 0.45, 0.42, 0.33, 0.10),
-    "analytics": (0.95, 0.80, 0.75, 0.35, 0.30, 0.30, 0.15),
-    "ltv_modeling": (0.98, 0.60, 0.60, 0.25, 0.35, 0.20, 0.05),
+    "retention_modeling": dict(zip(_SCOPE_KEYS, (0.97, 0.88, 0.84, 0.45, 0.42, 0.33, 0.10), strict=True)),
+    "analytics": dict(zip(_SCOPE_KEYS, (0.95, 0.80, 0.75, 0.35, 0.30, 0.30, 0.15), strict=True)),
+    "ltv_modeling": dict(zip(_SCOPE_KEYS, (0.98, 0.60, 0.60, 0.25, 0.35, 0.20, 0.05), strict=True)),
 }
 _WITHDRAW_RATE = 0.04
 _EXPIRING_RATE = 0.03
@@ -179,10 +180,16 @@ def make_profiles(n_merchants: int, rng: np.random.Generator) -> list[MerchantPr
     return out
 
 
-def _spread(rng: np.random.Generator, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _spread(rng: np.random.Generator, counts: np.ndarray, lo: np.ndarray,
+            hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Expand per-user counts to (user index, time uniform in [lo, hi)) per event."""
     uidx = np.repeat(np.arange(counts.size), counts)
     return uidx, lo[uidx] + rng.random(uidx.size) * (hi - lo)[uidx]
+
+
+def _concat(*pairs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate (user index, time) pairs of several ``_spread`` calls."""
+    return np.concatenate([u for u, _ in pairs]), np.concatenate([t for _, t in pairs])
 
 
 def _zipf_items(rng: np.random.Generator, n_items: int, size: int) -> np.ndarray:
@@ -207,7 +214,7 @@ class _Blocks:
                            zeros if watch is None else watch, item + (0 if content else _N_VIDEOS), channel))
 
     def arrays(self) -> list[np.ndarray]:
-        return [np.concatenate(col) for col in zip(*self.parts)]
+        return [np.concatenate(col) for col in zip(*self.parts, strict=True)]
 
 
 _N_VIDEOS, _N_PRODUCTS = 400, 150
@@ -238,7 +245,8 @@ def _simulate(p: MerchantProfile, n: int, rng: np.random.Generator, days: float)
     # most purchases are preceded by a cart of the same item; abandoned carts rise with intent
     pre = rng.random(pu.size) < 0.65
     b.add("cart", pu[pre], np.maximum(pt[pre] - rng.random(pre.sum()) / 24, 0), item=pitem[pre], channel=pch[pre])
-    b.add("cart", *_spread(rng, rng.poisson(1.2 * rate * active + 0.3), acq, np.maximum(end, np.minimum(acq + 1, days))))
+    cart_end = np.maximum(end, np.minimum(acq + 1, days))  # a short spell still leaves a day to browse
+    b.add("cart", *_spread(rng, rng.poisson(1.2 * rate * active + 0.3), acq, cart_end))
     # refunds: a few purchases come back (fewer for loyal users), through the purchase's channel
     ref = rng.random(pu.size) < p.refund_rate * np.exp(-0.3 * s[pu])
     rt = pt + 1 + 13 * rng.random(pu.size)
@@ -249,16 +257,15 @@ def _simulate(p: MerchantProfile, n: int, rng: np.random.Generator, days: float)
 
     # views: discovery before acquisition, many while active, a trickle while dormant
     vrate = p.views_per_day * eng
-    vu, vt = (np.concatenate(x) for x in zip(
-        _spread(rng, rng.poisson(1.0 + 2.0 * np.sqrt(eng)), np.maximum(acq - 14, 0), acq),
-        _spread(rng, rng.poisson(vrate * active), acq, end),
-        _spread(rng, rng.poisson(vrate * _DORMANT * dormant), end, horizon)))
+    vu, vt = _concat(_spread(rng, rng.poisson(1.0 + 2.0 * np.sqrt(eng)), np.maximum(acq - 14, 0), acq),
+                     _spread(rng, rng.poisson(vrate * active), acq, end),
+                     _spread(rng, rng.poisson(vrate * _DORMANT * dormant), end, horizon))
     watch = np.exp(np.log(p.watch_median) + 0.35 * s[vu] + 0.9 * rng.standard_normal(vu.size))
     b.add("view", vu, vt, watch=np.round(np.clip(watch, 1, 1800), 1))
     for ev, r in _CONTENT_RATES.items():
         r_u = vrate * r * np.where(friend & (ev == "share"), 1.8, 1.0)
-        b.add(ev, *(np.concatenate(x) for x in zip(_spread(rng, rng.poisson(r_u * active), acq, end),
-                                                   _spread(rng, rng.poisson(r_u * _DORMANT * dormant), end, horizon))))
+        b.add(ev, *_concat(_spread(rng, rng.poisson(r_u * active), acq, end),
+                           _spread(rng, rng.poisson(r_u * _DORMANT * dormant), end, horizon)))
     follows = rng.random(n) < 1 / (1 + np.exp(-(s - 0.5)))
     b.add("follow", *_spread(rng, follows.astype(np.int64), acq, end))
     users = {"referral": np.where(friend, "friend_share", "organic"),
@@ -278,12 +285,14 @@ def _consent(p: MerchantProfile, user_ids: np.ndarray, first_s: np.ndarray, end_
     n, k = user_ids.size, len(SCOPES)
     combos = np.array([";".join(SCOPES[j] for j in range(k) if m >> j & 1) for m in range(1 << k)], dtype=object)
     bits = 1 << np.arange(k)
+    base = SCOPES.index("purchase_history")
     rows = []
-    for purpose, rate in zip(("retention_modeling", "analytics", "ltv_modeling"), p.consent_rates):
+    for purpose, rate in zip(("retention_modeling", "analytics", "ltv_modeling"), p.consent_rates, strict=True):
         check_purpose(purpose)
+        check_scopes(_SCOPE_P[purpose])
         g = np.flatnonzero(rng.random(n) < rate)
-        sc = rng.random((g.size, k)) < np.asarray(_SCOPE_P[purpose])
-        sc[~sc.any(axis=1), 0] = True  # a grant names at least one scope
+        sc = rng.random((g.size, k)) < np.array([_SCOPE_P[purpose].get(x, 0.0) for x in SCOPES])
+        sc[~sc.any(axis=1), base] = True  # a grant names at least one scope
         eff = first_s[g] - rng.integers(0, 600, g.size)  # the app's consent dialog, just before first use
         exp = np.where(rng.random(g.size) < _EXPIRING_RATE, eff + rng.integers(30, 200, g.size) * _SEC_PER_DAY, -1)
         rows.append(pd.DataFrame({"subject_id": user_ids[g], "purpose": purpose, "scopes": combos[sc @ bits],
@@ -292,7 +301,7 @@ def _consent(p: MerchantProfile, user_ids: np.ndarray, first_s: np.ndarray, end_
         # withdrawals: some of everything (empty scopes), some of a part of what was granted
         w = (rng.random(g.size) < _WITHDRAW_RATE) & (eff + _SEC_PER_DAY < end_s)
         wt = eff[w] + _SEC_PER_DAY + (rng.random(w.sum()) * (end_s - 1 - eff[w] - _SEC_PER_DAY)).astype(np.int64)
-        partial = (sc[w] & (rng.random((w.sum(), k)) < 0.5)) & ~np.eye(k, dtype=bool)[0]  # keep purchase_history
+        partial = (sc[w] & (rng.random((w.sum(), k)) < 0.5)) & ~np.eye(k, dtype=bool)[base]  # keep purchases
         wsc = np.where((rng.random(w.sum()) < 0.5) & partial.any(axis=1), combos[partial @ bits], "")
         rows.append(pd.DataFrame({"subject_id": user_ids[g][w], "purpose": purpose, "scopes": wsc,
                                   "action": "withdraw", "t": wt, "exp": -1, "collection_method": "app_settings"}))
@@ -322,18 +331,19 @@ def simulate(n_merchants: int = 5, n_users: int = 20_000, seed: int = 0, *, data
     top = np.random.default_rng(seqs[0])
     sizes = merchant_sizes(n_users, n_merchants, top)
     silos = []
-    for p, n, sq in zip(make_profiles(n_merchants, top), sizes, seqs[1:]):
+    for p, n, sq in zip(make_profiles(n_merchants, top), sizes, seqs[1:], strict=True):
         rng = np.random.default_rng(sq)
         (u, t, ev, amount, watch, item, ch), attrs = _simulate(p, int(n), rng, float(days))
         secs = np.minimum((t * _SEC_PER_DAY).astype(np.int64), days * _SEC_PER_DAY - 1)  # on or before data_end
         order = np.lexsort((ev, u, secs))
         u, secs, ev, amount, watch, item, ch = (a[order] for a in (u, secs, ev, amount, watch, item, ch))
         ids = np.array([f"u{i:06d}" for i in range(n)], dtype=object)
-        names = np.array([f"v{i:04d}" for i in range(_N_VIDEOS)] + [f"p{i:04d}" for i in range(_N_PRODUCTS)], dtype=object)
+        names = np.array([f"v{i:04d}" for i in range(_N_VIDEOS)] + [f"p{i:04d}" for i in range(_N_PRODUCTS)],
+                         dtype=object)
         cats = np.asarray(p.subcategories, dtype=object)[np.arange(_N_VIDEOS + _N_PRODUCTS) % len(p.subcategories)]
         events = pd.DataFrame({
             "user_id": pd.array(ids[u], dtype="string"),
-            "ts": (start.to_datetime64().astype("datetime64[s]") + secs.astype("timedelta64[s]")).astype("datetime64[ns]"),
+            "ts": (start.to_datetime64().astype("datetime64[s]") + secs.astype("timedelta64[s]")).astype("M8[ns]"),
             "event": pd.Categorical.from_codes(ev, categories=EVENT_TYPES),
             "item_id": pd.array(names[item], dtype="string"), "category": pd.array(cats[item], dtype="string"),
             "amount": amount, "watch_seconds": watch,

@@ -47,8 +47,8 @@ def _pooled(silos):
     return pd.concat(ev, ignore_index=True), pd.concat(us, ignore_index=True).set_index("user_id")
 
 
-def test_silo_files_and_schema(silos, tmp_path):
-    for merchant, events, users, consent in silos:
+def test_silo_files_and_schema(silos):
+    for merchant, events, users, _ in silos:
         assert list(events.columns) == list(EVENT_COLUMN_NAMES)
         assert list(users.columns) == list(USER_COLUMN_NAMES)
         assert {"merchant_id", "name", "category", "data_end", "source"} <= set(merchant)
@@ -199,7 +199,7 @@ def test_withdrawals_and_expiring_grants(silos):
 def test_deterministic_for_a_seed(tmp_path):
     a = generate(tmp_path / "a", n_merchants=3, n_users=1_500, seed=11)
     b = generate(tmp_path / "b", n_merchants=3, n_users=1_500, seed=11)
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=True):
         for name in SILO_FILES:
             assert (pa / name).read_bytes() == (pb / name).read_bytes(), name
     other = simulate(n_merchants=3, n_users=1_500, seed=12)
