@@ -63,7 +63,7 @@ def status(silo: Path | None, state_dir: Path | None, as_json: bool) -> None:
         return
     summary = Table(title=f"Privacy budget ({path})", box=box.SIMPLE_HEAVY)
     for col in ("purpose", "lifetime ε", "lifetime δ", "committed ε", "spent ε", "remaining ε", "runs"):
-        summary.add_column(col, justify="left" if col == "purpose" else "right")
+        summary.add_column(col, justify="left" if col == "purpose" else "right", overflow="fold")
     for r in rows:
         summary.add_row(
             r["purpose"], _num(r["budget_epsilon"], "not set"), _num(r["budget_delta"], "—", ".1e"),
@@ -71,17 +71,18 @@ def status(silo: Path | None, state_dir: Path | None, as_json: bool) -> None:
             str(len(r["runs"])),
         )
     console.print(summary)
-    runs = Table(title="Runs (basic composition: committed = Σ reserved ε)", box=box.SIMPLE)
-    for col in ("purpose", "run", "mode", "accountant", "reserved ε", "spent ε", "δ", "rounds", "steps", "σ", "q"):
-        runs.add_column(col, justify="left" if col in ("purpose", "run", "mode", "accountant") else "right")
-    for r in rows:
+    for r in rows:  # one table per purpose keeps it readable in 80 columns; σ and q are in --json
+        if not r["runs"]:
+            continue
+        runs = Table(title=f"{r['purpose']}: runs (committed = Σ reserved ε, basic composition)", box=box.SIMPLE)
+        for col in ("run", "mode", "reserved ε", "spent ε", "δ", "rounds", "steps"):
+            runs.add_column(col, justify="left" if col in ("run", "mode") else "right", overflow="fold")
         for run in r["runs"]:
             runs.add_row(
-                r["purpose"], run["run_id"], run["mode"], run["accountant"], _num(run["reserved_epsilon"]),
+                run["run_id"], f"{run['mode']} ({run['accountant']})", _num(run["reserved_epsilon"]),
                 _num(run["spent_epsilon"]), _num(run["delta"], fmt=".1e"), str(run["rounds"]),
-                f"{run['steps']}/{run['planned_steps']}", _num(run["noise_multiplier"]), _num(run["sample_rate"], fmt=".4f"),
+                f"{run['steps']}/{run['planned_steps']}",
             )
-    if runs.row_count:
         console.print(runs)
 
 
