@@ -12,12 +12,18 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fedretain.server.settings import RunSettings
 
 
-def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None) -> Path:
-    """Train on every silo under ``data_dir``; return the run folder (run.json, checkpoints)."""
+def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None,
+                      server_app: Any = None) -> Path:
+    """Train on every silo under ``data_dir``; return the run folder (run.json, checkpoints).
+
+    ``server_app`` runs another ServerApp over the same ClientApp (default: the training one,
+    e.g. ``fedretain.server.analytics_app:app``); ``settings.extra`` reaches it in run_config.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -33,11 +39,11 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
 
     from fedretain.clients.client_app import app as client_app
     from fedretain.clients.node import simulation_silos
-    from fedretain.server.server_app import app as server_app
+    from fedretain.server.server_app import app as training_app
 
     n_nodes = len(simulation_silos(str(data_dir)))
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the run's own progress is reported by observers
-    run_config = settings.to_run_config()
+    run_config = {**settings.extra, **settings.to_run_config()}
     run_config["out-dir"] = str(Path(settings.out_dir).resolve())
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cpus = num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))
@@ -50,7 +56,7 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
         num_supernodes=n_nodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=client_app,
-        server_app=server_app,
+        server_app=server_app or training_app,
         backend_config=backend_config,
         server_app_context=context,
     )

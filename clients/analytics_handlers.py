@@ -1,0 +1,122 @@
+"""A merchant node's side of federated analytics: DP answers to query messages.
+
+Registered on the fedretain ClientApp (``clients/client_app.py`` imports this module):
+
+* ``query.analytics_status`` — the node's data end and analytics budget (no user data), so
+  the server can refuse a query that some node cannot afford *before* anyone spends;
+* ``query.retention_curve``, ``query.repeat_rate``, ``query.spend_per_retained_user`` —
+  :func:`answer_query`: consent gate (purpose ``analytics``) → exact cells of the users who
+  granted every scope the query reads → charge (ε, δ) to the privacy budget ledger → Gaussian
+  noise → usage record naming the query → reply with the noisy cells only.
+
+A refusal (over budget, no budget, query already answered, consent ledger failing
+verification, bad query) is a normal reply carrying a ``refusal`` record with the reason;
+nothing is released and nothing is charged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedretain.analytics.charge import PURPOSE, QueryRefused, budget_state, charge_query
+from fedretain.analytics.mechanisms import MECHANISM, GaussianMechanism
+from fedretain.analytics.queries import QueryError, QuerySpec, exact_cells, query_inputs, users_counted
+from fedretain.analytics.results import NodeAnswer
+from fedretain.clients.client_app import app, node_for
+from fedretain.clients.node import MerchantNode
+from fedretain.consent.gate import ConsentError
+from fedretain.privacy.accountant import PrivacyError
+from fedretain.privacy.budget import ledger_path
+
+STATUS_ACTION = "analytics_status"
+
+
+def _consent_time(spec: QuerySpec) -> datetime:
+    return datetime.fromisoformat(spec.consent_at) if spec.consent_at else datetime.now(timezone.utc)
+
+
+def node_status(node: MerchantNode) -> dict[str, Any]:
+    """Public facts a node reports before a query: merchant id, data end, analytics budget."""
+    state = budget_state(ledger_path(node.config.state_dir))
+    return {
+        "merchant-id": node.merchant_id,
+        "data-end": node.data_end().isoformat(),
+        "ledger-found": bool(state.ledger_found),
+        "budget-epsilon": -1.0 if state.budget_epsilon is None else float(state.budget_epsilon),
+        "budget-delta": -1.0 if state.budget_delta is None else float(state.budget_delta),
+        "committed-epsilon": float(state.committed_epsilon),
+        "committed-delta": float(state.committed_delta),
+    }
+
+
+def answer_query(node: MerchantNode, spec: QuerySpec) -> NodeAnswer:
+    """The node's DP answer to ``spec`` (charged, recorded), or :class:`QueryRefused`/errors."""
+    end = spec.end_ts()
+    if end > node.data_end():
+        raise QueryRefused(f"query {spec.query_id} asks for data up to {end.date()}, after this merchant's data "
+                           f"end {node.data_end().date()}: its answer would undercount; refused")
+    decision, gated = node.gate(PURPOSE, _consent_time(spec))
+    inputs = query_inputs(spec, gated, node.silo.merchant)
+    cells = exact_cells(spec, inputs)
+    users = users_counted(inputs)
+    mechanism = GaussianMechanism.calibrated(spec.epsilon, spec.delta, spec.l2_sensitivity())
+    bounds = np.array([spec.bound(m) for m in cells["measure"]], dtype=float)
+    charge_query(ledger_path(node.config.state_dir), spec, mechanism, len(users))
+    noisy, sd = mechanism.release(cells["value"].to_numpy(float), bounds)
+    with node.ledger() as ledger:
+        ledger.record_usage(
+            run_id=spec.query_id, round=0, purpose=PURPOSE, feature_set=spec.describe(),
+            scope_counts={s: len(users) for s in spec.scopes()}, n_users=len(users),
+            ledger_size=decision.ledger_size, ledger_root=decision.ledger_head, at=decision.at,
+            subjects=[str(u) for u in users],
+        )
+    released = cells[["group", "cohort", "step", "measure"]].assign(value=noisy, sd=sd)
+    return NodeAnswer(node.merchant_id, spec.query_id, released, spec.epsilon, spec.delta,
+                      mechanism.noise_multiplier, mechanism.l2_sensitivity, MECHANISM)
+
+
+def _reply(msg: Message, name: str, record: dict[str, Any]) -> Message:
+    return Message(RecordDict({name: ConfigRecord(record)}), reply_to=msg)
+
+
+def _answer(msg: Message, context: Context, kind: str) -> Message:
+    node = node_for(context)
+    query_id = str(msg.content["query"].get("query_id", "")) if "query" in msg.content else ""
+    try:
+        if "query" not in msg.content:
+            raise QueryError("the message carries no 'query' record")
+        spec = QuerySpec.from_config(msg.content["query"])
+        if spec.kind != kind:
+            raise QueryError(f"message type query.{kind} carries a {spec.kind} query")
+        answer = answer_query(node, spec)
+    except (QueryRefused, QueryError, ConsentError, PrivacyError, FileNotFoundError) as exc:
+        return _reply(msg, "refusal", {"merchant-id": node.merchant_id, "query-id": query_id,
+                                       "reason": f"{type(exc).__name__}: {exc}"})
+    return _reply(msg, "answer", answer.to_config())
+
+
+@app.query(STATUS_ACTION)
+def analytics_status(msg: Message, context: Context) -> Message:
+    return _reply(msg, "status", node_status(node_for(context)))
+
+
+@app.query("retention_curve")
+def retention_curve(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, "retention_curve")
+
+
+@app.query("repeat_rate")
+def repeat_rate(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, "repeat_rate")
+
+
+@app.query("spend_per_retained_user")
+def spend_per_retained_user(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, "spend_per_retained_user")
+
+
+__all__ = ["answer_query", "node_status", "STATUS_ACTION"]

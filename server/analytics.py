@@ -1,0 +1,266 @@
+"""The server's side of a federated analytics query: ask, check budgets, sum, report.
+
+One query is one exchange of Flower messages, not a training round:
+
+1. ``query.analytics_status`` to every node: data end and analytics budget (public facts).
+   If any node lacks the budget for the query's (ε, δ), the query is refused here, before any
+   node computes or spends anything.
+2. ``query.<kind>`` with the :class:`QuerySpec` (end = earliest data end unless given): each
+   node answers with noisy cells, having charged its own budget, or with a refusal.
+3. The answers are summed (:func:`fedretain.analytics.results.combine`) and written as
+   ``<kind>_by-<by>.{png,csv,json}``; a refusal is written as ``<kind>_by-<by>.refused.json``.
+   Partial answers are never published: if any node refused or failed, the query fails and
+   says which nodes had already spent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedretain.analytics.intervals import IntervalPolicy
+from fedretain.analytics.queries import QueryError, QuerySpec
+from fedretain.analytics.results import NodeAnswer, QueryResult, combine
+
+log = logging.getLogger("fedretain.server.analytics")
+
+STATUS_ACTION = "analytics_status"  # same as fedretain.clients.analytics_handlers.STATUS_ACTION
+
+
+class AnalyticsRefused(RuntimeError):
+    """The query was refused (budget, consent, data end) or a node failed; nothing was published."""
+
+
+# run_config key -> QuerySpec field (Flower config values are str/int/float/bool)
+SPEC_KEYS: dict[str, str] = {
+    "analytics-query": "kind", "analytics-by": "by", "analytics-epsilon": "epsilon", "analytics-delta": "delta",
+    "analytics-period": "period", "analytics-periods": "periods", "analytics-cohorts": "cohorts",
+    "analytics-windows": "windows", "analytics-window-days": "window_days", "analytics-spend-cap": "spend_cap",
+    "analytics-end": "end", "analytics-query-id": "query_id", "consent-at": "consent_at",
+}
+POLICY_KEYS: dict[str, str] = {"analytics-confidence": "confidence", "analytics-min-snr": "min_snr",
+                               "analytics-flag-width": "flag_width"}
+
+
+@dataclass(frozen=True)
+class AnalyticsSettings:
+    """Everything the analytics ServerApp needs, read from Flower's run_config."""
+
+    spec: QuerySpec
+    out_dir: str = "runs/analytics"
+    policy: IntervalPolicy = field(default_factory=IntervalPolicy)
+    min_nodes: int = 1
+    node_wait_timeout: float = 120.0
+    timeout: float = 600.0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "AnalyticsSettings":
+        spec: dict[str, Any] = {}
+        for key, name in SPEC_KEYS.items():
+            value = run_config.get(key)
+            if value in (None, "") and name != "kind":
+                continue
+            if name == "windows":
+                value = tuple(int(w) for w in str(value).replace(";", ",").split(",") if w.strip())
+            elif name == "query_id" and not value:
+                continue
+            spec[name] = value
+        if not spec.get("kind"):
+            raise QueryError("run_config names no analytics query: set analytics-query="
+                             "'retention_curve' | 'repeat_rate' | 'spend_per_retained_user'")
+        for name in ("periods", "cohorts", "window_days"):
+            if name in spec:
+                spec[name] = int(spec[name])
+        policy = {name: float(run_config[key]) for key, name in POLICY_KEYS.items() if run_config.get(key) not in (None, "")}
+        return cls(
+            spec=QuerySpec(**spec), out_dir=str(run_config.get("out-dir") or "runs/analytics"),
+            policy=IntervalPolicy(**policy), min_nodes=int(run_config.get("min-nodes", 1)),
+            node_wait_timeout=float(run_config.get("node-wait-timeout", 120.0)),
+            timeout=float(run_config.get("round-timeout", 600.0)),
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The analytics keys of a run_config (merged with the training keys in simulation)."""
+        out: dict[str, Any] = {}
+        for key, name in SPEC_KEYS.items():
+            value = getattr(self.spec, name)
+            out[key] = ",".join(str(w) for w in value) if name == "windows" else value
+        for key, name in POLICY_KEYS.items():
+            out[key] = float(getattr(self.policy, name))
+        out["out-dir"] = self.out_dir
+        return out
+
+
+def output_stem(spec: QuerySpec) -> str:
+    return f"{spec.kind}_by-{spec.by}"
+
+
+class FederatedQuery:
+    """Runs one query over the grid's nodes; see the module docstring."""
+
+    def __init__(self, grid: Grid, settings: AnalyticsSettings) -> None:
+        self.grid, self.settings = grid, settings
+        self.statuses: list[dict[str, Any]] = []
+
+    def wait_for_nodes(self) -> list[int]:
+        need = self.settings.min_nodes
+        deadline = time.monotonic() + self.settings.node_wait_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= need:
+                return nodes
+            if time.monotonic() > deadline:
+                raise AnalyticsRefused(f"only {len(nodes)} merchant node(s) connected after "
+                                       f"{self.settings.node_wait_timeout:.0f} s; this query needs {need}")
+            time.sleep(0.5)
+
+    def _exchange(self, nodes: list[int], message_type: str, content: dict[str, Any]) -> dict[int, Message]:
+        msgs = [Message(RecordDict({"query": ConfigRecord(content)}), dst_node_id=nid, message_type=message_type)
+                for nid in nodes]
+        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.settings.timeout)}
+        missing = [n for n in nodes if n not in replies]
+        if missing:
+            raise AnalyticsRefused(f"{message_type}: no reply from node(s) {missing} within {self.settings.timeout:.0f} s")
+        return replies
+
+    def check_budgets(self, nodes: list[int]) -> QuerySpec:
+        """Ask every node for its data end and budget; refuse before anyone spends. Returns the spec with its end."""
+        spec = self.settings.spec
+        replies = self._exchange(nodes, f"query.{STATUS_ACTION}", {"query_id": spec.query_id})
+        problems: list[str] = []
+        for nid in nodes:
+            r = replies[nid]
+            if r.has_error():
+                problems.append(f"node {nid}: {r.error.reason}")
+                continue
+            st = dict(r.content["status"])
+            self.statuses.append(st)
+            budget = float(st["budget-epsilon"])
+            remaining = budget - float(st["committed-epsilon"])
+            if not st["ledger-found"] or budget < 0:
+                problems.append(f"{st['merchant-id']}: no privacy budget is set for purpose 'analytics' (the merchant "
+                                f"sets one with `fedretain privacy set-budget --silo SILO --purpose analytics --epsilon E`)")
+            elif spec.epsilon > remaining + 1e-9:
+                problems.append(f"{st['merchant-id']}: needs ε={spec.epsilon:g} but only ε={max(remaining, 0):g} of its "
+                                f"analytics budget ε={budget:g} remains")
+            elif float(st["budget-delta"]) > 0 and float(st["committed-delta"]) + spec.delta > float(st["budget-delta"]) * (1 + 1e-9):
+                problems.append(f"{st['merchant-id']}: δ={spec.delta:g} would exceed its analytics δ budget "
+                                f"{float(st['budget-delta']):g}")
+        if problems:
+            raise AnalyticsRefused(f"query {spec.query_id} ({spec.kind}, ε={spec.epsilon:g}) refused before any node "
+                                   f"spent anything: " + "; ".join(problems))
+        ends = {st["merchant-id"]: pd.Timestamp(st["data-end"]) for st in self.statuses}
+        if not spec.end:
+            return spec.with_end(min(ends.values()))
+        late = {m: e for m, e in ends.items() if e < spec.end_ts()}
+        if late:
+            raise AnalyticsRefused(f"query end {spec.end_ts().date()} is after the data end of "
+                                   + ", ".join(f"{m} ({e.date()})" for m, e in sorted(late.items())))
+        return spec
+
+    def run(self) -> QueryResult:
+        nodes = self.wait_for_nodes()
+        spec = self.check_budgets(nodes)
+        log.info("query %s: %s by %s, end %s, ε=%g per node, %d nodes", spec.query_id, spec.kind, spec.by,
+                 spec.end[:10], spec.epsilon, len(nodes))
+        replies = self._exchange(nodes, f"query.{spec.kind}", spec.to_config())
+        answers: list[NodeAnswer] = []
+        problems: list[str] = []
+        for nid in nodes:
+            r = replies[nid]
+            if r.has_error():
+                problems.append(f"node {nid}: {r.error.reason}")
+            elif "refusal" in r.content:
+                ref = r.content["refusal"]
+                problems.append(f"{ref['merchant-id']}: {ref['reason']}")
+            else:
+                answers.append(NodeAnswer.from_config(r.content["answer"]))
+        if problems:
+            spent = ", ".join(a.merchant_id for a in answers) or "none"
+            raise AnalyticsRefused(f"query {spec.query_id} failed, nothing published: " + "; ".join(problems)
+                                   + f" (nodes that answered and spent ε={spec.epsilon:g}: {spent})")
+        result = combine(spec, answers, self.settings.policy)
+        result.nodes = [{**st, "epsilon-spent": spec.epsilon, "delta-spent": spec.delta,
+                         "noise-multiplier": next(a.noise_multiplier for a in answers if a.merchant_id == st["merchant-id"])}
+                        for st in self.statuses]
+        return result
+
+
+# -- outputs ------------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return None if not math.isfinite(float(v)) else float(v)
+    return v
+
+
+def result_json(result: QueryResult) -> dict[str, Any]:
+    return _jsonable({
+        "status": "completed",
+        "query": result.spec.to_config(),
+        "description": result.spec.describe(),
+        "merchants": result.merchants,
+        "nodes": result.nodes,
+        "privacy": {"epsilon_per_merchant": result.spec.epsilon, "delta_per_merchant": result.spec.delta,
+                    "l2_sensitivity": result.spec.l2_sensitivity(), "cells_per_user": result.spec.cells_per_user(),
+                    "mechanism": "gaussian", "budget_purpose": "analytics"},
+        "intervals": {f.name: getattr(result.policy, f.name) for f in fields(result.policy)},
+        "figures": result.figures.to_dict(orient="records"),
+        "cells": result.cells.to_dict(orient="records"),
+    })
+
+
+def write_outputs(result: QueryResult, out_dir: str | Path) -> dict[str, Path]:
+    """``<stem>.png`` (plot), ``<stem>.csv`` (figures), ``<stem>.json`` (everything), written atomically."""
+    from fedretain.analytics.plots import plot_result
+
+    out = Path(out_dir)
+    stem = output_stem(result.spec)
+    paths = {"png": out / f"{stem}.png", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
+    _atomic_write(paths["png"], plot_result(result))
+    _atomic_write(paths["csv"], result.figures.to_csv(index=False, float_format="%.6g").encode())
+    _atomic_write(paths["json"], json.dumps(result_json(result), indent=2, ensure_ascii=False).encode())
+    return paths
+
+
+def write_refusal(spec: QuerySpec, reason: str, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / f"{output_stem(spec)}.refused.json"
+    _atomic_write(path, json.dumps({"status": "refused", "query": _jsonable(spec.to_config()), "reason": reason},
+                                   indent=2, ensure_ascii=False).encode())
+    return path
+
+
+__all__ = ["AnalyticsRefused", "AnalyticsSettings", "FederatedQuery", "write_outputs", "write_refusal",
+           "output_stem", "result_json"]
