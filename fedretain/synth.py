@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from fedretain.consent.vocab import SCOPES, check_purpose, check_scopes
 from fedretain.ingest import write_table
@@ -273,10 +274,15 @@ def _simulate(p: MerchantProfile, n: int, rng: np.random.Generator, days: float)
     return b.arrays(), users
 
 
+def _take_strings(names: np.ndarray, codes: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """``names[codes]`` as a pandas string array, built in arrow (~15x faster than from Python strings)."""
+    return pd.arrays.ArrowStringArray(pa.array(names, pa.string()).take(pa.array(codes)))
+
+
 def _iso(epoch_seconds: np.ndarray) -> np.ndarray:
     """ISO 8601 UTC strings ("...Z") for epoch seconds, vectorised."""
     t = np.datetime64(0, "s") + epoch_seconds.astype("timedelta64[s]")
-    return np.datetime_as_string(t, unit="s").astype(object) + "Z"
+    return np.char.add(np.datetime_as_string(t, unit="s"), "Z").astype(object)
 
 
 def _consent(p: MerchantProfile, user_ids: np.ndarray, first_s: np.ndarray, end_s: int,
@@ -342,10 +348,10 @@ def simulate(n_merchants: int = 5, n_users: int = 20_000, seed: int = 0, *, data
                          dtype=object)
         cats = np.asarray(p.subcategories, dtype=object)[np.arange(_N_VIDEOS + _N_PRODUCTS) % len(p.subcategories)]
         events = pd.DataFrame({
-            "user_id": pd.array(ids[u], dtype="string"),
+            "user_id": _take_strings(ids, u),
             "ts": (start.to_datetime64().astype("datetime64[s]") + secs.astype("timedelta64[s]")).astype("M8[ns]"),
             "event": pd.Categorical.from_codes(ev, categories=EVENT_TYPES),
-            "item_id": pd.array(names[item], dtype="string"), "category": pd.array(cats[item], dtype="string"),
+            "item_id": _take_strings(names, item), "category": _take_strings(cats, item),
             "amount": amount, "watch_seconds": watch,
             "channel": pd.Categorical.from_codes(ch, categories=CHANNELS)})
         users = pd.DataFrame({"user_id": pd.array(ids, dtype="string"),
