@@ -160,7 +160,7 @@ class FederatedQuery:
                                 f"{float(st['budget-delta']):g}")
         if problems:
             raise AnalyticsRefused(f"query {spec.query_id} ({spec.kind}, ε={spec.epsilon:g}) refused before any node "
-                                   f"spent anything: " + "; ".join(problems))
+                                   f"spent anything: " + "; ".join(sorted(problems)))
         ends = {st["merchant-id"]: pd.Timestamp(st["data-end"]) for st in self.statuses}
         if not spec.end:
             return spec.with_end(min(ends.values()))
@@ -189,7 +189,7 @@ class FederatedQuery:
                 answers.append(NodeAnswer.from_config(r.content["answer"]))
         if problems:
             spent = ", ".join(a.merchant_id for a in answers) or "none"
-            raise AnalyticsRefused(f"query {spec.query_id} failed, nothing published: " + "; ".join(problems)
+            raise AnalyticsRefused(f"query {spec.query_id} failed, nothing published: " + "; ".join(sorted(problems))
                                    + f" (nodes that answered and spent ε={spec.epsilon:g}: {spent})")
         result = combine(spec, answers, self.settings.policy)
         result.nodes = [{**st, "epsilon-spent": spec.epsilon, "delta-spent": spec.delta,

@@ -40,11 +40,11 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = FederatedQuery(grid, settings).run()
     except AnalyticsRefused as exc:
-        path = write_refusal(settings.spec, str(exc), settings.out_dir)
-        log.error("%s (recorded in %s)", exc, path)
+        write_refusal(settings.spec, str(exc), settings.out_dir)
+        log.error("%s", exc)
         return
-    paths = write_outputs(result, settings.out_dir)
-    log.info("query %s done: %s", settings.spec.query_id, ", ".join(str(p) for p in paths.values()))
+    write_outputs(result, settings.out_dir)
+    log.info("query %s done (%d merchants)", settings.spec.query_id, len(result.merchants))
 
 
 @dataclass

@@ -59,6 +59,14 @@ def _footnote(fig: plt.Figure, result: QueryResult, figs: pd.DataFrame, hidden: 
     fig.text(0.01, -0.01, text + extra, fontsize=7.5, color="dimgray", ha="left", va="top", wrap=True)
 
 
+def _nothing_shown(ax: plt.Axes, result: QueryResult) -> None:
+    """Say so, in the plot, when every figure was suppressed (rather than draw empty axes)."""
+    ax.text(0.5, 0.5, f"Every figure is suppressed: too few consented users for ε={result.spec.epsilon:g}\n"
+                      "(the DP noise would dominate). Try a larger ε, no breakdown,\n"
+                      "or fewer periods/cohorts (each adds noise to every figure).",
+            transform=ax.transAxes, ha="center", va="center", fontsize=9, color="dimgray")
+
+
 def plot_retention(result: QueryResult) -> bytes:
     spec = result.spec
     curve = result.curve()
@@ -91,7 +99,10 @@ def plot_retention(result: QueryResult) -> bytes:
     top = np.nanmax(curve.loc[curve["status"] != "suppressed", "ci_high"].to_numpy(float), initial=0.1)
     ax.set_ylim(0, min(1.0, top * 1.1 + 0.02))
     ax.grid(alpha=0.3)
-    if handles:
+    if not handles:
+        _nothing_shown(ax, result)
+        ax.set_ylim(0, 1)
+    else:
         ax.legend(handles=handles, title=f"{_BY_TITLE[spec.by]}\n(users in the cohorts, summed)", fontsize=8,
                   title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(_title(result, f"Cohort retention curve ({spec.period}ly cohorts, pooled)"), fontsize=10)
@@ -131,7 +142,9 @@ def _bars(result: QueryResult, figure: str, ylabel: str, *, percent: bool, what:
     if percent:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.grid(alpha=0.3, axis="y")
-    if handles:
+    if not handles:
+        _nothing_shown(ax, result)
+    else:
         ax.legend(handles=handles, title=f"{_BY_TITLE[result.spec.by]}\n(n = {den_label},\n{steps[0]}-day window)",
                   fontsize=8, title_fontsize=8,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
