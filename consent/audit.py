@@ -157,8 +157,9 @@ def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[st
 
     # -- records (streaming) -------------------------------------------------------------------
     sha = hashlib.sha256
-    loads = json.loads
+    decode = json.JSONDecoder().decode
     frontier = Frontier()
+    pending: list[bytes] = []  # leaf hashes not yet folded into the frontier
     prev = ZERO_HASH
     expected = 1
     good_size = 0  # largest checkpoint size whose root matched
@@ -167,39 +168,51 @@ def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[st
     record_bad: _Bad | None = None
     cur = conn.execute("SELECT seq, record_id, subject_id, purpose, action, scopes, effective_at, expires_at, "
                        "canonical, prev_hash, entry_hash FROM records ORDER BY seq")
-    for seq, rid, subj, purpose, action, scopes, eff, exp, canon, sprev, sentry in cur:
-        try:
-            if seq != expected:
-                if seq > expected:
-                    raise _Bad(expected, None, f"record seq {expected} is missing (deleted); the next record "
-                                                f"present is seq {seq} (record_id {rid})")
-                raise _Bad(seq, rid, f"unexpected seq {seq} (expected {expected})")
-            if seq > max_head:
-                raise _Bad(seq, rid, f"record seq {seq} is not covered by any signed head (the latest covers "
-                                     f"{max_head}): it was inserted outside fedretain")
-            data = canon if isinstance(canon, bytes) else str(canon).encode("utf-8")
-            lh = sha(b"\x00" + data).digest()
-            sprev_b = bytes(sprev) if isinstance(sprev, (bytes, memoryview)) else b""
-            if sprev_b != prev:
-                raise _chain_break(conn, seq, rid, sprev_b, ZERO_HASH)
-            if (bytes(sentry) if isinstance(sentry, (bytes, memoryview)) else b"") != sha(prev + lh).digest():
-                raise _Bad(seq, rid, f"record seq {seq}: its content no longer matches its entry hash "
-                                     "(the record was edited after it was written)")
-            _check_columns(loads, seq, rid, subj, purpose, action, scopes, eff, exp, data, controller)
-        except _Bad as bad:
-            record_bad = bad
+    while record_bad is None:
+        chunk = cur.fetchmany(20_000)
+        if not chunk:
             break
-        frontier.append(lh)
-        prev = bytes(sentry)
-        expected += 1
-        for root_hex, label in checkpoints.get(seq, ()):
-            if head_mismatch is None and frontier.root().hex() != root_hex:
-                mismatch_end = seq
-                head_mismatch = _Bad(good_size + 1, None,
-                                     f"{label}: the records no longer hash to its root — records seq "
-                                     f"{good_size + 1}..{seq} were altered and the hash chain recomputed")
-        if head_mismatch is None and seq in checkpoints:
-            good_size = seq
+        for seq, rid, subj, purpose, action, scopes, eff, exp, canon, sprev, sentry in chunk:
+            try:
+                if seq != expected:
+                    if isinstance(seq, int) and seq > expected:
+                        raise _Bad(expected, None, f"record seq {expected} is missing (deleted); the next record "
+                                                    f"present is seq {seq} (record_id {rid})")
+                    raise _Bad(seq, rid, f"unexpected seq {seq!r} (expected {expected})")
+                if seq > max_head:
+                    raise _Bad(seq, rid, f"record seq {seq} is not covered by any signed head (the latest covers "
+                                         f"{max_head}): it was inserted outside fedretain")
+                if isinstance(canon, str):
+                    text, data = canon, canon.encode("utf-8")
+                else:  # a non-text value was written into the column by hand
+                    data = bytes(canon) if isinstance(canon, (bytes, memoryview)) else str(canon).encode()
+                    text = data.decode("utf-8", "replace")
+                lh = sha(b"\x00" + data).digest()
+                if sprev != prev:
+                    raise _chain_break(conn, seq, rid, sprev if isinstance(sprev, bytes) else b"", ZERO_HASH)
+                if sentry != sha(prev + lh).digest():
+                    raise _Bad(seq, rid, f"record seq {seq}: its content no longer matches its entry hash "
+                                         "(the record was edited after it was written)")
+                _check_columns(decode, seq, rid, subj, purpose, action, scopes, eff, exp, text, controller)
+            except _Bad as bad:
+                record_bad = bad
+                break
+            pending.append(lh)
+            prev = sentry
+            expected += 1
+            if seq in checkpoints:
+                frontier.extend(pending)
+                pending = []
+                root_now = frontier.root().hex()
+                for root_hex, label in checkpoints[seq]:
+                    if head_mismatch is None and root_now != root_hex:
+                        mismatch_end = seq
+                        head_mismatch = _Bad(good_size + 1, None,
+                                             f"{label}: the records no longer hash to its root — records seq "
+                                             f"{good_size + 1}..{seq} were altered and the hash chain recomputed")
+                if head_mismatch is None:
+                    good_size = seq
+    frontier.extend(pending)
     n = expected - 1
     state["n"] = n
     state["root"] = frontier.root().hex()
@@ -222,33 +235,32 @@ def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[st
                                "verify, but the file was modified outside fedretain")
 
 
-def _check_columns(loads: Any, seq: int, rid: Any, subj: Any, purpose: Any, action: Any, scopes: Any, eff: Any,
-                   exp: Any, data: bytes, controller: str) -> None:
+def _check_columns(decode: Any, seq: int, rid: Any, subj: Any, purpose: Any, action: Any, scopes: Any, eff: Any,
+                   exp: Any, text: str, controller: str) -> None:
     """Re-derive the indexed columns from the canonical JSON and compare."""
     try:
-        d = loads(data)
-        derived = {
-            "record_id": d["record_id"],
-            "subject_id": d["subject_id"],
-            "purpose": d["purpose"],
-            "action": d["action"],
-            "scopes": ";".join(d["scopes"]),
-            "effective_at": _us(d["effective_at"]),
-            "expires_at": _us(d["expires_at"]),
-        }
-        ctrl = d["controller"]
+        d = decode(text)
+        d_eff = _us(d["effective_at"])
+        d_exp = _us(d["expires_at"])
+        d_scopes = ";".join(d["scopes"])
+        ok = (rid == d["record_id"] and subj == d["subject_id"] and purpose == d["purpose"]
+              and action == d["action"] and scopes == d_scopes and eff == d_eff and exp == d_exp
+              and d["controller"] == controller)
     except (ValueError, KeyError, TypeError) as exc:
         raise _Bad(seq, rid if isinstance(rid, str) else None,
                    f"record seq {seq}: canonical JSON is unreadable ({exc})") from None
+    if ok:
+        return
+    derived = {"record_id": d["record_id"], "subject_id": d["subject_id"], "purpose": d["purpose"],
+               "action": d["action"], "scopes": d_scopes, "effective_at": d_eff, "expires_at": d_exp}
     stored = {"record_id": rid, "subject_id": subj, "purpose": purpose, "action": action, "scopes": scopes,
               "effective_at": eff, "expires_at": exp}
     for name, value in derived.items():
         if stored[name] != value:
             raise _Bad(seq, derived["record_id"], f"record seq {seq}: indexed column {name!r} is {stored[name]!r} "
                                                   f"but the signed record says {value!r}")
-    if ctrl != controller:
-        raise _Bad(seq, derived["record_id"], f"record seq {seq}: controller {ctrl!r} is not the ledger's "
-                                              f"{controller!r}")
+    raise _Bad(seq, derived["record_id"], f"record seq {seq}: controller {d['controller']!r} is not the ledger's "
+                                          f"{controller!r}")
 
 
 def _chain_break(conn: Any, seq: int, rid: Any, stored_prev: bytes, zero: bytes) -> _Bad:

@@ -24,7 +24,7 @@ from fedretain.schema import ATTRIBUTE_SCOPE, EVENT_SCOPE
 from .records import format_ts, parse_ts
 from .vocab import SCOPES, UnknownTermError, check_purpose
 
-__all__ = ["ConsentError", "GateDecision", "GatedData", "decide", "apply_gate"]
+__all__ = ["ConsentError", "GateDecision", "GatedData", "decide", "apply_gate", "record_use"]
 
 
 class ConsentError(Exception):
@@ -181,3 +181,23 @@ def apply_gate(decision: GateDecision, events: pd.DataFrame, users: pd.DataFrame
         **{f"attribute_masked:{c}": n for c, n in masked.items()},
     }
     return GatedData(events=out_events, users=out_users, grants=grants, decision=decision, dropped=dropped)
+
+
+def record_use(ledger: Any, decision: GateDecision, run_id: str, round: int, feature_set: str | Iterable[str],
+               user_ids: Iterable[Any] | None = None) -> int:
+    """Log in the ledger's usage log that ``user_ids`` (default: every admitted user) were used.
+
+    The entry pins the decision's purpose, time and ledger head, and the per-scope counts
+    of the users actually used; a user outside the decision is an error (never logged as used
+    without consent).
+    """
+    grants = decision.grants
+    used = grants.index if user_ids is None else _user_index(user_ids)
+    outside = used.difference(grants.index)
+    if len(outside):
+        raise ConsentError(f"record_use: {len(outside)} user(s) were not admitted by the decision "
+                           f"(e.g. {outside[0]!r})")
+    sub = grants.loc[used]
+    counts = {s: int(sub[s].sum()) for s in SCOPES}
+    return ledger.record_usage(run_id, round, decision.purpose, feature_set, counts, len(used),
+                               decision.ledger_size, decision.ledger_head, decision.at, list(used))

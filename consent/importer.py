@@ -21,9 +21,13 @@ from .records import (
     ConsentRecord,
     RecordError,
     _scopes,
-    canonical_json_columns,
+    fill_canonical,
+    json_scopes,
+    json_string,
     to_us,
 )
+
+_q = json_string
 from .vocab import ACTIONS, PURPOSES, VOCAB_VERSION, UnknownTermError
 
 __all__ = ["ConsentImportError", "Batch", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "read_table", "prepare_table",
@@ -207,20 +211,20 @@ def prepare_table(
          lambda i: f"unknown consent action {action_v[i]!r} (expected one of {', '.join(ACTIONS)})")
     is_grant = (action == "grant").to_numpy()
 
-    # scopes: few distinct spellings, so validate each once
-    scope_raw = col("scopes").to_numpy(dtype=object)
-    norm: dict[str, tuple[str, ...]] = {}
-    bad: dict[str, str] = {}
-    for u in pd.unique(scope_raw):
+    # scopes: few distinct spellings, so validate and encode each once
+    s_codes, s_uniq = pd.factorize(col("scopes").to_numpy(dtype=object))
+    norm_u: list[tuple[str, ...]] = []
+    bad_u: dict[int, str] = {}
+    for k, u in enumerate(s_uniq):
         try:
-            norm[u] = _scopes(u)
+            norm_u.append(_scopes(u))
         except (UnknownTermError, RecordError) as err:
-            bad[u] = str(err).removeprefix("field 'scopes': ")
-    scope_t = [norm.get(v, ()) for v in scope_raw]
-    bad_scope = np.fromiter((v in bad for v in scope_raw), bool, n) if bad else np.zeros(n, dtype=bool)
-    flag(bad_scope, "scopes", lambda i: bad[scope_raw[i]])
-    flag(is_grant & ~bad_scope & np.fromiter((not t for t in scope_t), bool, n), "scopes",
-         "a grant must name at least one scope")
+            bad_u[k] = str(err).removeprefix("field 'scopes': ")
+            norm_u.append(())
+    bad_scope = np.isin(s_codes, list(bad_u))
+    flag(bad_scope, "scopes", lambda i: bad_u[s_codes[i]])
+    empty_u = np.array([not t for t in norm_u], dtype=bool)
+    flag(is_grant & ~bad_scope & empty_u[s_codes], "scopes", "a grant must name at least one scope")
 
     eff_raw = col("effective_at")
     eff = _parse_times(eff_raw)
@@ -264,11 +268,9 @@ def prepare_table(
     if errors:
         raise ConsentImportError(source, sorted(errors)[:_MAX_ERRORS], n_err)
 
+    scopes_joined = np.array([";".join(t) for t in norm_u], dtype=object)[s_codes]
     eff_txt = _format_us(eff)
-    exp_txt_all = _format_us(np.where(has_exp, exp, 0))
-    exp_txt: list[str | None] = [t if h else None for t, h in zip(exp_txt_all, has_exp)]
-    rec_txt = _format_us(rec_at)
-    scopes_joined = [";".join(t) for t in scope_t]
+    exp_txt = np.where(has_exp, _format_us(np.where(has_exp, exp, 0)), "")
 
     rid = col("record_id").to_numpy(dtype=object).copy()
     missing_id = rid == ""
@@ -276,11 +278,9 @@ def prepare_table(
         # content-derived ids: importing the same file twice is refused, not doubled
         sel = np.flatnonzero(missing_id)
         parts = [np.asarray(p, dtype=object)[sel].tolist() for p in (
-            subject, ctrl, purpose, scopes_joined, action, eff_txt, [t or "" for t in exp_txt], method, notice, juris,
-            by)]
+            subject, ctrl, purpose, scopes_joined, action, eff_txt, exp_txt, method, notice, juris, by)]
         sha = hashlib.sha256
-        for i, key in zip(sel.tolist(), zip(*parts)):
-            rid[i] = "c-" + sha("\x1f".join(key).encode("utf-8")).hexdigest()[:32]
+        rid[sel] = ["c-" + sha("\x1f".join(key).encode("utf-8")).hexdigest()[:32] for key in zip(*parts)]
     rid_s = pd.Series(rid)
     dup = rid_s.duplicated(keep="first").to_numpy()
     if dup.any():
@@ -289,45 +289,65 @@ def prepare_table(
              + (" (identical consent event)" if missing_id[i] else ""))
         raise ConsentImportError(source, sorted(errors)[:_MAX_ERRORS], n_err)
 
-    subject_l = subject.tolist()
-    purpose_l = purpose.tolist()
-    action_l = action.tolist()
-    ctrl_l = ctrl.tolist()
-    rid_l = rid.tolist()
-    canonical = canonical_json_columns({
-        "action": action_l,
-        "collection_method": method.tolist(),
-        "controller": ctrl_l,
-        "effective_at": eff_txt,
-        "expires_at": exp_txt,
-        "jurisdiction": juris.tolist(),
-        "notice_version": notice.tolist(),
-        "purpose": purpose_l,
-        "record_id": rid_l,
-        "recorded_at": rec_txt,
-        "recorded_by": by.tolist(),
-        "scopes": scope_t,
-        "subject_id": subject_l,
-        "vocab_version": vocab.tolist(),
-    })
+    exp_json = np.where(has_exp, _json_strings(exp_txt, unique=False), "null")
+    canonical = fill_canonical([
+        _json_strings(action),
+        _json_strings(method),
+        _json_strings(ctrl),
+        _json_strings(eff_txt, unique=False),
+        exp_json.tolist(),
+        _json_strings(juris),
+        _json_strings(notice),
+        _json_strings(purpose),
+        _json_strings(rid, unique=False),
+        _json_strings(_format_us(rec_at)),
+        _json_strings(by),
+        np.array([json_scopes(t) for t in norm_u], dtype=object)[s_codes].tolist(),
+        _json_strings(subject),
+        _json_strings(vocab),
+    ])
+    exp_obj = exp.astype(object)
+    exp_obj[~has_exp] = None
     return Batch(
         rows=rows,
-        record_id=rid_l,
-        subject_id=subject_l,
-        purpose=purpose_l,
-        action=action_l,
-        scopes=scopes_joined,
+        record_id=rid.tolist(),
+        subject_id=subject.tolist(),
+        purpose=purpose.tolist(),
+        action=action.tolist(),
+        scopes=scopes_joined.tolist(),
         effective_us=eff.tolist(),
-        expires_us=[int(e) if h else None for e, h in zip(exp.tolist(), has_exp)],
+        expires_us=exp_obj.tolist(),
         canonical=canonical,
-        controller=ctrl_l,
+        controller=ctrl.tolist(),
     )
 
 
-def _format_us(us: np.ndarray) -> list[str]:
-    """µs since epoch -> canonical ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (vectorised)."""
-    txt = np.datetime_as_string(np.asarray(us, dtype=np.int64).astype("datetime64[us]"), unit="us")
-    return [t + "Z" for t in txt.tolist()]
+def _json_strings(values: Any, *, unique: bool = True) -> list[str]:
+    """JSON-encode every string; with ``unique``, encode each distinct value once (repetitive columns)."""
+    arr = np.asarray(values, dtype=object)
+    if not unique:
+        return list(map(_q, arr.tolist()))
+    codes, uniq = pd.factorize(arr)
+    return np.array(list(map(_q, uniq)), dtype=object)[codes].tolist()
+
+
+def _format_us(us: np.ndarray) -> np.ndarray:
+    """µs since epoch -> canonical ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (same text as ``records.format_ts``).
+
+    Repeated values are formatted once; dates come from a per-day cache, so a million
+    timestamps cost one short f-string each.
+    """
+    us = np.asarray(us, dtype=np.int64)
+    uniq, inv = np.unique(us, return_inverse=True)
+    days, rem = np.divmod(uniq, 86_400_000_000)
+    dayset, day_inv = np.unique(days, return_inverse=True)
+    day_txt = np.datetime_as_string(dayset.astype("datetime64[D]"), unit="D")[day_inv].tolist()
+    secs, frac = np.divmod(rem, 1_000_000)
+    hh, r = np.divmod(secs, 3600)
+    mm, ss = np.divmod(r, 60)
+    txt = [f"{d}T{h:02d}:{m:02d}:{s:02d}.{f:06d}Z"
+           for d, h, m, s, f in zip(day_txt, hh.tolist(), mm.tolist(), ss.tolist(), frac.tolist())]
+    return np.array(txt, dtype=object)[inv.reshape(-1)]
 
 
 def prepare_records(records: list[ConsentRecord], *, controller: str) -> Batch:

@@ -175,6 +175,8 @@ class ConsentLedger:
             if not {"meta", "records", "heads"} <= names:
                 raise LedgerError(f"{path} is not a consent ledger (tables missing)")
             ledger = cls(conn, path, key)
+            if controller is not None and controller.strip() != ledger.controller:
+                raise LedgerError(f"{path} is the ledger of controller {ledger.controller!r}, not {controller!r}")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerError(f"{path} is not a readable SQLite consent ledger: {exc}") from None
@@ -224,9 +226,15 @@ class ConsentLedger:
                 p.unlink(missing_ok=True)
             raise
         conn.close()
-        os.replace(tmp, path)
-        for p in (Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
-            p.unlink(missing_ok=True)
+        try:
+            os.link(tmp, path)  # unlike a rename, never replaces a ledger created meanwhile
+        except FileExistsError:
+            raise LedgerError(f"{path} already exists; refusing to overwrite a consent ledger") from None
+        except OSError:  # a filesystem without hard links
+            os.replace(tmp, path)
+        finally:
+            for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+                p.unlink(missing_ok=True)
         return cls.open(path, key_path=key_path)
 
     def close(self) -> None:
@@ -297,17 +305,18 @@ class ConsentLedger:
                                   "modified outside fedretain; run `fedretain consent verify`")
             frontier, last_entry = self._tip(key)
             seq0 = frontier.size + 1
-            rows = []
             sha = hashlib.sha256
+            leaves = [sha(b"\x00" + text.encode("utf-8")).digest() for text in batch.canonical]
+            entries = []
             prev = last_entry
-            append_leaf = frontier.append
-            for i, text in enumerate(batch.canonical):
-                lh = sha(b"\x00" + text.encode("utf-8")).digest()
-                eh = sha(prev + lh).digest()
-                rows.append((seq0 + i, batch.record_id[i], batch.subject_id[i], batch.purpose[i], batch.action[i],
-                             batch.scopes[i], batch.effective_us[i], batch.expires_us[i], text, prev, eh))
-                append_leaf(lh)
-                prev = eh
+            for lh in leaves:  # the chain is inherently sequential: keep the loop tight
+                prev = sha(prev + lh).digest()
+                entries.append(prev)
+            frontier.extend(leaves)
+            rows = list(zip(range(seq0, seq0 + len(leaves)), batch.record_id, batch.subject_id, batch.purpose,
+                            batch.action, batch.scopes, batch.effective_us, batch.expires_us, batch.canonical,
+                            [last_entry, *entries[:-1]], entries))
+            del leaves
             rebuild = len(rows) >= BULK_ROWS and len(rows) >= seq0 // 2
             if rebuild:
                 for name in INDEXES:

@@ -92,9 +92,32 @@ class Frontier:
         self.size += 1
 
     def extend(self, leaf_hashes: Iterable[bytes]) -> None:
-        """Append many leaf hashes."""
-        for h in leaf_hashes:
-            self.append(h)
+        """Append many leaf hashes, level by level (one list comprehension of hashes per level).
+
+        At height ``h`` the existing subtree root of that height (if any) is the left
+        neighbour of the new nodes, so it is prepended; pairs are merged into the next
+        level and an odd node left over at the right end is the new frontier node at ``h``.
+        """
+        level = list(leaf_hashes)
+        if not level:
+            return
+        old, added = self.size, len(level)
+        heights = [h for h in range(old.bit_length() - 1, -1, -1) if old >> h & 1]
+        existing = dict(zip(heights, self.nodes))
+        result: dict[int, bytes] = {}
+        sha = _sha256
+        h = 0
+        while level:
+            if h in existing:
+                level.insert(0, existing.pop(h))
+            if len(level) % 2:
+                result[h] = level.pop()
+            level = [sha(b"\x01" + a + b).digest() for a, b in zip(level[0::2], level[1::2])]
+            h += 1
+        result.update(existing)
+        self.size = old + added
+        self.nodes = [result[k] for k in sorted(result, reverse=True)]
+        assert len(self.nodes) == bin(self.size).count("1"), "frontier invariant broken"
 
     def root(self) -> bytes:
         """The RFC 9162 root of the tree so far: fold the subtree roots right to left."""

@@ -143,7 +143,7 @@ def canonical_json(values: dict[str, Any]) -> str:
         if v is None:
             parts.append("null")
         elif name == "scopes":
-            parts.append("[" + ",".join(_q(s) for s in v) + "]")
+            parts.append(json_scopes(v))
         else:
             parts.append(_q(v))
     return _TEMPLATE % tuple(parts)
@@ -159,18 +159,28 @@ def canonical_json_columns(columns: dict[str, Sequence[Any]]) -> list[str]:
     for name in FIELDS:
         col = columns[name]
         if name == "scopes":
-            cache: dict[tuple[str, ...], str] = {}
-            enc = []
-            for v in col:
-                e = cache.get(v)
-                if e is None:
-                    e = cache[v] = "[" + ",".join(_q(s) for s in v) + "]"
-                enc.append(e)
+            enc = [json_scopes(v) for v in col]
         elif name == "expires_at":
             enc = ["null" if v is None else _q(v) for v in col]
         else:
             enc = list(map(_q, col))
         encoded.append(enc)
+    return fill_canonical(encoded)
+
+
+# JSON encoding of one string exactly as the canonical encoder writes it (json's own C encoder).
+json_string = _q
+
+
+def json_scopes(scopes: Sequence[str]) -> str:
+    """JSON encoding of a sorted scope tuple exactly as the canonical encoder writes it."""
+    return "[" + ",".join(_q(s) for s in scopes) + "]"
+
+
+def fill_canonical(encoded: Sequence[Sequence[str]]) -> list[str]:
+    """Assemble canonical JSON texts from per-field JSON fragments given in :data:`FIELDS` order."""
+    if len(encoded) != len(FIELDS):
+        raise ValueError(f"expected {len(FIELDS)} encoded columns, got {len(encoded)}")
     return list(map(_TEMPLATE.__mod__, zip(*encoded)))
 
 

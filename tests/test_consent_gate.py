@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedretain.consent import signing
-from fedretain.consent.gate import ConsentError, GateDecision, apply_gate, decide
+from fedretain.consent.gate import ConsentError, GateDecision, apply_gate, decide, record_use
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.consent.records import ConsentRecord
 from fedretain.consent.vocab import SCOPES
@@ -108,6 +108,20 @@ def test_apply_gate_drops_non_granted_events_and_attributes(ledger):
     assert gated.dropped["events_in"] == len(events)
     assert gated.dropped["events_out"] + gated.dropped["events_scope_not_granted"] + \
         gated.dropped["events_user_not_consented"] == len(events)
+
+
+def test_record_use_logs_admitted_users_only(ledger):
+    d = decide(ledger, P, AT, USERS)
+    before = len(ledger.usages())
+    uid = record_use(ledger, d, "run-x", 1, ["recency"], ["full", "buyer"])
+    u = ledger.usages("buyer")[-1]
+    assert u.usage_id == uid and u.n_users == 2 and u.ledger_root == d.ledger_head
+    assert u.scope_counts["purchase_history"] == 2 and u.scope_counts["social"] == 1
+    assert ledger.usages("viewer") == [] or ledger.usages("viewer")[-1].run_id != "run-x"
+    with pytest.raises(ConsentError, match="not admitted"):
+        record_use(ledger, d, "run-x", 2, "f", ["full", "gone"])
+    assert len(ledger.usages()) == before + 1
+    assert ledger.verify().ok
 
 
 def test_fail_closed(ledger):

@@ -192,6 +192,22 @@ def test_frontier_round_trip_and_incremental_roots():
         Frontier(3, [b"x" * 32])  # size 3 needs two subtree roots
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=6))
+def test_frontier_bulk_extend_equals_one_by_one(chunks):
+    hashes = [leaf_hash(x) for x in leaves(sum(chunks))]
+    bulk, single = Frontier(), Frontier()
+    pos = 0
+    for c in chunks:
+        bulk.extend(hashes[pos:pos + c])
+        for h in hashes[pos:pos + c]:
+            single.append(h)
+        pos += c
+        assert bulk.size == single.size == pos
+        assert bulk.nodes == single.nodes
+        assert bulk.root() == root_from_leaf_hashes(hashes[:pos])
+
+
 def test_verifiers_reject_malformed_sizes():
     h = leaf_hash(b"a")
     assert not verify_inclusion(h, 1, 1, [], h)
