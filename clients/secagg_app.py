@@ -1,0 +1,129 @@
+"""The SecAgg+ ClientApp: a merchant node's side of a run whose updates are securely summed.
+
+In flwr 1.42 SecAgg+ exists only for the legacy stack (``NumPyClient`` behind
+``secaggplus_mod``, driven by the server's ``SecAggPlusWorkflow``). This app wraps that
+legacy client in a Message-API ``ClientApp`` so the same node also answers fedretain's
+``query.feature_stats`` (federated standardisation) with the regular handler.
+
+What a node sends per round depends on the run's ``dp-mode``:
+
+* ``none`` / ``local`` — its trained model (plain or DP-SGD, ``clients/training.py``),
+  weighted by its number of examples; the server only sees the weighted mean;
+* ``aggregate`` — the clipped, scaled sum of its sampled customers' gradients
+  (``fedretain.privacy.aggregate.contribute``) with weight 1; the server adds the noise.
+
+The node re-runs the consent gate every round, records its usage in the consent
+ledger and its privacy spend in the budget ledger before anything leaves, exactly like
+the regular ClientApp. Metrics are aggregate numbers and lineage strings only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+
+from fedretain.clients import client_app as regular
+from fedretain.clients.node import MerchantNode, Prepared
+from fedretain.clients.training import make_trainer
+from fedretain.models import RetentionNet
+from fedretain.train import evaluate
+
+torch.set_num_threads(1)
+
+
+def from_legacy_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Undo the server's encoding of lists as ``json:`` strings (legacy configs hold scalars only)."""
+    return {k: json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v for k, v in config.items()}
+
+
+def lineage_metrics(node: MerchantNode, prep: Prepared) -> dict[str, Any]:
+    """The regular app's lineage record, flattened into legacy (string-valued) metrics."""
+    return {f"lineage-{k}": v for k, v in dict(regular.lineage(node, prep)).items()}
+
+
+def parameters_of(model: torch.nn.Module) -> list[np.ndarray]:
+    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+
+
+def model_from(parameters: list[np.ndarray], n_inputs: int, cfg: dict[str, Any]) -> RetentionNet:
+    model = RetentionNet(n_inputs, tuple(int(h) for h in cfg.get("hidden", [64, 32])))
+    keys = list(model.state_dict())
+    if len(keys) != len(parameters):
+        raise ValueError(f"server sent {len(parameters)} arrays; the model has {len(keys)}")
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in zip(keys, parameters)})
+    return model
+
+
+class MerchantClient(NumPyClient):
+    """The legacy client behind ``secaggplus_mod``: train/contribute and evaluate on one silo."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.node = regular.node_for(context)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        cfg = from_legacy_config(config)
+        node = self.node
+        prep = regular.prepare_from_config(node, cfg)
+        if prep.n_train == 0:
+            raise RuntimeError(f"merchant {node.merchant_id}: no consented training examples this round")
+        model = model_from(parameters, len(prep.columns), cfg)
+        x = regular._standardizer(cfg).transform(prep.x_train)
+        mode = str(cfg.get("dp-mode", "none"))
+        if mode == "aggregate":
+            from fedretain.privacy.aggregate import AggregatePlan, contribute
+            from fedretain.privacy.budget import ledger_path
+
+            arrays, dp_metrics = contribute(
+                ledger_path(node.config.state_dir), str(cfg.get("run-id", "")), str(cfg["purpose"]),
+                int(cfg.get("server-round", 0)), AggregatePlan.from_config(cfg), model, x, prep.y_train,
+            )
+            weight = 1  # the server needs the plain sum; the sampled batch size is not released
+            metrics: dict[str, Any] = {"train_loss": float("nan"), **dp_metrics}
+        else:
+            global_params = [p.detach().clone() for p in model.parameters()]
+            result = make_trainer(cfg, self.context, node, prep).fit(model, x, prep.y_train, global_params)
+            arrays, weight = parameters_of(model), int(result.num_examples)
+            metrics = {"train_loss": float(result.loss), **(getattr(result, "extra_metrics", None) or {})}
+        regular.record_usage(node, prep, cfg, "train")
+        metrics.update(regular.consent_metrics(prep, "train"))
+        metrics.update(lineage_metrics(node, prep))
+        return arrays, weight, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        cfg = from_legacy_config(config)
+        prep = regular.prepare_from_config(self.node, cfg)
+        model = model_from(parameters, len(prep.columns), cfg)
+        report = evaluate(model, regular._standardizer(cfg).transform(prep.x_test), prep.y_test)
+        regular.record_usage(self.node, prep, cfg, "evaluate")
+        metrics: dict[str, Any] = {k: float(v) for k, v in report.items() if k != "num_examples"}
+        metrics.update(regular.consent_metrics(prep, "evaluate"))
+        metrics.update(lineage_metrics(self.node, prep))
+        return float(report["loss"]), int(prep.n_test), metrics
+
+
+def _client_fn(context: Context):
+    return MerchantClient(context).to_client()
+
+
+legacy_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
+app = ClientApp()
+app.query("feature_stats")(regular.feature_stats)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Every SecAgg+ stage arrives as a train message; the legacy app and its mod handle them."""
+    return legacy_app(msg, context)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    return legacy_app(msg, context)

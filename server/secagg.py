@@ -1,0 +1,290 @@
+"""The SecAgg+ ServerApp: training runs whose updates the server only sees summed.
+
+flwr 1.42 offers SecAgg+ only through the legacy stack, so this app drives Flower's
+``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy strategy, after
+the same federated standardisation query the regular ServerApp sends. Two strategies:
+
+* :class:`SecureFedAvg` (``dp-mode`` ``none`` or ``local``): FedAvg of the nodes' models;
+  SecAgg+ reveals only the example-weighted mean to the server.
+* :class:`AggregateDPSGD` (``dp-mode aggregate``): each round is one DP-SGD step; nodes
+  send their clipped gradient sums under SecAgg+, the server adds the Gaussian noise
+  once and steps (``fedretain.privacy.aggregate``).
+
+Both write the same run record (``run.json``: per-round metrics, per-merchant ε and
+consent lineage) and per-round checkpoints as the regular ServerApp. Settings beyond
+``RunSettings`` are read from its ``extra`` (run_config keys): ``aggregate-batch-size``
+(expected customers per step over all merchants, default 1024), ``server-learning-rate``
+(Adam on the server in aggregate mode, default ``learning-rate``), ``dp-accountant``,
+``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (fractions, defaults 1.0 / 0.7).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from fedretain.models import RetentionNet, Standardizer
+from fedretain.server import progress
+from fedretain.server.checkpoints import save_checkpoint
+from fedretain.server.federation import FederatedTraining, RunAborted
+from fedretain.server.run_record import RunRecord, now_iso
+from fedretain.server.settings import RunSettings
+
+log = logging.getLogger("fedretain.server")
+
+SECURE_MODES = ("none", "local", "aggregate")
+DEFAULT_AGGREGATE_BATCH = 1024
+
+
+def legacy_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Legacy configs hold scalars only: lists travel as ``json:``-prefixed strings (see secagg_app)."""
+    return {k: ("json:" + json.dumps(v)) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()}
+
+
+def extra(settings: RunSettings, key: str, default: Any) -> Any:
+    return settings.extra.get(key, default)
+
+
+def weighted_metrics(pairs: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
+    """Weighted mean of the numeric, finite metrics (strings such as lineage are per node only)."""
+    out: dict[str, float] = {}
+    keys = sorted({k for _, m in pairs for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for key in keys:
+        num = den = 0.0
+        for w, m in pairs:
+            v = m.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and w > 0:
+                num += w * float(v)
+                den += w
+        if den > 0:
+            out[key] = num / den
+    return out
+
+
+def node_entry(proxy: ClientProxy, phase: str, num_examples: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One merchant's line in the run record (same shape as the regular ServerApp's)."""
+    lineage = {k[len("lineage-"):]: v for k, v in metrics.items() if k.startswith("lineage-")}
+    numbers = {k: v for k, v in metrics.items() if not k.startswith("lineage-")}
+    return {
+        "node_id": int(proxy.node_id), "merchant_id": lineage.get("merchant-id", f"node-{proxy.node_id}"),
+        "phase": phase, "num_examples": num_examples, "epsilon": numbers.get("epsilon"), "metrics": numbers,
+        "lineage": lineage, "error": None,
+    }
+
+
+class _RecordedStrategy(LegacyFedAvg):
+    """Legacy FedAvg plumbing shared by both strategies: configs, run record, checkpoints."""
+
+    def __init__(self, run: FederatedTraining, record: RunRecord, scaler: Standardizer, model: RetentionNet,
+                 n_nodes: int, fit_config: dict[str, Any]) -> None:
+        self.run, self.record, self.scaler, self.model = run, record, scaler, model
+        self.fit_config = fit_config
+        self.eval_config = {k: v for k, v in fit_config.items() if not k.startswith("agg-")}
+        self._round: dict[str, Any] = {}
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=n_nodes, min_evaluate_clients=n_nodes,
+            min_available_clients=n_nodes, accept_failures=True,
+            on_fit_config_fn=lambda rnd: legacy_config({**self.fit_config, "server-round": rnd}),
+            on_evaluate_config_fn=lambda rnd: legacy_config({**self.eval_config, "server-round": rnd}),
+            initial_parameters=ndarrays_to_parameters([v.detach().numpy() for v in model.state_dict().values()]),
+        )
+
+    def _start_round(self, server_round: int, results, failures) -> None:
+        errors = [str(f) for f in failures]
+        self._round = {"round": server_round, "status": "completed", "started": now_iso(),
+                       "nodes": [node_entry(p, "train", r.num_examples, r.metrics) for p, r in results]
+                       + [{"phase": "train", "error": e, "merchant_id": "?", "num_examples": None, "epsilon": None}
+                          for e in errors]}
+        if len(results) < self.run.settings.min_nodes:
+            raise RunAborted(f"round {server_round}: only {len(results)} node(s) contributed "
+                             f"(minimum {self.run.settings.min_nodes}): {'; '.join(errors) or 'no replies'}")
+
+    def _set_model(self, arrays: list[np.ndarray]) -> Parameters:
+        keys = list(self.model.state_dict())
+        self.model.load_state_dict({k: torch.as_tensor(np.asarray(a, dtype=np.float32)) for k, a in zip(keys, arrays)})
+        return ndarrays_to_parameters([v.detach().numpy() for v in self.model.state_dict().values()])
+
+    def aggregate_evaluate(self, server_round: int, results, failures):
+        if self._round.get("round") != server_round:  # SecAgg+ halted this round: nothing was aggregated
+            raise RunAborted(f"round {server_round}: secure aggregation did not complete (too few nodes "
+                             f"answered a SecAgg+ stage); stopping the run")
+        pairs = [(r.num_examples, r.metrics) for _, r in results]
+        evaluate = weighted_metrics(pairs)
+        evaluate["num-examples"] = float(sum(r.num_examples for _, r in results))
+        bundle = self.run.bundle(self._arrayrecord(), self.scaler, server_round)
+        ckpt = save_checkpoint(self.run.out_dir, server_round, bundle)
+        entry = {**self._round, "finished": now_iso(), "evaluate": evaluate, "checkpoint": str(ckpt)}
+        entry["nodes"] = entry.get("nodes", []) + [node_entry(p, "evaluate", r.num_examples, r.metrics)
+                                                   for p, r in results]
+        self.record.add_round(entry)
+        progress.notify("on_round", entry)
+        return float(evaluate.get("loss", float("nan"))), evaluate
+
+    def _arrayrecord(self):
+        from flwr.app import ArrayRecord
+
+        return ArrayRecord({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+
+class SecureFedAvg(_RecordedStrategy):
+    """FedAvg whose weighted mean comes out of SecAgg+ (no single node's model is seen)."""
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
+        self._start_round(server_round, results, failures)
+        # SecAggPlusWorkflow already put the weighted mean into every result's parameters
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        params = self._set_model(mean)
+        train = weighted_metrics([(r.num_examples, r.metrics) for _, r in results])
+        self._round["train"] = train
+        return params, train
+
+
+class AggregateDPSGD(_RecordedStrategy):
+    """One DP-SGD step per round on the securely summed clipped gradients (noise added here)."""
+
+    def __init__(self, *args: Any, plan, server_learning_rate: float, **kwargs: Any) -> None:
+        from fedretain.privacy.aggregate import ServerDPSGD
+
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+        self.sgd = ServerDPSGD(self.model, plan, server_learning_rate)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
+        self._start_round(server_round, results, failures)
+        if any(r.num_examples != 1 for _, r in results):
+            raise RunAborted(f"round {server_round}: aggregate mode needs weight 1 from every node")
+        # SecAgg+ returns the mean over the contributing nodes (all weight 1): × count = the sum
+        summed = [a * len(results) for a in parameters_to_ndarrays(results[0][1].parameters)]
+        epsilon = self.sgd.step(summed)
+        params = self._set_model([v.detach().numpy() for v in self.model.state_dict().values()])
+        train = weighted_metrics([(1, r.metrics) for _, r in results])
+        train.update({"aggregate-epsilon": epsilon, "aggregate-delta": self.plan.delta,
+                      "aggregate-noise-multiplier": self.plan.noise_multiplier, "contributors": float(len(results))})
+        self._round["train"] = train
+        return params, train
+
+
+def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord:
+    """Standardise, then run all rounds under SecAgg+; return the finished run record."""
+    if settings.dp_mode not in SECURE_MODES:
+        raise ValueError(f"dp-mode {settings.dp_mode!r} does not run under SecAgg+ (use one of {SECURE_MODES})")
+    if settings.resume:
+        raise ValueError("resuming a secure-aggregation run is not supported (SecAgg+ state is per run)")
+    if settings.strategy != "fedavg":
+        raise ValueError("secure aggregation runs with strategy fedavg only")
+    run = FederatedTraining(grid, settings, strategy=None)  # type: ignore[arg-type]  # its helpers only
+    record = RunRecord.create(run.out_dir, settings.run_id,
+                              {**settings.as_dict(), "secure_aggregation": "secagg+"})
+    progress.notify("on_start", settings.run_id, settings.rounds, 1)
+    try:
+        scaler, info = run.federated_standardizer()
+        counts = [int(r.metrics.get("num-examples", 0)) for r in info if r.ok]
+        record.data["feature_columns"] = run.columns
+        record.data["standardization"] = {"source": "federated moments", "nodes": [r.as_dict() for r in info],
+                                          "num_examples": int(sum(counts))}
+        torch.manual_seed(settings.seed)
+        model = RetentionNet(len(run.columns), settings.hidden)
+        n_nodes = len(counts)
+        fit_config = {**run.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist(),
+                      "local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
+                      "learning-rate": settings.learning_rate, "proximal-mu": settings.proximal_mu,
+                      "dp-accountant": str(extra(settings, "dp-accountant", "rdp")),
+                      "dp-clipping": str(extra(settings, "dp-clipping", "bk"))}
+        common = dict(run=run, record=record, scaler=scaler, model=model, n_nodes=n_nodes, fit_config=fit_config)
+        if settings.dp_mode == "aggregate":
+            from fedretain.privacy.aggregate import plan_aggregate
+
+            plan = plan_aggregate(settings.target_epsilon, settings.target_delta, sum(counts),
+                                  float(extra(settings, "aggregate-batch-size", DEFAULT_AGGREGATE_BATCH)),
+                                  settings.rounds, settings.max_grad_norm, fit_config["dp-accountant"])
+            fit_config.update(plan.to_config())
+            record.data["aggregate_plan"] = plan.to_config()
+            strategy: _RecordedStrategy = AggregateDPSGD(
+                **common, plan=plan,
+                server_learning_rate=float(extra(settings, "server-learning-rate", settings.learning_rate)))
+            workflow = SecAggPlusWorkflow(
+                float(extra(settings, "secagg-num-shares", 1.0)),
+                float(extra(settings, "secagg-reconstruction-threshold", 0.7)),
+                max_weight=1.0, clipping_range=plan.clipping_range, quantization_range=plan.quantization_range,
+                timeout=settings.round_timeout)
+        else:
+            strategy = SecureFedAvg(**common)
+            workflow = SecAggPlusWorkflow(
+                float(extra(settings, "secagg-num-shares", 1.0)),
+                float(extra(settings, "secagg-reconstruction-threshold", 0.7)),
+                max_weight=float(max(counts)) * 1.25, timeout=settings.round_timeout)
+        record.save()
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.rounds,
+                                                           round_timeout=settings.round_timeout), strategy=strategy)
+        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+        done = record.last_completed_round
+        if done != settings.rounds:
+            raise RunAborted(f"secure aggregation stopped after {done} of {settings.rounds} rounds "
+                             f"(a SecAgg+ stage lost too many nodes; see the server log)")
+    except Exception as exc:
+        record.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        progress.notify("on_end", "failed", record.data)
+        raise
+    record.finish("completed", final_model=str(run.out_dir / "model.pt"))
+    progress.notify("on_end", "completed", record.data)
+    return record
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    record = run_secure(grid, context, settings)
+    log.info("secure run %s %s; record at %s", settings.run_id, record.data["status"], record.path)
+
+
+def run_secagg_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None) -> Path:
+    """Like ``fedretain.server.simulation.run_in_simulation`` but with the SecAgg+ apps."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="fedretain-ray-"))
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    data_dir = Path(data_dir).resolve()
+    os.environ["FEDRETAIN_SIM_DATA_DIR"] = str(data_dir)
+
+    from flwr.app import RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fedretain.clients.node import simulation_silos
+    from fedretain.clients.secagg_app import app as client_app
+
+    n_nodes = len(simulation_silos(str(data_dir)))
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_config = {**settings.extra, **settings.to_run_config()}
+    run_config["out-dir"] = str(Path(settings.out_dir).resolve())
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    cpus = num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "_node_ip_address": "127.0.0.1", "_temp_dir": str(ray_tmp),
+                      "logging_level": logging.ERROR, "log_to_driver": True},
+    }
+    _run_simulation(num_supernodes=n_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=app, backend_config=backend_config,
+                    server_app_context=context)
+    return Path(run_config["out-dir"])
