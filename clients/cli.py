@@ -1,0 +1,65 @@
+"""``fedretain client start``: run a merchant's node (Flower SuperNode + the fedretain ClientApp).
+
+Runs in the foreground (use a service manager to keep it up); Ctrl-C or SIGTERM stops
+the SuperNode too. Exit status: 0 after a requested stop; 2 when a check failed before
+connecting (data, consent ledger, key, certificate, or the platform refused a plain-text
+or unverifiable TLS connection); 3 when the SuperNode exited by itself, with a one-line
+reason (for example: the platform refused this node's key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+EXIT_SETUP = 2
+
+
+@click.group()
+def client() -> None:
+    """Run a merchant node that joins the platform's federated runs."""
+
+
+@client.command("start")
+@click.option("--server", "server", required=True, metavar="HOST:PORT", help="The platform's SuperLink address.")
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="The merchant's silo folder.")
+@click.option("--consent-db", type=click.Path(path_type=Path, dir_okay=False),
+              help="Consent ledger (default: SILO/.node/consent.db).")
+@click.option("--key", "key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Node authentication private key (`fedretain certs node-key`).")
+@click.option("--root-cert", type=click.Path(path_type=Path, dir_okay=False),
+              help="CA certificate that signed the platform's TLS certificate (default: system CAs).")
+@click.option("--insecure", is_flag=True, help="Plain HTTP without node authentication (local experiments only).")
+@click.option("--signing-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="The node's consent-ledger signing key (default: SILO/.node/node_key.pem).")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Node state and logs (default: SILO/.node).")
+@click.option("--runtime-port", type=int, default=0, help="Local Runtime API port (default: a free one).")
+@click.option("--executor", type=click.Choice(["warm", "subprocess"]), default="warm", show_default=True,
+              help="warm: one long-lived ClientApp process; subprocess: Flower's one process per message.")
+@click.option("--poll-interval", type=float, default=0.2, show_default=True,
+              help="SuperNode idle poll in seconds; 0 keeps Flower's 3 s.")
+@click.option("--max-wait", type=float, default=None,
+              help="Give up if the platform cannot be reached for this many seconds (default: keep trying).")
+def start(server: str, data: Path, consent_db: Path | None, key: Path | None, root_cert: Path | None,
+          insecure: bool, signing_key: Path | None, state_dir: Path | None, runtime_port: int, executor: str,
+          poll_interval: float, max_wait: float | None) -> None:
+    """Check the silo and consent ledger, then start the SuperNode and serve the platform's runs."""
+    from fedretain.clients.supernode import NodeSettings, NodeSetupError, run_node
+
+    if insecure:
+        click.echo("WARNING: --insecure: traffic is not encrypted and this node is not authenticated.", err=True)
+    try:
+        settings = NodeSettings(
+            server=server, data=data, consent_db=consent_db, auth_key=key, root_cert=root_cert, insecure=insecure,
+            state_dir=state_dir, signing_key=signing_key, runtime_port=runtime_port, executor=executor,
+            poll_interval=poll_interval or None, max_wait_time=max_wait,
+        )
+        code = run_node(settings, echo=lambda m: click.echo(m, err=True))
+    except NodeSetupError as exc:
+        click.echo(f"error: {exc}", err=True)
+        click.get_current_context().exit(EXIT_SETUP)
+        return
+    click.get_current_context().exit(code)
