@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from fedretain.schema import ATTRIBUTE_SCOPE, EVENT_SCOPE
 
@@ -75,6 +77,28 @@ class GatedData:
     grants: pd.DataFrame
     decision: GateDecision
     dropped: dict[str, int] = field(default_factory=dict)  # counts of what the gate removed, by reason
+
+
+def _positions(index: pd.Index, values: Any, what: str) -> np.ndarray:
+    """Row of each value in ``index`` (-1 if absent or missing), by an Arrow hash look-up.
+
+    Arrow compares the strings in C without materialising a Python object per row, which
+    makes gating a million users take a fraction of a second.
+    """
+    try:
+        arr = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConsentError(f"consent gate: {what} user_id values are not text ({exc})") from None
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_null(arr.type) or len(index) == 0:
+        return np.full(len(arr), -1, dtype=np.int64)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise ConsentError(f"consent gate: {what} user_id must be text (pseudonymous ids), got {arr.type}")
+    value_set = pa.array(index.to_numpy(dtype=object), type=arr.type)
+    return pc.index_in(arr, value_set=value_set).fill_null(-1).to_numpy().astype(np.int64)
 
 
 def _user_index(user_ids: Iterable[Any]) -> pd.Index:
@@ -141,16 +165,19 @@ def apply_gate(decision: GateDecision, events: pd.DataFrame, users: pd.DataFrame
 
     # -- events ------------------------------------------------------------------------
     ev = events["event"]
-    ev_codes, ev_uniq = pd.factorize(ev.to_numpy(dtype=object, na_value=None), use_na_sentinel=True)
+    if isinstance(ev.dtype, pd.CategoricalDtype):
+        ev_codes, ev_uniq = ev.cat.codes.to_numpy(), list(ev.cat.categories)
+    else:
+        ev_codes, ev_uniq = pd.factorize(ev.to_numpy(dtype=object, na_value=None), use_na_sentinel=True)
     if (ev_codes < 0).any():
         raise ConsentError("consent gate: events with a missing event type cannot be assigned a consent scope")
-    unknown = [e for e in ev_uniq if e not in EVENT_SCOPE or EVENT_SCOPE[e] not in scope_pos]
-    if unknown:
+    cat_scope = np.array([scope_pos.get(EVENT_SCOPE.get(e, ""), -1) for e in ev_uniq] + [-1], dtype=np.int64)
+    ev_scope = cat_scope[ev_codes] if len(ev_codes) else np.zeros(0, dtype=np.int64)
+    if (ev_scope < 0).any():
+        unknown = sorted({str(ev_uniq[c]) for c in np.unique(ev_codes[ev_scope < 0])})
         raise ConsentError(f"consent gate: event type(s) {unknown} have no consent scope in fedretain.schema."
                            "EVENT_SCOPE; refusing to pass them")
-    ev_scope = np.array([scope_pos[EVENT_SCOPE[e]] for e in ev_uniq], dtype=np.int64)[ev_codes] if len(
-        ev_uniq) else np.zeros(len(ev), dtype=np.int64)
-    pos = grants.index.get_indexer(events["user_id"].to_numpy(dtype=object, na_value=None))
+    pos = _positions(grants.index, events["user_id"], "events")
     has_user = pos >= 0
     keep = has_user & g[np.where(has_user, pos, 0), ev_scope] if len(g) else np.zeros(len(ev), dtype=bool)
     out_events = events.loc[keep].reset_index(drop=True)
@@ -161,7 +188,7 @@ def apply_gate(decision: GateDecision, events: pd.DataFrame, users: pd.DataFrame
     if unknown_attrs:
         raise ConsentError(f"consent gate: user attribute(s) {unknown_attrs} have no consent scope in "
                            "fedretain.schema.ATTRIBUTE_SCOPE; refusing to pass them")
-    upos = grants.index.get_indexer(users["user_id"].to_numpy(dtype=object, na_value=None))
+    upos = _positions(grants.index, users["user_id"], "users")
     ukeep = upos >= 0
     out_users = users.loc[ukeep].reset_index(drop=True)
     kept_pos = upos[ukeep]

@@ -26,9 +26,9 @@ from .records import (
     json_string,
     to_us,
 )
+from .vocab import ACTIONS, PURPOSES, VOCAB_VERSION, UnknownTermError
 
 _q = json_string
-from .vocab import ACTIONS, PURPOSES, VOCAB_VERSION, UnknownTermError
 
 __all__ = ["ConsentImportError", "Batch", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "read_table", "prepare_table",
            "prepare_records"]

@@ -439,12 +439,18 @@ class ConsentLedger:
                 "vocab_version", "subject_id", "controller"]
         return pd.DataFrame(out, columns=cols)
 
-    def log_frame(self, purpose: str | None = None, until: Any = None, *, size: int | None = None) -> pd.DataFrame:
+    def log_frame(self, purpose: str | None = None, until: Any = None, *, size: int | None = None,
+                  subjects: Sequence[str] | None = None) -> pd.DataFrame:
         """The log's replay columns in replay order (effective_at, seq); ``expires_at`` max = none.
 
-        ``size`` limits the log to its first ``size`` records (a verified prefix).
+        ``size`` limits the log to its first ``size`` records (a verified prefix);
+        ``subjects`` to a few subjects (looked up through the subject index).
         """
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
+        if subjects is not None:
+            where.append(f"subject_id IN ({','.join('?' * len(subjects))})")
+            params.extend(subjects)
         if size is not None:
             where.append("seq <= ?")
             params.append(int(size))
@@ -488,7 +494,11 @@ class ConsentLedger:
             check_purpose(purpose)
         except UnknownTermError as err:
             raise UnknownTermError(f"field 'purpose': {err}") from None
-        log = self.log_frame(purpose, at, size=size)
+        few = None
+        if subjects is not None and not isinstance(subjects, (pd.Index, pd.Series, np.ndarray)):
+            subjects = list(subjects)
+            few = subjects if len(subjects) <= 500 else None  # a handful: use the subject index
+        log = self.log_frame(purpose, at, size=size, subjects=few)
         return replay_state(log, to_us(at, "at"), subjects)
 
     # -- proofs & verification ------------------------------------------------------------

@@ -143,6 +143,23 @@ def test_fail_closed(ledger):
         apply_gate(d, events, users.assign(income=1.0))
     with pytest.raises(ConsentError, match="user_id"):
         apply_gate(d, events.drop(columns="user_id"), users)
+    with pytest.raises(ConsentError, match="text"):
+        apply_gate(d, events.assign(user_id=range(len(events))), users)
+
+
+def test_user_id_storage_does_not_matter(ledger):
+    d = decide(ledger, P, AT, USERS)
+    events, users = frames()
+    base = apply_gate(d, events, users)
+    for dtype in (object, "category", "str"):
+        ev = events.astype({"user_id": dtype})
+        us = users.astype({"user_id": dtype})
+        got = apply_gate(d, ev, us)
+        assert list(got.events["user_id"].astype(str)) == list(base.events["user_id"].astype(str))
+        assert list(got.users["user_id"].astype(str)) == list(base.users["user_id"].astype(str))
+    missing = events.astype({"user_id": object})
+    missing.loc[0, "user_id"] = None  # a missing id is never consented
+    assert len(apply_gate(d, missing, users).events) == len(base.events) - (events.loc[0, "user_id"] == "full")
 
 
 def test_empty_inputs(ledger):

@@ -8,6 +8,7 @@ import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -320,4 +321,7 @@ def test_state_at_matches_naive_replay(key_file, batches, times):
                 assert sorted(got.index) == sorted(want)
                 for u, row in want.items():
                     assert got.loc[u].to_dict() == row, (u, t, purpose)
+                few = led.state_at(purpose, day(t), subjects=["b", "zz", "a"])  # via the subject index
+                want_few = got.reindex(pd.Index(["b", "zz", "a"], dtype=object, name="subject_id"), fill_value=False)
+                pd.testing.assert_frame_equal(few, want_few)
         led.close()
