@@ -43,24 +43,30 @@ def _end(nodes) -> str:
     return min(n.data_end() for n in nodes).isoformat()
 
 
-def exact_retention(nodes, end: pd.Timestamp, cohorts: int, periods: int) -> tuple[dict, dict]:
+@pytest.fixture(scope="module")
+def gated(nodes):
+    """Each node's consent decision and gated data for 'analytics' at CONSENT_AT (what the gate hands over)."""
+    at = datetime.fromisoformat(CONSENT_AT)
+    return [node.gate("analytics", at) for node in nodes]
+
+
+def exact_retention(gated, end: pd.Timestamp, cohorts: int, periods: int) -> tuple[dict, dict]:
     """Exact pooled retention by user loop (independent of fedretain.analytics): cohort cells and the curve.
 
     Users counted: granted 'analytics' with purchase_history at CONSENT_AT (the gate decides consent).
     """
-    at = datetime.fromisoformat(CONSENT_AT)
     month_starts = pd.date_range(end=end, periods=24, freq="MS")
     observed = [m for m in month_starts if m + pd.offsets.MonthBegin(1) + pd.Timedelta(days=30) <= end][-cohorts:]
     size: dict[str, int] = {}
     kept: dict[tuple[str, int], int] = {}
-    for node in nodes:
-        decision, gated = node.gate("analytics", at)
+    for decision, data in gated:
         ok = set(decision.grants.index[decision.grants["purchase_history"].to_numpy(bool)])
-        ev = gated.events
+        ev = data.events
         buys = ev.loc[(ev["event"] == "purchase") & (ev["ts"] < end) & ev["user_id"].isin(ok)]
         for user, ts in buys.groupby("user_id")["ts"]:
-            ts = sorted(ts)
-            first = ts[0]
+            t = np.sort(ts.to_numpy("datetime64[ns]"))
+            first = pd.Timestamp(t[0])
+            days = (t[1:] - t[0]) / np.timedelta64(1, "D")  # later purchases, days after the first
             start = pd.Timestamp(first.year, first.month, 1)
             if start not in observed:
                 continue
@@ -70,8 +76,7 @@ def exact_retention(nodes, end: pd.Timestamp, cohorts: int, periods: int) -> tup
             for k in range(1, periods + 1):
                 if nxt + pd.Timedelta(days=30 * k) > end:
                     break
-                lo, hi = pd.Timedelta(days=30 * (k - 1)), pd.Timedelta(days=30 * k)
-                if any(lo < t - first <= hi for t in ts[1:]):
+                if np.any((days > 30 * (k - 1)) & (days <= 30 * k)):
                     kept[(label, k)] = kept.get((label, k), 0) + 1
                 else:
                     kept.setdefault((label, k), 0)
@@ -96,18 +101,14 @@ def _covered(figs: pd.DataFrame, level: str, key, truth: float) -> bool:
     return bool(row["ci_low"] - 1e-12 <= truth <= row["ci_high"] + 1e-12)
 
 
-def test_dp_retention_curve_is_within_its_interval_of_the_exact_curve(nodes):
+def test_dp_retention_curve_is_within_its_interval_of_the_exact_curve(nodes, gated):
     from fedretain.clients.analytics_handlers import answer_query
 
     spec = QuerySpec("retention_curve", epsilon=1.0, end=_end(nodes), consent_at=CONSENT_AT)
-    exact_cells_, exact_curve = exact_retention(nodes, spec.end_ts(), spec.cohorts, spec.periods)
+    exact_cells_, exact_curve = exact_retention(gated, spec.end_ts(), spec.cohorts, spec.periods)
 
     # the node's exact cells, summed over nodes, are the exact answer computed above
-    at = datetime.fromisoformat(CONSENT_AT)
-    per_node = []
-    for node in nodes:
-        _, gated = node.gate("analytics", at)
-        per_node.append(exact_cells(spec, query_inputs(spec, gated, node.silo.merchant)))
+    per_node = [exact_cells(spec, query_inputs(spec, data, node.silo.merchant)) for node, (_, data) in zip(nodes, gated)]
     pooled = pd.concat(per_node).groupby(["cohort", "step", "measure"])["value"].sum()
     for (c, k), (v, n) in exact_cells_.items():
         assert pooled[(c, k, "retained")] == v and pooled[(c, 0, "users")] == n

@@ -137,3 +137,23 @@ def test_charge_records_each_query_and_refuses_over_budget(tmp_path):
         (run,) = led.runs("analytics")
         assert run.mode == "analytics:repeat_rate" and run.epsilon == 1.0
         assert [r["run_id"] for r in led.status()[0]["runs"]] == [spec.query_id]
+
+
+def test_analytics_settings_from_a_deployment_run_config():
+    """The keys documented for `flwr run` (pyproject defaults, "" = unset) parse into the same query."""
+    from fedretain.server.analytics import AnalyticsSettings
+
+    defaults = {"analytics-query": "repeat_rate", "analytics-by": "referral", "analytics-epsilon": 0.5,
+                "analytics-delta": 1e-6, "analytics-period": "month", "analytics-periods": 6, "analytics-cohorts": 6,
+                "analytics-windows": "30,60", "analytics-window-days": 90, "analytics-spend-cap": 500.0,
+                "analytics-end": "", "analytics-query-id": "", "analytics-confidence": 0.9,
+                "analytics-min-snr": 10.0, "analytics-flag-width": 0.2, "consent-at": "", "out-dir": "runs/a",
+                "min-nodes": 2, "node-wait-timeout": 120.0, "round-timeout": 600.0, "data-dir": ""}
+    s = AnalyticsSettings.from_run_config(defaults)
+    assert (s.spec.kind, s.spec.by, s.spec.epsilon, s.spec.windows) == ("repeat_rate", "referral", 0.5, (30, 60))
+    assert s.spec.query_id and s.policy.confidence == 0.9 and s.min_nodes == 2 and s.out_dir == "runs/a"
+    again = AnalyticsSettings.from_run_config(s.to_run_config())
+    assert again.spec == s.spec and again.policy == s.policy
+    assert AnalyticsSettings.from_run_config(defaults).spec.query_id != s.spec.query_id  # fresh id per run
+    with pytest.raises(ValueError, match="names no analytics query"):
+        AnalyticsSettings.from_run_config({**defaults, "analytics-query": ""})
