@@ -40,11 +40,17 @@ def _consent_time(spec: QuerySpec) -> datetime:
 
 
 def node_status(node: MerchantNode) -> dict[str, Any]:
-    """Public facts a node reports before a query: merchant id, data end, analytics budget."""
+    """Public facts a node reports before a query: merchant id, data end, analytics budget.
+
+    The data end is reported only when ``merchant.json`` declares it (public metadata); a
+    data end read off the events would leak the last event's time, so then it is "" and the
+    server must be given the query's end explicitly.
+    """
     state = budget_state(ledger_path(node.config.state_dir))
+    declared = node.silo.merchant.get("data_end")
     return {
         "merchant-id": node.merchant_id,
-        "data-end": node.data_end().isoformat(),
+        "data-end": node.data_end().isoformat() if declared else "",
         "ledger-found": bool(state.ledger_found),
         "budget-epsilon": -1.0 if state.budget_epsilon is None else float(state.budget_epsilon),
         "budget-delta": -1.0 if state.budget_delta is None else float(state.budget_delta),

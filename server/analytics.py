@@ -161,8 +161,12 @@ class FederatedQuery:
         if problems:
             raise AnalyticsRefused(f"query {spec.query_id} ({spec.kind}, ε={spec.epsilon:g}) refused before any node "
                                    f"spent anything: " + "; ".join(sorted(problems)))
-        ends = {st["merchant-id"]: pd.Timestamp(st["data-end"]) for st in self.statuses}
+        undeclared = sorted(st["merchant-id"] for st in self.statuses if not st["data-end"])
+        ends = {st["merchant-id"]: pd.Timestamp(st["data-end"]) for st in self.statuses if st["data-end"]}
         if not spec.end:
+            if undeclared:
+                raise AnalyticsRefused(f"merchant(s) {', '.join(undeclared)} declare no data_end in merchant.json; "
+                                       f"give the query an explicit end date (--end)")
             return spec.with_end(min(ends.values()))
         late = {m: e for m, e in ends.items() if e < spec.end_ts()}
         if late:

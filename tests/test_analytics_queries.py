@@ -178,3 +178,14 @@ def test_removing_one_user_moves_the_scaled_cells_by_at_most_the_l2_sensitivity(
         assert np.all(np.abs(diff) <= 1 + 1e-12)
         worst = max(worst, float(np.linalg.norm(diff)))
     assert 0 < worst <= spec.l2_sensitivity() + 1e-12
+
+
+def test_category_breakdown_uses_the_merchants_public_category():
+    spec = QuerySpec("repeat_rate", by="category", windows=(30,), end=END)
+    assert spec.scopes() == ("purchase_history",)
+    inputs = query_inputs(spec, gated([("A", "2026-06-01", "purchase", 1.0), ("A", "2026-06-11", "purchase", 1.0)]),
+                          {"merchant_id": "m", "category": "beauty"})
+    assert cells_dict(exact_cells(spec, inputs)) == {("beauty", "all", 30, "eligible"): 1,
+                                                     ("beauty", "all", 30, "repeat"): 1}
+    with pytest.raises(QueryError, match="consent_at"):
+        QuerySpec("repeat_rate", consent_at="yesterday")

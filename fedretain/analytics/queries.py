@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,11 @@ class QuerySpec:
             raise QueryError(f"spend_cap must be > 0, got {self.spend_cap}")
         if self.end:
             self.end_ts()
+        if self.consent_at:
+            try:
+                datetime.fromisoformat(str(self.consent_at))
+            except ValueError:
+                raise QueryError(f"consent_at must be an ISO 8601 time, got {self.consent_at!r}") from None
         if not str(self.query_id).strip():
             raise QueryError("query_id must be non-empty")
         for name, value in (("epsilon", eps), ("delta", delta), ("spend_cap", cap), ("windows", windows),
