@@ -31,7 +31,8 @@ def _title(result: QueryResult, what: str) -> str:
     s = result.spec
     n = len(result.merchants)
     last_day = (s.end_ts() - pd.Timedelta(days=1)).date()
-    return (f"{what} by {_BY_TITLE[s.by]}\n{n} merchant{'s' if n != 1 else ''} pooled · "
+    by = ", all users" if s.by == "none" else f" by {_BY_TITLE[s.by]}"
+    return (f"{what}{by}\n{n} merchant{'s' if n != 1 else ''} pooled · "
             f"DP per merchant ε={s.epsilon:g}, δ={s.delta:g} · data up to {last_day}")
 
 
@@ -91,9 +92,12 @@ def plot_retention(result: QueryResult) -> bytes:
                               label=f"{_group_name(group)} (≈{max(size, 0):,.0f} users)"))
     shown_steps = sorted(curve.loc[curve["status"] != "suppressed", "step"].unique()) or sorted(curve["step"].unique())
     ax.set_xticks(shown_steps)
-    ax.set_xticklabels([f"{k}\n(days {days * (k - 1) + 1}–{days * k})" for k in shown_steps], fontsize=8)
     ax.set_xlim(min(shown_steps) - 0.3, max(shown_steps) + 0.3)
-    ax.set_xlabel(f"period k: {spec.period}s after the first purchase")
+    if len(shown_steps) <= 6:
+        ax.set_xticklabels([f"{k}\n(days {days * (k - 1) + 1}–{days * k})" for k in shown_steps], fontsize=8)
+        ax.set_xlabel(f"period k: {spec.period}s after the first purchase")
+    else:
+        ax.set_xlabel(f"period k: {spec.period}s after the first purchase (days {days}·(k−1)+1 to {days}·k)")
     ax.set_ylabel("share of cohort buying again in period k")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     top = np.nanmax(curve.loc[curve["status"] != "suppressed", "ci_high"].to_numpy(float), initial=0.1)
