@@ -83,7 +83,8 @@ class AnalyticsSettings:
         for name in ("periods", "cohorts", "window_days"):
             if name in spec:
                 spec[name] = int(spec[name])
-        policy = {name: float(run_config[key]) for key, name in POLICY_KEYS.items() if run_config.get(key) not in (None, "")}
+        policy = {name: float(run_config[key]) for key, name in POLICY_KEYS.items()
+                  if run_config.get(key) not in (None, "")}
         return cls(
             spec=QuerySpec(**spec), out_dir=str(run_config.get("out-dir") or "runs/analytics"),
             policy=IntervalPolicy(**policy), min_nodes=int(run_config.get("min-nodes", 1)),
@@ -132,7 +133,8 @@ class FederatedQuery:
         replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.settings.timeout)}
         missing = [n for n in nodes if n not in replies]
         if missing:
-            raise AnalyticsRefused(f"{message_type}: no reply from node(s) {missing} within {self.settings.timeout:.0f} s")
+            raise AnalyticsRefused(f"{message_type}: no reply from node(s) {missing} "
+                                   f"within {self.settings.timeout:.0f} s")
         return replies
 
     def check_budgets(self, nodes: list[int]) -> QuerySpec:
@@ -150,12 +152,13 @@ class FederatedQuery:
             budget = float(st["budget-epsilon"])
             remaining = budget - float(st["committed-epsilon"])
             if not st["ledger-found"] or budget < 0:
-                problems.append(f"{st['merchant-id']}: no privacy budget is set for purpose 'analytics' (the merchant "
-                                f"sets one with `fedretain privacy set-budget --silo SILO --purpose analytics --epsilon E`)")
+                problems.append(f"{st['merchant-id']}: no privacy budget is set for purpose 'analytics' (the "
+                                f"merchant sets one with `fedretain privacy set-budget --silo SILO "
+                                f"--purpose analytics --epsilon E`)")
             elif spec.epsilon > remaining + 1e-9:
-                problems.append(f"{st['merchant-id']}: needs ε={spec.epsilon:g} but only ε={max(remaining, 0):g} of its "
-                                f"analytics budget ε={budget:g} remains")
-            elif float(st["budget-delta"]) > 0 and float(st["committed-delta"]) + spec.delta > float(st["budget-delta"]) * (1 + 1e-9):
+                problems.append(f"{st['merchant-id']}: needs ε={spec.epsilon:g} but only ε={max(remaining, 0):g} "
+                                f"of its analytics budget ε={budget:g} remains")
+            elif 0 < float(st["budget-delta"]) * (1 + 1e-9) < float(st["committed-delta"]) + spec.delta:
                 problems.append(f"{st['merchant-id']}: δ={spec.delta:g} would exceed its analytics δ budget "
                                 f"{float(st['budget-delta']):g}")
         if problems:
@@ -196,9 +199,9 @@ class FederatedQuery:
             raise AnalyticsRefused(f"query {spec.query_id} failed, nothing published: " + "; ".join(sorted(problems))
                                    + f" (nodes that answered and spent ε={spec.epsilon:g}: {spent})")
         result = combine(spec, answers, self.settings.policy)
+        sigma = {a.merchant_id: a.noise_multiplier for a in answers}
         result.nodes = [{**st, "epsilon-spent": spec.epsilon, "delta-spent": spec.delta,
-                         "noise-multiplier": next(a.noise_multiplier for a in answers if a.merchant_id == st["merchant-id"])}
-                        for st in self.statuses]
+                         "noise-multiplier": sigma[st["merchant-id"]]} for st in self.statuses]
         return result
 
 

@@ -4,7 +4,7 @@ pooled answer computed here, the friend-vs-organic gap, the budget ledger, refus
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ RELEASES = 25  # independent ε=1 queries for the coverage check (one charged th
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     """Three synthetic merchants (12,000 users) with consent ledgers and an analytics budget each."""
-    from fedretain.clients.node import MerchantNode, NodeConfig
+    from fedretain.clients.node import MerchantNode
     from fedretain.clients.provision import provision_node
     from fedretain.privacy.budget import BudgetLedger, ledger_path
     from fedretain.synth import generate
@@ -108,7 +108,8 @@ def test_dp_retention_curve_is_within_its_interval_of_the_exact_curve(nodes, gat
     exact_cells_, exact_curve = exact_retention(gated, spec.end_ts(), spec.cohorts, spec.periods)
 
     # the node's exact cells, summed over nodes, are the exact answer computed above
-    per_node = [exact_cells(spec, query_inputs(spec, data, node.silo.merchant)) for node, (_, data) in zip(nodes, gated)]
+    per_node = [exact_cells(spec, query_inputs(spec, data, node.silo.merchant))
+                for node, (_, data) in zip(nodes, gated)]
     pooled = pd.concat(per_node).groupby(["cohort", "step", "measure"])["value"].sum()
     for (c, k), (v, n) in exact_cells_.items():
         assert pooled[(c, k, "retained")] == v and pooled[(c, 0, "users")] == n

@@ -32,8 +32,10 @@ def _ledgers(silos):
 
     out = {}
     for silo in silos:
-        with BudgetLedger.open(ledger_path(silo / ".node")) as led, ConsentLedger.open(silo / ".node" / "consent.db") as cl:
-            out[silo.name] = (led.runs(), led.spends(), [u.run_id for u in cl.usages()])
+        with BudgetLedger.open(ledger_path(silo / ".node")) as led:
+            budget = (led.runs(), led.spends())
+        with ConsentLedger.open(silo / ".node" / "consent.db") as cl:
+            out[silo.name] = (*budget, [u.run_id for u in cl.usages()])
     return out
 
 

@@ -338,13 +338,15 @@ def exact_cells(spec: QuerySpec, inputs: QueryInputs) -> pd.DataFrame:
         for w in windows:
             eligible = horizon >= w
             repeat = eligible & (next_buy <= w)
-            for measure, mask in ((("eligible", eligible), ("repeat" if spec.kind == "repeat_rate" else "retained", repeat))):
+            hit = "repeat" if spec.kind == "repeat_rate" else "retained"
+            for measure, mask in (("eligible", eligible), (hit, repeat)):
                 ids = first.index[mask.to_numpy()]
                 parts.append(_count(pd.DataFrame({"user_id": ids, "group": ids.map(group), "cohort": ALL, "step": w}),
                                     measure))
             if spec.kind == "spend_per_retained_user":
                 money = _with_days(ev, first)
-                money = money.loc[(money["days"] >= 0) & (money["days"] <= w) & money["user_id"].isin(first.index[repeat.to_numpy()])]
+                retained = first.index[repeat.to_numpy()]
+                money = money.loc[(money["days"] >= 0) & (money["days"] <= w) & money["user_id"].isin(retained)]
                 signed = np.where(money["event"] == "refund", -1.0, 1.0) * money["amount"].to_numpy(float)
                 spend = pd.Series(signed, index=money["user_id"].to_numpy()).groupby(level=0).sum()
                 spend = spend.clip(lower=0.0, upper=spec.spend_cap)  # per-user bound
