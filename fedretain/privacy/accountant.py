@@ -70,6 +70,16 @@ def _opacus(name: str):  # local import: opacus costs ~3 s to import
     return create_accountant(mechanism=check_accountant(name))
 
 
+@functools.lru_cache(maxsize=4096)
+def _epsilon(name: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """ε of a history (pure, so cached: every node of an aggregate run asks for the same one)."""
+    acc = _opacus(name)
+    acc.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" etc.
+        return float(acc.get_epsilon(delta=delta))
+
+
 class Accountant:
     """An Opacus accountant whose history can be saved to and restored from JSON."""
 
@@ -103,9 +113,7 @@ class Accountant:
             raise PrivacyError(f"δ must be in (0, 1), got {delta}")
         if not self.opacus.history:
             return 0.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" etc.
-            return float(self.opacus.get_epsilon(delta=delta))
+        return _epsilon(self.name, tuple(tuple(h) for h in self.opacus.history), float(delta))
 
     def epsilon_after(self, event: DpEvent, delta: float) -> float:
         """ε if ``event`` were composed now, without changing this accountant."""
