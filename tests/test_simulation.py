@@ -52,7 +52,7 @@ def run(tmp_path_factory, synth_silos):
     prep = MerchantNode(NodeConfig.for_silo(silos[0])).prepare("retention_modeling", ["recency_days"], 30)
     subject = str(prep.train_users[0])
     observer = WithdrawAfterRound(silos[0], subject)
-    settings = RunSettings(rounds=ROUNDS, local_epochs=1, out_dir=str(data.parent / "run"), min_nodes=3,
+    settings = RunSettings(rounds=ROUNDS, local_epochs=3, learning_rate=0.02, out_dir=str(data.parent / "run"), min_nodes=3,
                            run_id="simtest")
     progress.add_observer(observer)
     try:
@@ -69,10 +69,11 @@ def test_rounds_checkpoints_and_metrics(run):
     assert [r["round"] for r in rec["rounds"]] == [1, 2, 3]
     for r in rec["rounds"]:
         assert Path(r["checkpoint"]).is_file()
-        assert 0.6 < r["evaluate"]["auc"] <= 1.0
+        assert 0.5 < r["evaluate"]["auc"] <= 1.0
         assert r["evaluate"]["num-examples"] > 0 and "log_loss" in r["evaluate"] and "ece" in r["evaluate"]
         trained = {n["merchant_id"] for n in r["nodes"] if n["phase"] == "train" and not n["error"]}
         assert trained == {p.name for p in run["silos"]}
+    assert rec["rounds"][-1]["evaluate"]["auc"] > 0.7  # it learned
     assert set(rec["merchants"]) == {p.name for p in run["silos"]}
     assert all(m["rounds"] == [1, 2, 3] for m in rec["merchants"].values())
     assert (run["dir"] / "model.pt").is_file()
