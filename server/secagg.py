@@ -13,7 +13,7 @@ the same federated standardisation query the regular ServerApp sends. Two strate
 Both write the same run record (``run.json``: per-round metrics, per-merchant ε and
 consent lineage) and per-round checkpoints as the regular ServerApp. Settings beyond
 ``RunSettings`` are read from its ``extra`` (run_config keys): ``aggregate-batch-size``
-(expected customers per step over all merchants, default 1024), ``server-learning-rate``
+(expected customers per step over all merchants, default 4096), ``server-learning-rate``
 (Adam on the server in aggregate mode, default ``learning-rate``), ``dp-accountant``,
 ``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (fractions, defaults 1.0 / 0.7).
 """
@@ -48,7 +48,7 @@ from fedretain.server.settings import RunSettings
 log = logging.getLogger("fedretain.server")
 
 SECURE_MODES = ("none", "local", "aggregate")
-DEFAULT_AGGREGATE_BATCH = 1024
+DEFAULT_AGGREGATE_BATCH = 4096
 
 
 def legacy_config(cfg: dict[str, Any]) -> dict[str, Any]:

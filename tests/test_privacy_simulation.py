@@ -106,3 +106,24 @@ def test_aggregate_mode_under_secagg_plus(tmp_path, silos):
         assert stored.mode == "aggregate" and stored.noise_multiplier == pytest.approx(plan["agg-noise-multiplier"])
         assert [sp.total_steps for sp in spends] == [1, 2, 3]
     assert (Path(s.out_dir) / "model.pt").is_file()
+
+
+def test_local_dp_models_summed_under_secagg_plus(tmp_path, silos):
+    """SecAgg+ FedAvg: the server gets only the weighted mean of the nodes' DP-SGD models."""
+    import torch
+
+    from fedretain.models import ModelBundle
+    from fedretain.server.secagg import run_secagg_simulation
+
+    s = _settings(tmp_path, dp_mode="local", target_epsilon=3.0, run_id="secagg-local")
+    rec = _record(run_secagg_simulation(s, silos[0].parent))
+    assert rec["status"] == "completed" and rec["config"]["secure_aggregation"] == "secagg+"
+    for entry in rec["rounds"]:
+        nodes = _train_nodes(entry)
+        assert len(nodes) == 3 and all(0 < n["epsilon"] <= 3.0 for n in nodes)
+        assert entry["evaluate"]["num-examples"] > 0 and 0.0 <= entry["evaluate"]["auc"] <= 1.0
+    first, last = (ModelBundle.load(Path(r["checkpoint"])).state_dict for r in rec["rounds"])
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    for silo in silos:
+        plan, spends = _ledger_rows(silo, "secagg-local")
+        assert plan.mode == "local" and len(spends) == 2
