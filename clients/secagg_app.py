@@ -109,6 +109,12 @@ class MerchantClient(NumPyClient):
         return float(report["loss"]), int(prep.n_test), metrics
 
 
+def is_legacy_message(msg: Message) -> bool:
+    """A message of the SecAgg+ / legacy workflow (for a ClientApp that serves both kinds of run)."""
+    names = set(msg.content.config_records) | set(msg.content.array_records)
+    return any(n == "secaggplus_configs" or n.startswith(("fitins.", "evaluateins.")) for n in names)
+
+
 def _client_fn(context: Context):
     return MerchantClient(context).to_client()
 

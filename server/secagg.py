@@ -56,6 +56,15 @@ def legacy_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: ("json:" + json.dumps(v)) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()}
 
 
+def wants_secure_aggregation(settings: RunSettings) -> bool:
+    """True when the run must go through this app: ``dp-mode aggregate`` or ``secure-aggregation = true``."""
+    flag = str(settings.extra.get("secure-aggregation", "false")).lower() in ("1", "true", "yes")
+    if flag and settings.dp_mode == "central":
+        raise ValueError("dp-mode central cannot run under SecAgg+ in flwr 1.42 (the DP wrappers need the "
+                         "Message-API strategies); choose local or aggregate for secure aggregation")
+    return flag or settings.dp_mode == "aggregate"
+
+
 def extra(settings: RunSettings, key: str, default: Any) -> Any:
     return settings.extra.get(key, default)
 
