@@ -295,6 +295,9 @@ def plot(summary: list[dict], path: Path) -> None:
             if e:
                 ax.axhline(e[metric], linestyle=style, color="grey", label=f"{model} (ε = ∞)")
         ax.set_xscale("log")
+        ticks = sorted({e["epsilon"] for e in summary if e["split"] == split and e["epsilon"] is not None})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("ε (δ < 1/n), whole run")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
