@@ -124,3 +124,28 @@ def test_bad_dp_settings_are_refused():
             DPConfig(**kwargs)
     with pytest.raises(PrivacyError, match="not below 1/n"):
         plan_run("r", PURPOSE, 100, TrainConfig(), DPConfig(target_delta=0.05))
+
+
+def test_dp_optimizer_adds_noise_of_std_sigma_c_over_batch():
+    """Our one-call noise draw keeps Opacus's distribution: i.i.d. N(0, (σC)²) per coordinate, ÷ batch."""
+    from fedretain.privacy.dp_trainer import dp_optimizer, secure_generator
+
+    model = RetentionNet(33, (64, 32))
+    opt = dp_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=2.0, max_grad_norm=3.0,
+                       expected_batch_size=10, generator=secure_generator(0))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert opt.pre_step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert noise.numel() == sum(p.numel() for p in model.parameters())
+    assert noise.std().item() == pytest.approx(2.0 * 3.0 / 10, rel=0.05)
+    assert abs(noise.mean().item()) < 0.05
+    head_bias = model.head.bias.grad
+    assert not torch.equal(head_bias, model.trunk[0].bias.grad[:2])  # distinct draws per parameter
+    opt.zero_grad()
+    with pytest.raises(ValueError):  # Opacus's guard: a summed gradient cannot be noised twice
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.accumulate()
+        opt.add_noise()
+        opt.add_noise()
