@@ -72,7 +72,8 @@ def extra(settings: RunSettings, key: str, default: Any) -> Any:
 def weighted_metrics(pairs: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
     """Weighted mean of the numeric, finite metrics (strings such as lineage are per node only)."""
     out: dict[str, float] = {}
-    keys = sorted({k for _, m in pairs for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys = sorted({k for _, m in pairs for k, v in m.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for key in keys:
         num = den = 0.0
         for w, m in pairs:

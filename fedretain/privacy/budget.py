@@ -324,7 +324,8 @@ class BudgetLedger:
                 spends = self.spends(plan.run_id, purpose)
                 runs.append({
                     "run_id": plan.run_id, "mode": plan.mode, "accountant": plan.accountant,
-                    "reserved_epsilon": plan.epsilon, "delta": plan.delta, "spent_epsilon": spends[-1].epsilon if spends else 0.0,
+                    "reserved_epsilon": plan.epsilon, "delta": plan.delta,
+                    "spent_epsilon": spends[-1].epsilon if spends else 0.0,
                     "rounds": len(spends), "steps": spends[-1].total_steps if spends else 0,
                     "planned_steps": plan.planned_steps, "noise_multiplier": plan.noise_multiplier,
                     "sample_rate": plan.sample_rate, "reserved_at": plan.reserved_at,

@@ -27,7 +27,8 @@ def _ledger_file(silo: Path | None, state_dir: Path | None) -> Path:
 
 
 _where = [
-    click.option("--silo", type=click.Path(file_okay=False, path_type=Path), help="Merchant silo folder (ledger in SILO/.node)."),
+    click.option("--silo", type=click.Path(file_okay=False, path_type=Path),
+                 help="Merchant silo folder (ledger in SILO/.node)."),
     click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="The node's state folder."),
 ]
 
