@@ -41,6 +41,7 @@ def _opacus_clipped_sum(model, x, y, max_grad_norm):
     return out, norms
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1.0, 1e3])
 def test_bk_clipped_sum_equals_opacus_per_sample_clipping(max_grad_norm):
     torch.manual_seed(0)
