@@ -145,8 +145,17 @@ def feature_stats(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"stats": stats, "lineage": lineage(node, prep)}), reply_to=msg)
 
 
+def _legacy(msg: Message, context: Context) -> Message | None:
+    """SecAgg+ runs speak Flower's legacy protocol; hand those messages to the legacy app."""
+    from fedretain.clients.secagg_app import is_legacy_message, legacy_app  # late: it imports this module
+
+    return legacy_app(msg, context) if is_legacy_message(msg) else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if (reply := _legacy(msg, context)) is not None:
+        return reply
     cfg = msg.content["config"]
     node = node_for(context)
     prep = prepare_from_config(node, cfg)
@@ -169,6 +178,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
+    if (reply := _legacy(msg, context)) is not None:
+        return reply
     cfg = msg.content["config"]
     node = node_for(context)
     prep = prepare_from_config(node, cfg)

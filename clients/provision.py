@@ -14,10 +14,24 @@ from fedretain.ingest import read_merchant
 
 
 def provision_node(
-    silo: str | Path, *, consent_db: str | Path | None = None, node_key: str | Path | None = None
+    silo: str | Path, *, consent_db: str | Path | None = None, node_key: str | Path | None = None,
+    lifetime_budgets: dict[str, float] | None = None,
 ) -> NodeConfig:
-    """Create ``SILO/.node/{node_key.pem,consent.db}`` (or the given paths) if missing."""
+    """Create ``SILO/.node/{node_key.pem,consent.db}`` (or the given paths) if missing.
+
+    ``lifetime_budgets`` (purpose → ε) sets the node's lifetime privacy budget for purposes
+    that have none yet; an existing budget is never changed here (that is a deliberate act:
+    ``fedretain privacy set-budget``).
+    """
     cfg = NodeConfig.for_silo(silo, consent_db=consent_db, node_key=node_key)
+    if lifetime_budgets:
+        from fedretain.privacy.budget import BudgetLedger, ledger_path
+
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        with BudgetLedger.open(ledger_path(cfg.state_dir), create=True) as budget:
+            for purpose, epsilon in lifetime_budgets.items():
+                if budget.budget(purpose) is None:
+                    budget.set_budget(purpose, float(epsilon), note="set at provisioning")
     if cfg.consent_db.exists():
         return cfg
     merchant = read_merchant(Path(silo) / "merchant.json")

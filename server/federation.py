@@ -145,6 +145,8 @@ class FederatedTraining:
             "hidden": list(s.hidden), "dp-mode": s.dp_mode, "target-epsilon": float(s.target_epsilon),
             "target-delta": float(s.target_delta), "max-grad-norm": float(s.max_grad_norm),
             "total-rounds": int(s.rounds),
+            "dp-accountant": str(s.extra.get("dp-accountant", "rdp")),
+            "dp-clipping": str(s.extra.get("dp-clipping", "bk")),
         }
 
     def federated_standardizer(self) -> tuple[Standardizer, list[NodeReply]]:

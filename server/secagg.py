@@ -267,34 +267,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_secagg_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None) -> Path:
     """Like ``fedretain.server.simulation.run_in_simulation`` but with the SecAgg+ apps."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray_tmp = Path(os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="fedretain-ray-"))
-    os.environ["RAY_TMPDIR"] = str(ray_tmp)
-    data_dir = Path(data_dir).resolve()
-    os.environ["FEDRETAIN_SIM_DATA_DIR"] = str(data_dir)
-
-    from flwr.app import RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-
-    from fedretain.clients.node import simulation_silos
     from fedretain.clients.secagg_app import app as client_app
+    from fedretain.server.simulation import run_in_simulation
 
-    n_nodes = len(simulation_silos(str(data_dir)))
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_config = {**settings.extra, **settings.to_run_config()}
-    run_config["out-dir"] = str(Path(settings.out_dir).resolve())
-    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    cpus = num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "_node_ip_address": "127.0.0.1", "_temp_dir": str(ray_tmp),
-                      "logging_level": logging.ERROR, "log_to_driver": True},
-    }
-    _run_simulation(num_supernodes=n_nodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app, server_app=app, backend_config=backend_config,
-                    server_app_context=context)
-    return Path(run_config["out-dir"])
+    return run_in_simulation(settings, data_dir, num_cpus=num_cpus, server_app=app, client_app=client_app)

@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedretain.server.federation import FederatedTraining
+from fedretain.server.secagg import run_secure, wants_secure_aggregation
 from fedretain.server.settings import RunSettings
 from fedretain.server.strategies import build_strategy
 
@@ -23,6 +24,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    strategy = build_strategy(settings)
-    record = FederatedTraining(grid, settings, strategy).run()
+    if wants_secure_aggregation(settings):  # SecAgg+ runs only through Flower's legacy workflow
+        record = run_secure(grid, context, settings)
+    else:
+        record = FederatedTraining(grid, settings, build_strategy(settings)).run()
     log.info("run %s %s; record at %s", settings.run_id, record.data["status"], record.path)

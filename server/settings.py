@@ -45,7 +45,7 @@ class RunSettings:
     dp_mode: str = "none"
     target_epsilon: float = 3.0
     target_delta: float = 0.0  # 0 → chosen per node below 1/n
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 10.0  # keeps log loss near the non-private model's (docs/PRIVACY.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from fedretain.server.settings import RunSettings
 
 
 def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None,
-                      server_app: Any = None) -> Path:
+                      server_app: Any = None, client_app: Any = None) -> Path:
     """Train on every silo under ``data_dir``; return the run folder (run.json, checkpoints).
 
     ``server_app`` runs another ServerApp over the same ClientApp (default: the training one,
@@ -37,7 +37,7 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from fedretain.clients.client_app import app as client_app
+    from fedretain.clients.client_app import app as default_client_app
     from fedretain.clients.node import simulation_silos
     from fedretain.server.server_app import app as training_app
 
@@ -49,13 +49,13 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
     cpus = num_cpus or max(1, min(os.cpu_count() or 1, n_nodes))
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "_node_ip_address": "127.0.0.1", "_temp_dir": str(ray_tmp), "logging_level": logging.ERROR,
-                      "log_to_driver": True},
+        "init_args": {"num_cpus": cpus, "_node_ip_address": "127.0.0.1", "_temp_dir": str(ray_tmp),
+                      "logging_level": logging.ERROR, "log_to_driver": True},
     }
     _run_simulation(
         num_supernodes=n_nodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
+        client_app=client_app or default_client_app,
         server_app=server_app or training_app,
         backend_config=backend_config,
         server_app_context=context,

@@ -60,14 +60,14 @@ class RichRoundObserver:
         self.progress.stop()
 
 
-def ensure_nodes(data_dir: Path) -> list[Path]:
+def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = None) -> list[Path]:
     """Give every silo a node state folder (key + consent ledger from its consent.csv) if it lacks one."""
     from fedretain.clients.node import simulation_silos
     from fedretain.clients.provision import provision_node
 
     silos = simulation_silos(str(data_dir))
     for silo in silos:
-        provision_node(silo)
+        provision_node(silo, lifetime_budgets=lifetime_budgets)
     return silos
 
 
@@ -86,25 +86,53 @@ def ensure_nodes(data_dir: Path) -> list[Path]:
 @click.option("--features", default="", help="Comma-separated feature names (default: all registered).")
 @click.option("--min-nodes", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--dp-mode", type=click.Choice(["none", "local", "central", "aggregate"]), default="none", show_default=True)
-@click.option("--target-epsilon", default=3.0, show_default=True, type=float)
+@click.option("--target-epsilon", default=3.0, show_default=True, type=float, help="ε of this run (DP modes).")
+@click.option("--target-delta", default=0.0, show_default=True, type=float, help="0: below 1/n per merchant.")
+@click.option("--max-grad-norm", default=10.0, show_default=True, type=float, help="DP clipping norm.")
+@click.option("--dp-accountant", type=click.Choice(["rdp", "prv"]), default="rdp", show_default=True)
+@click.option("--dp-clipping", type=click.Choice(["bk", "ghost"]), default="bk", show_default=True,
+              help="bk: fast clipped-gradient sum for Linear models; ghost: Opacus ghost clipping.")
+@click.option("--secure-aggregation", is_flag=True, help="SecAgg+ (required by --dp-mode aggregate).")
+@click.option("--aggregate-batch-size", default=4096, show_default=True, type=int, help="Aggregate mode: expected batch.")
+@click.option("--server-learning-rate", default=None, type=float, help="Aggregate mode: server step size.")
+@click.option("--lifetime-epsilon", default=None, type=float,
+              help="Set this lifetime budget for the purpose on nodes that have none yet (DP runs need one).")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
 def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     """Federated training over local silos in Flower's Simulation Engine."""
     from fedretain.server import progress
+    from fedretain.server.secagg import wants_secure_aggregation
     from fedretain.server.settings import RunSettings
     from fedretain.server.simulation import run_in_simulation
 
     features = tuple(f.strip() for f in opts.pop("features").split(",") if f.strip())
+    extra = {"dp-accountant": opts.pop("dp_accountant"), "dp-clipping": opts.pop("dp_clipping"),
+             "secure-aggregation": opts.pop("secure_aggregation"),
+             "aggregate-batch-size": opts.pop("aggregate_batch_size")}
+    server_lr = opts.pop("server_learning_rate")
+    if server_lr is not None:
+        extra["server-learning-rate"] = server_lr
+    lifetime = opts.pop("lifetime_epsilon")
     try:
-        settings = RunSettings(out_dir=str(out_dir), **({"features": features} if features else {}), **opts)
+        settings = RunSettings(out_dir=str(out_dir), extra=extra, **({"features": features} if features else {}),
+                               **opts)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    ensure_nodes(data_dir)
+    try:
+        secure = wants_secure_aggregation(settings)  # dp-mode aggregate always runs under SecAgg+
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    ensure_nodes(data_dir, {settings.purpose: lifetime} if lifetime is not None else None)
     observer = RichRoundObserver()
     progress.add_observer(observer)
     try:
-        run_dir = run_in_simulation(settings, data_dir)
+        if secure:
+            from fedretain.server.secagg import run_secagg_simulation
+
+            run_dir = run_secagg_simulation(settings, data_dir)
+        else:
+            run_dir = run_in_simulation(settings, data_dir)
     finally:
         progress.remove_observer(observer)
     record = json.loads((run_dir / "run.json").read_text())
