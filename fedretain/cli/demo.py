@@ -22,8 +22,19 @@ console = Console()
 @click.option("--users", type=click.IntRange(300), default=None, help="Total users. Default 30000 (quick: 3000).")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Default 6 (quick: 2).")
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(workspace: Path, quick: bool, merchants: int | None, users: int | None, rounds: int | None, seed: int) -> None:
+@click.option("--deploy", is_flag=True,
+              help="Instead of the simulation: a platform server and merchant nodes as separate processes on "
+                   "127.0.0.1 (Flower SuperLink/SuperNodes, TLS, node authentication); stops all it started.")
+def demo(workspace: Path, quick: bool, merchants: int | None, users: int | None, rounds: int | None, seed: int,
+         deploy: bool) -> None:
     """Run the whole pipeline on synthetic merchants and write report.html and run.json."""
+    if deploy:
+        from fedretain.server.deploy_demo import run_deploy_demo
+
+        summary = run_deploy_demo(workspace, merchants=merchants or 3, users=users or 1500, rounds=rounds or 3,
+                                  echo=console.print)
+        console.print_json(data=summary)
+        return
     from fedretain.cli.train import RichRoundObserver, ensure_nodes, round_table
     from fedretain.demo import DemoPlan, run_demo
     from fedretain.server import progress
