@@ -33,7 +33,7 @@ def demo(workspace: Path, quick: bool, merchants: int | None, users: int | None,
 
         summary = run_deploy_demo(workspace, merchants=merchants or 3, users=users or 1500, rounds=rounds or 3,
                                   echo=console.print)
-        console.print_json(data=summary)
+        console.print_json(data=summary, default=str)
         return
     from fedretain.cli.train import RichRoundObserver, ensure_nodes, round_table
     from fedretain.demo import DemoPlan, run_demo
