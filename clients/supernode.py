@@ -46,6 +46,7 @@ SUPPORTED_FLWR = "1.42."
 STOP_GRACE_S = 10.0
 LOCAL_WAIT_S = 0.02
 EXIT_SUPERNODE_FAILED = 3
+FAST_WINDOW_S = 3.0  # after a wake-up, poll the SuperNode quickly this long
 
 
 class NodeSetupError(Exception):
@@ -317,6 +318,24 @@ def supernode_command(settings: NodeSettings, node_toml: Path, port: int, parent
 
 
 # -- the warm executor -------------------------------------------------------------------------
+def _retry_invoker(max_time: float | None) -> Any:
+    """Retries for Runtime API calls that never signal this process.
+
+    Flower's ``make_simple_http_retry_invoker`` sends SIGINT to its own process on a 401,
+    which ends a one-message ``flwr-clientapp``; here it would stop the whole node when a
+    task's token went stale (the SuperNode was restarted). A 4xx/5xx other than 502/503/504
+    is raised to the caller instead; connection errors are retried up to ``max_time``.
+    """
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
+
+    return RetryInvoker(lambda: exponential(max_delay=2.0), (httpx.TransportError, httpx.HTTPStatusError),
+                        max_tries=None, max_time=max_time, should_giveup=give_up)
+
+
 class FabRefused(Exception):
     """The run's FAB is not the ClientApp installed on this node."""
 
@@ -331,12 +350,15 @@ class WarmExecutor:
     """
 
     def __init__(self, runtime_address: str, *, app_ref: str = DEFAULT_APP, fab_id: str = DEFAULT_FAB_ID,
-                 fab_version: str | None = None, poll_interval: float = 0.05) -> None:
+                 fab_version: str | None = None, poll_interval: float = 1.0, wake: threading.Event | None = None,
+                 fast_poll: float = 0.05) -> None:
         self.runtime_address = runtime_address
         self.app_ref = app_ref
         self.fab_id = fab_id
         self.fab_version = fab_version
         self.poll_interval = poll_interval
+        self.wake = wake
+        self.fast_poll = fast_poll
         self.app: Any = None
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -358,22 +380,26 @@ class WarmExecutor:
 
     def _client(self, token: str | None, max_time: float | None = None):
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(
             component_name="flwr-clientapp" if token else "SuperExec")]
         if token:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
-        retry = make_simple_http_retry_invoker()
-        retry.max_time = max_time
+        retry = _retry_invoker(max_time)
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,
             interceptors=interceptors, retry_invoker=retry,
         )
 
     def serve(self, keep_going: Callable[[], bool]) -> None:
-        """Acquire and run tasks until ``keep_going()`` is false."""
+        """Acquire and run tasks until ``keep_going()`` is false.
+
+        Asks the SuperNode for a task every ``poll_interval`` seconds, and every
+        ``fast_poll`` seconds for a moment after ``wake`` is set (the supervisor sets it
+        when the SuperNode logs that it is receiving a message), so an idle node costs
+        little and a message is picked up within milliseconds.
+        """
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
@@ -381,6 +407,7 @@ class WarmExecutor:
             self.load()
         client = self._client(None, max_time=2.0)  # never block for long on a SuperNode that died
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        fast_until = time.monotonic() + FAST_WINDOW_S
         try:
             while keep_going():
                 try:
@@ -392,8 +419,13 @@ class WarmExecutor:
                     continue
                 if res.HasField("task") and res.token:
                     self.run_task(res.token)
-                else:
+                elif time.monotonic() < fast_until:
+                    time.sleep(self.fast_poll)
+                elif self.wake is None:
                     time.sleep(self.poll_interval)
+                elif self.wake.wait(self.poll_interval):
+                    self.wake.clear()
+                    fast_until = time.monotonic() + FAST_WINDOW_S
         finally:
             client.close()
 
@@ -428,7 +460,7 @@ class WarmExecutor:
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-        client = self._client(token)
+        client = self._client(token, max_time=30.0)
 
         def heartbeat() -> bool:  # like flwr-clientapp's, but never signals this (long-lived) process
             try:
@@ -442,7 +474,7 @@ class WarmExecutor:
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         started = t_pulled = t_ran = time.perf_counter()
         try:
-            message, context, run, fab = pull_task_input(client, self.poll_interval)
+            message, context, run, fab = pull_task_input(client, self.fast_poll)
             t_pulled = time.perf_counter()
             self._check_fab(run, fab)
             reply = self.app(message=message, context=context)
@@ -549,9 +581,10 @@ def explain_failure(lines: list[str]) -> str:
 class _LogPump(threading.Thread):
     """Copies the SuperNode's output to its log file; keeps the tail; surfaces key lines."""
 
-    def __init__(self, stream: Any, path: Path, echo: Callable[[str], None]) -> None:
+    def __init__(self, stream: Any, path: Path, echo: Callable[[str], None],
+                 wake: threading.Event | None = None) -> None:
         super().__init__(daemon=True, name="supernode-log")
-        self.stream, self.path, self.echo = stream, path, echo
+        self.stream, self.path, self.echo, self.wake = stream, path, echo, wake
         self.tail: deque[str] = deque(maxlen=60)
         self.node_id: str | None = None
 
@@ -564,6 +597,8 @@ class _LogPump(threading.Thread):
                 fh.write(line + "\n")
                 fh.flush()
                 self.tail.append(line)
+                if self.wake is not None and "Receiving:" in line:
+                    self.wake.set()
                 if "SuperNode ID:" in line:
                     self.node_id = line.rsplit(":", 1)[1].strip()
                     self.echo(f"connected to the platform as SuperNode {self.node_id}")
@@ -593,11 +628,22 @@ def terminate(proc: subprocess.Popen, grace: float = STOP_GRACE_S, group: bool =
         return proc.wait(5)
 
 
-def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int:
-    """Run one merchant node in the foreground until the SuperNode exits or SIGTERM/SIGINT.
+def is_refusal(lines: list[str]) -> bool:
+    """Did the platform refuse this node (as opposed to a lost connection)?"""
+    text = "\n".join(lines)
+    return any(marker in text for marker, _ in _REFUSALS)
 
-    Returns the exit status: 0 after a requested stop, ``EXIT_SUPERNODE_FAILED`` (3) when the
-    SuperNode exited by itself (a refusal by the platform is explained in one line on ``echo``).
+
+def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int:
+    """Run one merchant node in the foreground until SIGTERM/SIGINT or a refusal.
+
+    Supervises the SuperNode: if it exits after having been connected (the platform was
+    restarted and no longer knows this node id, the network went away, ...) it is started
+    again with a growing delay; the warm executor stays up meanwhile, so torch & co. are
+    not imported again. A refusal before the node was ever admitted (unregistered key,
+    TLS mismatch) ends the node with a one-line reason.
+
+    Returns 0 after a requested stop, ``EXIT_SUPERNODE_FAILED`` (3) after a refusal.
     Checks that fail before connecting raise :class:`NodeSetupError`.
     """
     info = preflight(settings)
@@ -614,52 +660,63 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
     settings.flwr_home.mkdir(parents=True, exist_ok=True)
     _setup_file_logging(settings.log_dir / "node.log")
 
-    executor = None
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda *_a: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    executor, worker = None, None
     if settings.executor == "warm":
         from importlib.metadata import version
 
-        executor = WarmExecutor("", app_ref=settings.app, fab_version=version("fedretain"),
-                                poll_interval=min(0.1, settings.poll_interval or 0.1))
+        executor = WarmExecutor("", app_ref=settings.app, fab_version=version("fedretain"), wake=threading.Event())
         executor.load()  # before connecting: the node is ready the moment it is listed
     port = settings.runtime_port or free_port()
-    cmd = supernode_command(settings, node_toml, port, parent_pid=os.getpid())
     env = flower_env(settings.flwr_home)
     if settings.poll_interval is not None:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(settings.poll_interval)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            cwd=settings.state, stdin=subprocess.DEVNULL)
-    pump = _LogPump(proc.stdout, settings.log_dir / "supernode.log", echo)
-    pump.start()
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping.set()
-        raise SystemExit(0)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    echo(f"SuperNode started (pid {proc.pid}, runtime API 127.0.0.1:{port}, "
-         f"{'warm executor' if executor else 'one process per message'}); logs in {settings.log_dir}")
+    ever_connected, restarts = False, 0
     try:
-        while proc.poll() is None and not port_open("127.0.0.1", port, 0.2):
-            time.sleep(0.1)
-        if executor is not None and proc.poll() is None:
-            executor.runtime_address = f"127.0.0.1:{port}"
-            executor.serve(lambda: proc.poll() is None)
-        code = proc.wait()
-    except SystemExit:
-        code = None
+        while not stop.is_set():
+            proc = subprocess.Popen(supernode_command(settings, node_toml, port, parent_pid=os.getpid()),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=settings.state,
+                                    stdin=subprocess.DEVNULL)
+            pump = _LogPump(proc.stdout, settings.log_dir / "supernode.log", echo,
+                            executor.wake if executor else None)
+            pump.start()
+            echo(f"SuperNode started (pid {proc.pid}, runtime API 127.0.0.1:{port}, "
+                 f"{'warm executor' if executor else 'one process per message'}); logs in {settings.log_dir}")
+            while proc.poll() is None and not stop.is_set():
+                if executor is not None and worker is None and port_open("127.0.0.1", port, 0.2):
+                    executor.runtime_address = f"127.0.0.1:{port}"
+                    worker = threading.Thread(target=executor.serve, args=(lambda: not stop.is_set(),),
+                                              name="warm-executor", daemon=True)
+                    worker.start()
+                stop.wait(0.2)
+            if stop.is_set():
+                terminate(proc)
+                pump.join(2)
+                break
+            pump.join(2)
+            ever_connected = ever_connected or pump.node_id is not None
+            if pump.node_id is not None:
+                restarts = 0  # it had been admitted: a fresh problem, start the backoff over
+            tail = list(pump.tail)
+            flwr_code = next((ln.split("Exit Code:")[1].strip() for ln in reversed(tail) if "Exit Code:" in ln),
+                             proc.returncode)
+            why = explain_failure(tail)
+            if is_refusal(tail) and not ever_connected:
+                echo(f"SuperNode exited (Flower exit code {flwr_code}): {why}")
+                return EXIT_SUPERNODE_FAILED
+            delay = min(30.0, 2.0 ** restarts)
+            restarts += 1
+            echo(f"SuperNode exited (Flower exit code {flwr_code}: {why}); restarting in {delay:.0f} s")
+            stop.wait(delay)
     finally:
+        stop.set()
         for s, h in old.items():
             signal.signal(s, h)
-        terminate(proc)
-        pump.join(2)
-    if stopping.is_set():
-        echo("node stopped")
-        return 0
-    tail = list(pump.tail)
-    flwr_code = next((ln.split("Exit Code:")[1].strip() for ln in reversed(tail) if "Exit Code:" in ln), code)
-    echo(f"SuperNode exited (Flower exit code {flwr_code}): {explain_failure(tail)}")
-    return EXIT_SUPERNODE_FAILED
+        if worker is not None:
+            worker.join(STOP_GRACE_S)
+    echo("node stopped")
+    return 0
 
 
 def _setup_file_logging(path: Path) -> None:

@@ -11,9 +11,9 @@ files, node keys) before anything starts, then
 3. submits the fedretain app with ``flwr run <source root> fedretain --run-config FILE``
    (the connection ``fedretain`` lives in ``FLWR_HOME/config.toml``; nothing ever uses
    the CLI's default ``local`` connection, which would start a stray SuperLink);
-4. streams the run's ServerApp log (``flwr log --stream``) to a file, and writes
-   ``platform.json`` (pids with their start times, address, run ids) so that
-   ``server status`` and ``server stop`` find what was started.
+4. writes ``platform.json`` (pids with their start times, address, run ids) so that
+   ``server status`` and ``server stop`` find what was started; the ServerApp's log is
+   saved to ``logs/run-<id>.log`` by ``status`` and ``stop`` (``flwr log --show``).
 
 ``stop`` sends SIGTERM to everything it started and its descendants (the SuperLink's
 ``flower-superexec`` runs in a session of its own), then SIGKILL after a grace period.
@@ -42,7 +42,7 @@ DEFAULT_PORT = 9443
 STOP_GRACE_S = 10.0
 CLI_TIMEOUT_S = 120.0
 
-_SERVER_KEYS = {"host", "port", "state-dir", "project-dir", "ready-timeout"}
+_SERVER_KEYS = {"host", "port", "state-dir", "project-dir", "ready-timeout", "database"}
 _TLS_KEYS = {"ca-cert", "server-cert", "server-key"}
 _AUTH_KEYS = {"enabled", "node-keys"}
 _RUN_PATH_KEYS = {"out-dir", "data-dir"}
@@ -67,6 +67,7 @@ class PlatformConfig:
     state_dir: Path = Path("platform-state")
     project_dir: Path | None = None
     ready_timeout: float = 60.0
+    database: str = "memory"
     ca_cert: Path | None = None
     server_cert: Path | None = None
     server_key: Path | None = None
@@ -93,14 +94,14 @@ class PlatformConfig:
             raise PlatformError(f"{where}: unknown section(s) {', '.join(sorted(unknown))} "
                                 f"(expected [server], [tls], [auth], [run])")
         server, tls_, auth, run = (dict(data.get(k, {})) for k in ("server", "tls", "auth", "run"))
+        if "insecure" in server:
+            raise PlatformError(f"{where}: insecure mode is not a config setting; pass --insecure explicitly")
         for name, sec, allowed in (("server", server, _SERVER_KEYS), ("tls", tls_, _TLS_KEYS),
                                    ("auth", auth, _AUTH_KEYS)):
             bad = set(sec) - allowed
             if bad:
                 raise PlatformError(f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(bad))} "
                                     f"(allowed: {', '.join(sorted(allowed))})")
-        if "insecure" in server:
-            raise PlatformError(f"{where}: insecure mode is not a config setting; pass --insecure explicitly")
 
         def path(sec: dict[str, Any], key: str, section: str) -> Path | None:
             value = sec.get(key)
@@ -126,6 +127,7 @@ class PlatformConfig:
             state_dir=path(server, "state-dir", "server") or (base / "platform-state").resolve(),
             project_dir=path(server, "project-dir", "server"),
             ready_timeout=float(server.get("ready-timeout", 60.0)),
+            database=_database(server.get("database", "memory"), base, where),
             ca_cert=path(tls_, "ca-cert", "tls"), server_cert=path(tls_, "server-cert", "tls"),
             server_key=path(tls_, "server-key", "tls"), auth=enabled,
             node_keys=path(auth, "node-keys", "auth"), run=run,
@@ -136,6 +138,16 @@ class PlatformConfig:
         """Where the local ``flwr`` CLI dials the SuperLink (a wildcard bind → loopback)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def _database(value: Any, base: Path, where: str) -> str:
+    """``memory`` (Flower's in-memory state) or the path of a SQLite file for the SuperLink."""
+    if not isinstance(value, str) or not value:
+        raise PlatformError(f"{where}: [server] database must be \"memory\" or a file path, got {value!r}")
+    if value == "memory":
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def project_dir(configured: Path | None = None) -> Path:
@@ -171,11 +183,16 @@ def build_run_config(config: PlatformConfig, project: Path, *, resume: bool | No
     from fedretain.server.settings import RunSettings
 
     run = dict(config.run)
-    if resume is not None:
-        run["resume"] = resume
-    if run_id:
-        run["run-id"] = run_id
     allowed = app_config_defaults(project)
+    if resume:
+        if "resume" not in allowed:
+            raise PlatformError(f"the fedretain app at {project} cannot resume runs: its [tool.flwr.app.config] "
+                                f"has no `resume` key")
+        run["resume"] = True
+    elif "resume" in allowed:
+        run["resume"] = False
+    if run_id and "run-id" in allowed:
+        run["run-id"] = run_id
     unknown = sorted(set(run) - set(allowed))
     if unknown:
         raise PlatformError(
@@ -259,19 +276,32 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
-def stop_tree(ref: ProcRef, grace: float = STOP_GRACE_S) -> bool:
-    """SIGTERM ``ref`` and its descendants, SIGKILL whatever is left after ``grace`` s."""
+def stop_tree(ref: ProcRef, grace: float = STOP_GRACE_S, *, crash: bool = False) -> bool:
+    """SIGTERM ``ref`` and its descendants, SIGKILL whatever is left after ``grace`` s.
+
+    ``crash=True`` sends SIGKILL to the whole tree at once (what a power cut does: nothing
+    gets to save anything), for fault-injection. Returns once nothing of the tree runs.
+    """
     if not ref.alive():
         return False
     tree = [ref.pid, *descendants(ref.pid)]
-    _signal([ref.pid], signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(proc_start_ticks(p) is not None and _not_zombie(p) for p in tree):
-        time.sleep(0.1)
-        if not ref.alive():  # the root is gone: now its children, which it did not stop
-            _signal([p for p in tree[1:] if _not_zombie(p)], signal.SIGTERM)
-    left = [p for p in tree if proc_start_ticks(p) is not None and _not_zombie(p)]
-    _signal(left, signal.SIGKILL)
+
+    def running() -> list[int]:
+        return [p for p in tree if proc_start_ticks(p) is not None and _not_zombie(p)]
+
+    if crash:
+        _signal(tree, signal.SIGKILL)
+    else:
+        _signal([ref.pid], signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and running():
+            time.sleep(0.1)
+            if not ref.alive():  # the root is gone: now its children, which it did not stop
+                _signal([p for p in tree[1:] if _not_zombie(p)], signal.SIGTERM)
+        _signal(running(), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return True
 
 
@@ -402,7 +432,9 @@ class Platform:
     def superlink_command(self) -> list[str]:
         cfg = self.config
         cmd = [flower_script("flower-superlink"), "--host", cfg.host, "--port", str(cfg.port),
-               "--database", str(self.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+               "--disable-runtime-dependency-installation"]
+        if cfg.database != "memory":
+            cmd += ["--database", cfg.database]
         if self.insecure:
             return [*cmd, "--insecure"]
         cmd += ["--ssl-ca-certfile", str(cfg.ca_cert), "--ssl-certfile", str(cfg.server_cert),
@@ -423,8 +455,8 @@ class Platform:
         if resume and not run_id:
             run_id = (previous.get("runs") or [{}])[-1].get("run_id")
         run_id = run_id or self.config.run.get("run-id") or uuid.uuid4().hex[:12]
-        run_config = build_run_config(self.config, project, resume=resume, run_id=run_id)
         notes = self.check()
+        run_config = build_run_config(self.config, project, resume=resume, run_id=run_id)
         if self.insecure:
             echo("WARNING: --insecure: the SuperLink serves plain HTTP and does not authenticate nodes; "
                  "use only for local experiments")
@@ -459,9 +491,6 @@ class Platform:
             self.write_state(state)
             echo(f"submitted run {submitted['run_id']} (Flower run {submitted['flower_run_id']}); "
                  f"record and checkpoints in {submitted['out_dir']}")
-            streamer = self._stream_log(submitted["flower_run_id"])
-            state["processes"].append(streamer.as_dict())
-            self.write_state(state)
         except BaseException:
             self.stop(echo=lambda _m: None)
             raise
@@ -502,22 +531,34 @@ class Platform:
         """``flwr run`` the fedretain app with ``run_config`` (written to a TOML file first)."""
         import tomli_w
 
-        cfg_path = self.state / f"run-config-{run_config['run-id']}.toml"
+        cfg_path = self.state / "run-config.toml"
         cfg_path.write_text(tomli_w.dumps(run_config), encoding="utf-8")
         out = self.flwr_json("run", str(project), CONNECTION, "--run-config", str(cfg_path), timeout=300)
+        run_id = run_config.get("run-id") or _record_run_id(Path(str(run_config.get("out-dir", ""))))
         return {
-            "run_id": str(run_config["run-id"]), "flower_run_id": str(out["run-id"]),
+            "run_id": str(run_id or "(chosen by the ServerApp: see run.json)"), "flower_run_id": str(out["run-id"]),
             "out_dir": str(run_config.get("out-dir", "")), "resume": bool(run_config.get("resume", False)),
             "submitted": _now(), "fab": f"{out.get('fab-id')}=={out.get('fab-version')} ({out.get('fab-hash')})",
         }
 
-    def _stream_log(self, flower_run_id: str) -> ProcRef:
+    def fetch_run_log(self, flower_run_id: str) -> Path | None:
+        """Save the ServerApp's log (``flwr log --show``) to ``logs/run-<id>.log``.
+
+        Fetched on demand (status, stop, end of a run) rather than streamed: the SuperLink
+        serves a log stream by polling its database twice a second, which on a small
+        machine costs as much CPU as two more merchant nodes.
+        """
         path = self.log_dir / f"run-{flower_run_id}.log"
-        with open(path, "ab") as log:
-            proc = subprocess.Popen([flower_script("flwr"), "log", flower_run_id, CONNECTION, "--stream"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.state,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        return ProcRef.of("log-stream", proc.pid)
+        try:
+            res = self.flwr("log", flower_run_id, CONNECTION, "--show", timeout=60)
+        except subprocess.TimeoutExpired:
+            return None
+        if res.returncode != 0 or not res.stdout.strip():
+            return None
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(res.stdout, encoding="utf-8")
+        os.replace(tmp, path)
+        return path
 
     # -- status / wait / stop --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -544,6 +585,8 @@ class Platform:
                     out["flower_run"] = (found.get("runs") or [None])[0]
                 except PlatformError as exc:
                     out["flower_run_error"] = str(exc)
+                log = self.fetch_run_log(runs[-1]["flower_run_id"])
+                out["server_log"] = str(log) if log else None
         if runs:
             out["run"] = {**runs[-1], **run_progress(Path(runs[-1]["out_dir"]))}
         return out
@@ -583,6 +626,9 @@ class Platform:
             echo(f"nothing to stop: no platform state in {self.state}")
             return False
         stopped = False
+        runs = state.get("runs") or []
+        if runs and self.running() is not None:
+            self.fetch_run_log(runs[-1]["flower_run_id"])  # keep the ServerApp's log before it goes
         for ref in reversed(self.processes(state)):
             if stop_tree(ref, grace):
                 echo(f"stopped {ref.name} (pid {ref.pid})")
@@ -593,6 +639,13 @@ class Platform:
         if not stopped:
             echo("nothing was running")
         return stopped
+
+
+def _record_run_id(out_dir: Path) -> str | None:
+    try:
+        return json.loads((out_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def run_progress(out_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -317,7 +318,7 @@ def load_node_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublic
     data = _read(path, "node public key")
     try:
         key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise TLSError(f"{path} is not an OpenSSH public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise TLSError(f"{path} holds a {type(key).__name__}; node authentication needs an ECDSA key "
@@ -333,7 +334,7 @@ def load_node_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePriva
     _check_private_mode(path, "node key")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise TLSError(f"node key {path} is not an unencrypted OpenSSH private key "
                        f"(create one with `fedretain certs node-key`): {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
