@@ -628,6 +628,47 @@ def terminate(proc: subprocess.Popen, grace: float = STOP_GRACE_S, group: bool =
         return proc.wait(5)
 
 
+class _Session:
+    """When this node was last connected, so a quick restart after a crash is recognised.
+
+    The SuperLink keeps a node that vanished without deactivating "online" until it
+    misses heartbeats (2 x 30 s in flwr 1.42) and refuses to activate it again meanwhile,
+    with the same error as for an unregistered key. A node that was connected to the same
+    platform with the same key less than that long ago retries instead of giving up.
+    """
+
+    LINGER_S = 75.0  # HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL, plus a margin
+    WRITE_EVERY_S = 5.0
+
+    def __init__(self, path: Path, server: str, key: str | None) -> None:
+        self.path, self.server, self.key = path, server, key
+        self._written = 0.0
+        try:
+            import json
+
+            self.previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.previous = {}
+
+    def alive(self, node_id: str) -> None:
+        now = time.time()
+        if now - self._written < self.WRITE_EVERY_S:
+            return
+        import json
+
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"server": self.server, "key": self.key, "node_id": node_id, "alive_at": now}))
+        os.replace(tmp, self.path)
+        self._written = now
+
+    def still_listed(self) -> float:
+        """Seconds until the platform should have released this node (<= 0: not applicable)."""
+        prev = self.previous
+        if prev.get("server") != self.server or prev.get("key") != self.key or self.key is None:
+            return 0.0
+        return float(prev.get("alive_at", 0)) + self.LINGER_S - time.time()
+
+
 def is_refusal(lines: list[str]) -> bool:
     """Did the platform refuse this node (as opposed to a lost connection)?"""
     text = "\n".join(lines)
@@ -672,6 +713,7 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
     env = flower_env(settings.flwr_home)
     if settings.poll_interval is not None:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(settings.poll_interval)
+    session = _Session(settings.state / "session.json", settings.server, info.key_fingerprint)
     ever_connected, restarts = False, 0
     try:
         while not stop.is_set():
@@ -689,6 +731,8 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
                     worker = threading.Thread(target=executor.serve, args=(lambda: not stop.is_set(),),
                                               name="warm-executor", daemon=True)
                     worker.start()
+                if pump.node_id is not None:
+                    session.alive(pump.node_id)
                 stop.wait(0.2)
             if stop.is_set():
                 terminate(proc)
@@ -703,8 +747,14 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
                              proc.returncode)
             why = explain_failure(tail)
             if is_refusal(tail) and not ever_connected:
-                echo(f"SuperNode exited (Flower exit code {flwr_code}): {why}")
-                return EXIT_SUPERNODE_FAILED
+                lingering = session.still_listed()
+                if lingering <= 0:
+                    echo(f"SuperNode exited (Flower exit code {flwr_code}): {why}")
+                    return EXIT_SUPERNODE_FAILED
+                echo(f"the platform still lists this node as online from before it stopped uncleanly; "
+                     f"it releases it within {lingering:.0f} s (missed heartbeats); retrying")
+                stop.wait(min(2.0, lingering))
+                continue
             delay = min(30.0, 2.0 ** restarts)
             restarts += 1
             echo(f"SuperNode exited (Flower exit code {flwr_code}: {why}); restarting in {delay:.0f} s")
