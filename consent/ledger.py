@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import signing
-from .importer import Batch, ConsentImportError, prepare_records, prepare_table, read_table
+from .importer import Batch, ConsentImportError, prepare_records, prepare_table, read_arrow
 from .merkle import EMPTY_ROOT, Frontier, consistency_proof, inclusion_proof
 from .records import ConsentRecord, format_ts, to_us
 from .usage import USAGE_SCHEMA, UsageRecord, record_usage, usages
@@ -68,14 +70,18 @@ CREATE TABLE heads (
     frontier        BLOB NOT NULL    -- perfect-subtree roots, to append without re-reading leaves
 );
 """
-# Secondary indexes; a bulk import drops and rebuilds them inside its transaction, which is
-# several times faster than updating them row by row (a sort instead of random B-tree inserts).
+# Secondary indexes: record ids are unique (a consent event is never imported twice) and looked
+# up for proofs; a subject's history is looked up by subject. Point-in-time replay reads a
+# large share of the log, for which a table scan is faster than an index walk plus a row
+# look-up per record, so there is no (purpose, time) index. A bulk import drops and rebuilds
+# the indexes inside its transaction: one sort instead of a million random B-tree inserts.
 INDEXES: dict[str, str] = {
     "records_record_id": "CREATE UNIQUE INDEX records_record_id ON records(record_id)",
     "records_subject": "CREATE INDEX records_subject ON records(subject_id)",
-    "records_purpose_time": "CREATE INDEX records_purpose_time ON records(purpose, effective_at)",
 }
+_RETIRED_INDEXES = ("records_purpose_time",)  # dropped from ledgers that still have them
 BULK_ROWS = 20_000
+_SLICE = 1 << 16  # rows hashed and inserted at a time
 PROTECTED_TABLES: tuple[str, ...] = ("meta", "records", "heads", "usage", "usage_subjects")
 TRIGGERS: tuple[str, ...] = tuple(f"{t}_no_{op}" for t in PROTECTED_TABLES for op in ("update", "delete"))
 
@@ -281,10 +287,10 @@ class ConsentLedger:
         """
         self._require_key()
         path = Path(path)
-        df = read_table(path)
-        if len(df) == 0:
+        table = read_arrow(path)
+        if table.num_rows == 0:
             return 0
-        batch = prepare_table(df, source=path.name, controller=self.controller,
+        batch = prepare_table(table, source=path.name, controller=self.controller,
                               default_recorded_by=recorded_by if recorded_by is not None else f"import:{path.name}")
         before = self.size
         return self._insert(batch, source=path.name) - before
@@ -295,36 +301,46 @@ class ConsentLedger:
         return self._key
 
     def _insert(self, batch: Batch, *, source: str) -> int:
+        """Hash, chain and insert a validated batch, then sign the new head; one transaction.
+
+        Work goes in slices of ``_SLICE`` rows (hash a slice, insert it) so that memory
+        stays flat and each slice's bytes are still in cache when SQLite copies them.
+        """
         key = self._require_key()
         conn = self._conn
+        cols = _BatchColumns(batch)
         conn.execute("BEGIN IMMEDIATE")
         try:
             missing = self._missing_triggers()
             if missing:
                 raise LedgerError(f"append-only triggers are missing ({', '.join(missing)}): the file was "
                                   "modified outside fedretain; run `fedretain consent verify`")
-            frontier, last_entry = self._tip(key)
+            frontier, prev = self._tip(key)
             seq0 = frontier.size + 1
-            sha = hashlib.sha256
-            leaves = [sha(b"\x00" + text.encode("utf-8")).digest() for text in batch.canonical]
-            entries = []
-            prev = last_entry
-            for lh in leaves:  # the chain is inherently sequential: keep the loop tight
-                prev = sha(prev + lh).digest()
-                entries.append(prev)
-            frontier.extend(leaves)
-            rows = list(zip(range(seq0, seq0 + len(leaves)), batch.record_id, batch.subject_id, batch.purpose,
-                            batch.action, batch.scopes, batch.effective_us, batch.expires_us, batch.canonical,
-                            [last_entry, *entries[:-1]], entries))
-            del leaves
-            rebuild = len(rows) >= BULK_ROWS and len(rows) >= seq0 // 2
+            n = len(cols)
+            rebuild = n >= BULK_ROWS and n >= seq0 // 2
             if rebuild:
-                for name in INDEXES:
+                for name in (*INDEXES, *_RETIRED_INDEXES):
                     conn.execute(f"DROP INDEX IF EXISTS {name}")
-            conn.executemany("INSERT INTO records (seq, record_id, subject_id, purpose, action, scopes, "
-                             "effective_at, expires_at, canonical, prev_hash, entry_hash) "
-                             "VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-            del rows
+            sha = hashlib.sha256
+            for lo in range(0, n, _SLICE):
+                hi = min(lo + _SLICE, n)
+                texts, datas = cols.canonical(lo, hi)
+                leaves = [sha(b"\x00" + d).digest() for d in datas]
+                del datas
+                entries = [prev]
+                append = entries.append
+                for lh in leaves:  # the chain is inherently sequential: keep the loop tight
+                    prev = sha(prev + lh).digest()
+                    append(prev)
+                frontier.extend(leaves)
+                # bytearray, not bytes, and -1 for "no expiry": Python's sqlite3 binds int, str and
+                # bytearray directly but looks up an adapter for bytes and None (~1 µs each)
+                blobs = list(map(bytearray, entries))
+                conn.executemany(_INSERT_SQL, zip(
+                    range(seq0 + lo, seq0 + hi), cols.record_id[lo:hi], cols.subject_id[lo:hi], cols.purpose[lo:hi],
+                    cols.action[lo:hi], cols.scopes[lo:hi], cols.effective_us[lo:hi], cols.expires_us[lo:hi], texts,
+                    blobs[:-1], blobs[1:]))
             if rebuild:
                 for stmt in INDEXES.values():
                     conn.execute(stmt)
@@ -332,7 +348,7 @@ class ConsentLedger:
             conn.execute("COMMIT")
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
-            raise self._duplicate_error(batch, source) from None  # diagnosed after the rollback
+            raise self._duplicate_error(cols.record_id, batch.rows, source) from None  # diagnosed after the rollback
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -362,14 +378,13 @@ class ConsentLedger:
                               "to append (run `fedretain consent verify`)")
         return frontier, (ZERO_HASH if last is None else bytes(last[1]))
 
-    def _duplicate_error(self, batch: Batch, source: str) -> ConsentImportError:
+    def _duplicate_error(self, ids: list[str], rows: np.ndarray, source: str) -> ConsentImportError:
         existing: set[str] = set()
-        ids = batch.record_id
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             q = f"SELECT record_id FROM records WHERE record_id IN ({','.join('?' * len(chunk))})"
             existing.update(r[0] for r in self._conn.execute(q, chunk))
-        errs = [(int(batch.rows[i]), "record_id", f"record_id {rid!r} is already in the ledger "
+        errs = [(int(rows[i]), "record_id", f"record_id {rid!r} is already in the ledger "
                  "(this consent event was imported before)") for i, rid in enumerate(ids) if rid in existing]
         if not errs:
             errs = [(0, "record_id", "duplicate record ids")]
@@ -444,7 +459,8 @@ class ConsentLedger:
         """The log's replay columns in replay order (effective_at, seq); ``expires_at`` max = none.
 
         ``size`` limits the log to its first ``size`` records (a verified prefix);
-        ``subjects`` to a few subjects (looked up through the subject index).
+        ``subjects`` to a few subjects (looked up through the subject index). The order is
+        made in numpy (a stable sort), not by SQLite.
         """
         where: list[str] = []
         params: list[Any] = []
@@ -460,25 +476,39 @@ class ConsentLedger:
         if until is not None:
             where.append("effective_at <= ?")
             params.append(to_us(until, "at"))
-        q = ("SELECT seq, subject_id, purpose, action, scopes, effective_at, "
-             f"COALESCE(expires_at, {NO_EXPIRY}) FROM records")
+        q = ("SELECT seq, subject_id, action, scopes, effective_at, "
+             f"COALESCE(expires_at, {NO_EXPIRY})" + (", purpose" if purpose is None else "") + " FROM records")
         if where:
             q += " WHERE " + " AND ".join(where)
-        q += " ORDER BY effective_at, seq"
         rows = self._conn.execute(q, params).fetchall()
         cols = ["seq", "subject_id", "purpose", "action", "scopes", "effective_at", "expires_at"]
         if not rows:
             return pd.DataFrame({c: pd.Series([], dtype=("int64" if c in ("seq", "effective_at", "expires_at")
                                                           else object)) for c in cols})
+        n = len(rows)
         data = list(zip(*rows))
+        del rows
+        seq = np.fromiter(data[0], np.int64, n)
+        eff = np.fromiter(data[4], np.int64, n)
+        order = np.lexsort((seq, eff))
+        if not (order[1:] > order[:-1]).all():  # usually already in order: skip the gathers
+            seq, eff = seq[order], eff[order]
+        else:
+            order = None
+
+        def obj(i: int) -> np.ndarray:
+            a = np.array(data[i], dtype=object)
+            return a if order is None else a[order]
+
+        exp = np.fromiter(data[5], np.int64, n)
         return pd.DataFrame({
-            "seq": np.fromiter(data[0], np.int64, len(rows)),
-            "subject_id": np.array(data[1], dtype=object),
-            "purpose": np.array(data[2], dtype=object),
-            "action": np.array(data[3], dtype=object),
-            "scopes": np.array(data[4], dtype=object),
-            "effective_at": np.fromiter(data[5], np.int64, len(rows)),
-            "expires_at": np.fromiter(data[6], np.int64, len(rows)),
+            "seq": seq,
+            "subject_id": obj(1),
+            "purpose": np.full(n, purpose, dtype=object) if purpose is not None else obj(6),
+            "action": obj(2),
+            "scopes": obj(3),
+            "effective_at": eff,
+            "expires_at": exp if order is None else exp[order],
         })
 
     def state_at(self, purpose: str, at: Any, subjects: Iterable[str] | None = None, *,
@@ -571,6 +601,58 @@ def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None =
                                                else subjects, dtype=object)), name="subject_id", dtype=object)
         out = out.reindex(wanted, fill_value=False)
     return out
+
+
+_INSERT_SQL = ("INSERT INTO records (seq, record_id, subject_id, purpose, action, scopes, effective_at, expires_at, "
+               "canonical, prev_hash, entry_hash) VALUES (?,?,?,?,?,?,?,NULLIF(?, -1),?,?,?)")
+_NO_EXPIRY_PARAM = -1  # bound for "no expiry" (NULL in the table); valid times are >= 0
+
+
+class _BatchColumns:
+    """A batch's columns as Python lists for ``executemany``, each converted the cheapest way.
+
+    Repetitive text (purpose, action, scopes) is converted once per distinct value and the
+    list shares those objects; the canonical texts are converted slice by slice, as needed.
+    """
+
+    def __init__(self, batch: Batch) -> None:
+        self.record_id = _pylist(batch.record_id)
+        self.subject_id = _pylist(batch.subject_id)
+        self.purpose = _pylist(batch.purpose, distinct=True)
+        self.action = _pylist(batch.action, distinct=True)
+        self.scopes = _pylist(batch.scopes, distinct=True)
+        self.effective_us = _pylist(batch.effective_us)
+        exp = batch.expires_us
+        if isinstance(exp, (pa.Array, pa.ChunkedArray)):
+            self.expires_us = exp.fill_null(_NO_EXPIRY_PARAM).to_numpy().tolist()
+        else:
+            self.expires_us = [_NO_EXPIRY_PARAM if x is None else x for x in exp]
+        canon = batch.canonical
+        self._canon = canon.combine_chunks() if isinstance(canon, pa.ChunkedArray) else canon
+
+    def __len__(self) -> int:
+        return len(self.record_id)
+
+    def canonical(self, lo: int, hi: int) -> tuple[list[str], list[bytes]]:
+        """Canonical texts of rows ``lo:hi`` as str (bound as TEXT) and as UTF-8 bytes (hashed)."""
+        if isinstance(self._canon, pa.Array):
+            part = self._canon.slice(lo, hi - lo)
+            return part.to_pylist(), part.cast(pa.large_binary()).to_pylist()
+        texts = self._canon[lo:hi]
+        return texts, [t.encode("utf-8") for t in texts]
+
+
+def _pylist(col: Any, *, distinct: bool = False) -> list[Any]:
+    if isinstance(col, list):
+        return col
+    if isinstance(col, np.ndarray):
+        return col.tolist()
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if distinct and len(col):
+        enc = pc.dictionary_encode(col)
+        return np.array(enc.dictionary.to_pylist(), dtype=object)[enc.indices.to_numpy(zero_copy_only=False)].tolist()
+    return col.to_pylist()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
