@@ -82,7 +82,34 @@ def flower_script(name: str) -> str:
     return found
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A free port *below* the kernel's ephemeral range.
+
+    A listening port taken from the ephemeral range can be stolen while its server is
+    down: a client that keeps reconnecting to it (a SuperNode waiting for its platform,
+    the executor waiting for its SuperNode) may be given that very port as its source
+    port and connect to itself, and the restarted server can no longer bind it.
+    """
+    import random
+
+    lo, _ = _ephemeral_range()
+    candidates = list(range(20000, max(20001, min(lo, 32768))))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

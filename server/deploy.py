@@ -268,6 +268,32 @@ class ProcRef:
         return {"name": self.name, "pid": self.pid, "start": self.start}
 
 
+def port_owner(port: int) -> str:
+    """`` (by pid N: command)`` for the process listening on TCP ``port``, from /proc ('' if unknown)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+                inodes.add(f[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f" (by pid {proc.name}: {cmd[:120]})"
+        except OSError:
+            continue
+    return ""
+
+
 def _signal(pids: list[int], sig: int) -> None:
     for p in pids:
         try:
@@ -463,7 +489,8 @@ class Platform:
         for note in notes:
             echo(note)
         if port_open(self.config.cli_address.rsplit(":", 1)[0].strip("[]"), self.config.port, 0.3):
-            raise PlatformError(f"port {self.config.port} on {self.config.host} is already in use")
+            raise PlatformError(f"port {self.config.port} on {self.config.host} is already in use"
+                                f"{port_owner(self.config.port)}")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.write_connection()
         state: dict[str, Any] = {

@@ -21,14 +21,9 @@ from fedretain.server.deploy_demo import LocalDeployment
 
 pytestmark = pytest.mark.heavy
 
-# Where `flwr run` finds the fedretain app (default: the installed source root).
-PROJECT_DIR = Path(os.environ["FEDRETAIN_DEPLOY_PROJECT_DIR"]) if os.environ.get("FEDRETAIN_DEPLOY_PROJECT_DIR") \
-    else None
-
-
 def _deployment(root: Path, silos: list[Path], request: pytest.FixtureRequest, **kw) -> LocalDeployment:
     shutil.copytree(silos[0].parent, root / "silos")  # own copy: nodes append usage records to the ledgers
-    dep = LocalDeployment(root, project_dir=PROJECT_DIR, echo=lambda _m: None, **kw)
+    dep = LocalDeployment(root, echo=lambda _m: None, **kw)
     request.addfinalizer(dep.stop_all)
     dep.prepare()
     return dep
@@ -222,7 +217,7 @@ def test_deploy_demo_stops_everything(tmp_path, synth_silos):
     from fedretain.server.deploy_demo import run_deploy_demo
 
     shutil.copytree(synth_silos[0].parent, tmp_path / "silos")
-    summary = run_deploy_demo(tmp_path, rounds=2, echo=lambda _m: None, project_dir=PROJECT_DIR)
+    summary = run_deploy_demo(tmp_path, rounds=2, echo=lambda _m: None)
     assert summary["status"] == "completed" and summary["rounds"] == 2
     state = json.loads((tmp_path / "platform" / "platform.json").read_text())
     assert state["processes"] == [] and "stopped" in state

@@ -411,3 +411,9 @@ def test_capped_sleep_only_shortens_flowers_waits():
         assert isinstance(sci.time, sn._CappedSleep) and sci.pull_objects.keywords["initial_backoff"] == 0.1
     finally:
         sci.time, sci.pull_objects = saved
+
+
+def test_free_ports_avoid_the_ephemeral_range():
+    lo, _ = sn._ephemeral_range()
+    ports = {sn.free_port() for _ in range(5)}
+    assert all(p < lo for p in ports)  # no self-connect theft while a server restarts
