@@ -128,7 +128,7 @@ def run_config(name: str, root: Path, rounds: int, users: int, project_dir: Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--users", type=int, default=1500, help="synthetic users per merchant")
+    ap.add_argument("--users", type=int, default=1500, help="synthetic users in total (over the 3 merchants)")
     ap.add_argument("--configs", default="flower,warm", help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--workdir", type=Path, default=None, help="keep workspaces here (default: a temp dir)")
     ap.add_argument("--project-dir", type=Path, default=None, help="fedretain source root for `flwr run`")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown config(s): {', '.join(unknown)}")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedretain-bench-latency-"))
-    print(f"3 nodes + platform on 127.0.0.1, TLS + node auth, {args.rounds} rounds, {args.users} users/merchant; "
+    print(f"3 nodes + platform on 127.0.0.1, TLS + node auth, {args.rounds} rounds, {args.users} synthetic users in total; "
           f"{os.cpu_count()} CPUs; workspaces in {root}")
     results = [run_config(n, root, args.rounds, args.users, args.project_dir) for n in names]
     warm_compute = [c for r in results if r["executor"] == "warm" for c in r["compute"].values()]

@@ -268,6 +268,20 @@ class ProcRef:
         return {"name": self.name, "pid": self.pid, "start": self.start}
 
 
+def can_bind(host: str, port: int) -> bool:
+    """Could the SuperLink listen on ``host:port`` now? (Bound as uvicorn does, with SO_REUSEADDR.)"""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host or "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def port_owner(port: int) -> str:
     """`` (by pid N: command)`` for the process listening on TCP ``port``, from /proc ('' if unknown)."""
     inodes = set()
@@ -488,7 +502,7 @@ class Platform:
                  "use only for local experiments")
         for note in notes:
             echo(note)
-        if port_open(self.config.cli_address.rsplit(":", 1)[0].strip("[]"), self.config.port, 0.3):
+        if not can_bind(self.config.host, self.config.port):
             raise PlatformError(f"port {self.config.port} on {self.config.host} is already in use"
                                 f"{port_owner(self.config.port)}")
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ class LocalDeployment:
     seed: int = 7
     project_dir: Path | None = None
     echo: Callable[[str], None] = print
-    nodes: dict[int, NodeProcess] = field(default_factory=dict)
+    nodes: dict[int, NodeProcess] = field(default_factory=dict)  # the current process of each merchant
+    started: list[NodeProcess] = field(default_factory=list)  # every node process ever started here
     platform: Platform | None = None
 
     def __post_init__(self) -> None:
@@ -151,7 +152,9 @@ class LocalDeployment:
             proc = subprocess.Popen(fedretain_command(*args, *extra), stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, cwd=self.workspace, start_new_session=True)
         node = NodeProcess(i, proc, log, ProcRef.of(f"node-{i}", proc.pid))
-        self.nodes[i] = node
+        self.started.append(node)
+        if i not in self.nodes or not self.nodes[i].alive():
+            self.nodes[i] = node  # an extra process for the same merchant (a test's intruder) is not "the" node
         return node
 
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
@@ -164,9 +167,12 @@ class LocalDeployment:
         node.proc.wait(30)
 
     def stop_node(self, i: int) -> None:
-        node = self.nodes.pop(i, None)
-        if node is None:
-            return
+        node = self.nodes.get(i)
+        if node is not None:
+            self._stop(node)
+
+    @staticmethod
+    def _stop(node: NodeProcess) -> None:
         if node.alive():
             try:
                 os.killpg(node.proc.pid, signal.SIGTERM)
@@ -193,8 +199,8 @@ class LocalDeployment:
             self.platform.stop(echo=lambda _m: None)
 
     def stop_all(self) -> None:
-        for i in list(self.nodes):
-            self.stop_node(i)
+        for node in self.started:
+            self._stop(node)
         self.stop_platform()
 
     def __enter__(self) -> "LocalDeployment":

@@ -33,7 +33,8 @@ def _all_stopped(dep: LocalDeployment) -> None:
     """Nothing the deployment started is left (platform tree and node process groups)."""
     for ref in dep.platform.processes() if dep.platform else []:
         assert not ref.alive(), f"{ref.name} (pid {ref.pid}) still running"
-    for node in dep.nodes.values():
+    assert len(dep.started) >= len(dep.silos)
+    for node in dep.started:
         assert node.proc.poll() is not None
         with pytest.raises(ProcessLookupError):
             os.killpg(node.proc.pid, 0)

@@ -417,3 +417,15 @@ def test_free_ports_avoid_the_ephemeral_range():
     lo, _ = sn._ephemeral_range()
     ports = {sn.free_port() for _ in range(5)}
     assert all(p < lo for p in ports)  # no self-connect theft while a server restarts
+
+
+def test_can_bind_and_port_owner():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", sn.free_port()))
+        s.listen()
+        port = s.getsockname()[1]
+        assert not deploy.can_bind("127.0.0.1", port)
+        assert f"by pid {os.getpid()}" in deploy.port_owner(port)
+    assert deploy.can_bind("127.0.0.1", port)
