@@ -218,8 +218,8 @@ def test_deploy_demo_stops_everything(tmp_path, synth_silos):
     from fedretain.server.deploy_demo import run_deploy_demo
 
     shutil.copytree(synth_silos[0].parent, tmp_path / "silos")
-    summary = run_deploy_demo(tmp_path, rounds=2, echo=lambda _m: None)
-    assert summary["status"] == "completed" and summary["rounds"] == 2
+    summary = run_deploy_demo(tmp_path, rounds=1, echo=lambda _m: None)
+    assert summary["status"] == "completed" and summary["rounds"] == 1
     state = json.loads((tmp_path / "platform" / "platform.json").read_text())
     assert state["processes"] == [] and "stopped" in state
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
