@@ -32,7 +32,7 @@ def demo(workspace: Path, quick: bool, merchants: int | None, users: int | None,
         from fedretain.server.deploy_demo import run_deploy_demo
 
         summary = run_deploy_demo(workspace, merchants=merchants or 3, users=users or 1500, rounds=rounds or 3,
-                                  echo=console.print)
+                                  echo=lambda m: console.print(m, markup=False))
         console.print_json(data=summary, default=str)
         return
     from fedretain.cli.train import RichRoundObserver, ensure_nodes, round_table
