@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedretain.consent import records
 from fedretain.consent.gate import apply_gate, decide
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.consent.vocab import PURPOSES, SCOPES
@@ -73,6 +74,21 @@ def line(step: str, n: int, unit: str, t: Timer, rate_unit: str = "", extra: str
     print(f"{step:<11}{n:>10,} {unit:<15} wall {t.wall:7.2f} s  cpu {t.cpu:7.2f} s  {rate}  {extra}".rstrip())
 
 
+@contextmanager
+def steps():
+    """Collect the CPU seconds of the ledger's internal steps (``records.STEP_CPU``) for a block."""
+    records.STEP_CPU = {}
+    try:
+        yield records.STEP_CPU
+    finally:
+        records.STEP_CPU = None
+
+
+def step_lines(cpu: dict[str, float]) -> None:
+    for name, sec in cpu.items():
+        print(f"  {name:<28}cpu {sec:7.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="consent events to import")
@@ -92,15 +108,17 @@ def main() -> None:
 
         ledger = ConsentLedger.open(tmp_p / "ledger.sqlite", key_path=tmp_p / "node.key", create=True,
                                     controller="bench-merchant")
-        with timed() as t:
+        with timed() as t, steps() as cpu:
             added = ledger.import_file(csv)
         line("import", added, "consent events", t, "events",
-             f"({(tmp_p / 'ledger.sqlite').stat().st_size / 1e6:.0f} MB ledger)")
+             f"({(tmp_p / 'ledger.sqlite').stat().st_size / 1e6:.0f} MB ledger, load {os.getloadavg()[0]:.1f})")
+        step_lines(cpu)
 
-        with timed() as t:
+        with timed() as t, steps() as cpu:
             res = ledger.verify()
         assert res.ok, res.describe()
-        line("verify", res.n_records, "records", t, "records")
+        line("verify", res.n_records, "records", t, "records", f"(load {os.getloadavg()[0]:.1f})")
+        step_lines(cpu)
 
         at = "2024-09-01T00:00:00Z"
         with timed() as t:

@@ -35,7 +35,8 @@ from .vocab import ACTIONS, PURPOSES, VOCAB_VERSION, UnknownTermError
 _q = json_string
 
 __all__ = ["ConsentImportError", "Batch", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS", "read_table", "read_arrow",
-           "prepare_table", "prepare_records", "json_inner", "json_quote", "format_us", "canonical_texts"]
+           "prepare_table", "prepare_records", "json_inner", "json_quote", "format_us", "canonical_texts",
+           "LAYOUT_KEYS", "pack_layout", "unpack_layout", "layout_of"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "controller", "purpose", "scopes", "action", "effective_at")
 OPTIONAL_COLUMNS: tuple[str, ...] = (
@@ -97,6 +98,7 @@ class Batch:
     expires_us: Any  # int | None
     canonical: Any  # str: canonical JSON, the Merkle leaf
     controller: Any  # str
+    layout: Any = None  # int: byte offsets of LAYOUT_KEYS in the canonical text, packed (see pack_layout)
 
     def __len__(self) -> int:
         return len(self.record_id)
@@ -259,18 +261,19 @@ def json_inner(arr: pa.Array) -> pa.Array:
 
     Values with nothing to escape are returned as they are (checked in C); the rare value
     that contains a quote, a backslash or a control character goes through json's own encoder.
+    The result has the type of ``arr``.
     """
-    arr = arr.cast(_STR) if arr.type != _STR else arr
     if len(arr) == 0 or not _any_byte(arr, _ESC_BYTES):
         return arr
     special = pc.match_substring_regex(arr, _NEEDS_ESCAPE)
     idx = pa.array(np.flatnonzero(special.to_numpy(zero_copy_only=False)))
-    fixed = pa.array([_q(v)[1:-1] for v in arr.take(idx).to_pylist()], type=_STR)
+    fixed = pa.array([_q(v)[1:-1] for v in arr.take(idx).to_pylist()], type=arr.type)
     return pc.replace_with_mask(arr, special, fixed)
 
 
 def json_quote(arr: pa.Array) -> pa.Array:
     """JSON string literal of every value, byte-identical to ``json.dumps(v, ensure_ascii=False)``."""
+    arr = arr.cast(_STR) if arr.type != _STR else arr
     return pc.binary_join_element_wise(_lit('"'), json_inner(arr), _lit('"'), _lit(""))
 
 
@@ -324,6 +327,66 @@ def _take_distinct(values: list[Any], codes: np.ndarray, type_: pa.DataType = _S
 _STRING_FIELDS = frozenset(FIELDS) - {"expires_at", "scopes"}
 
 
+# Keys whose byte offset in the canonical text is stored with each record (the ``layout``
+# column): the verifier compares the stored indexed columns, re-encoded, with the text at
+# these offsets instead of searching or parsing it. A wrong offset can only fail a
+# comparison (each compared fragment starts with its unique ``,"key":`` marker), never
+# pass one.
+LAYOUT_KEYS: tuple[str, ...] = ("controller", "purpose", "scopes")
+_LAYOUT_BITS = 21  # offsets below 2 MiB; a longer text gets layout -1 (verified the slow way)
+
+
+def pack_layout(offsets: Sequence[np.ndarray]) -> np.ndarray:
+    """Pack the byte offsets of :data:`LAYOUT_KEYS` (one array each) into one int64 per record."""
+    out = np.zeros(len(offsets[0]), dtype=np.int64)
+    ok = np.ones(len(out), dtype=bool)
+    for i, off in enumerate(offsets):
+        off = np.asarray(off, dtype=np.int64)
+        ok &= (off >= 0) & (off < 1 << _LAYOUT_BITS)
+        out |= np.where(ok, off, 0) << (_LAYOUT_BITS * i)
+    return np.where(ok, out, -1)
+
+
+def unpack_layout(layout: np.ndarray) -> list[np.ndarray]:
+    """Inverse of :func:`pack_layout` (meaningless for -1: callers check)."""
+    mask = (1 << _LAYOUT_BITS) - 1
+    return [(layout >> (_LAYOUT_BITS * i)) & mask for i in range(len(LAYOUT_KEYS))]
+
+
+def layout_of(canonical: str) -> int:
+    """Packed :data:`LAYOUT_KEYS` offsets of one canonical text (the record-at-a-time path)."""
+    data = canonical.encode("utf-8")
+    return int(pack_layout([np.array([data.find(b',"' + k.encode() + b'":')]) for k in LAYOUT_KEYS])[0])
+
+
+def _marker_offsets(values: dict[str, Any]) -> np.ndarray:
+    """Packed byte offsets of the :data:`LAYOUT_KEYS` markers in :func:`canonical_texts`' output."""
+    n = max((len(v) for v in values.values() if not isinstance(v, pa.Scalar)), default=0)
+    pos = np.zeros(n, dtype=np.int64)
+    found: dict[str, np.ndarray] = {}
+    for lit, name in zip(_literals(), FIELDS):
+        if name in LAYOUT_KEYS:
+            found[name] = pos + (1 if lit.startswith('"') else 0)
+        v = values[name]
+        width = (len(v.as_py().encode()) if isinstance(v, pa.Scalar)
+                 else pc.binary_length(v).to_numpy(zero_copy_only=False).astype(np.int64))
+        pos = pos + len(lit.encode()) + width
+    return pack_layout([found[k] for k in LAYOUT_KEYS])
+
+
+def _literals() -> list[str]:
+    """The literal text before each field of :data:`FIELDS` in a canonical text (see canonical_texts)."""
+    out = []
+    lit = ""
+    for i, name in enumerate(FIELDS):
+        lit += ("{" if i == 0 else ",") + json.dumps(name) + ":"
+        if name in _STRING_FIELDS:
+            lit += '"'
+        out.append(lit)
+        lit = '"' if name in _STRING_FIELDS else ""
+    return out
+
+
 def canonical_texts(values: dict[str, pa.Array]) -> pa.Array:
     """Canonical JSON texts assembled in C, one ``binary_join_element_wise`` over all fields.
 
@@ -332,14 +395,9 @@ def canonical_texts(values: dict[str, pa.Array]) -> pa.Array:
     The quotes live in the literal pieces between fields.
     """
     parts: list[Any] = []
-    lit = ""
-    for i, name in enumerate(FIELDS):
-        lit += ("{" if i == 0 else ",") + json.dumps(name) + ":"
-        if name in _STRING_FIELDS:
-            lit += '"'
+    for lit, name in zip(_literals(), FIELDS):
         parts += [_lit(lit), values[name]]
-        lit = '"' if name in _STRING_FIELDS else ""
-    parts += [_lit(lit + "}"), _lit("")]  # the last literal, then the (empty) separator
+    parts += [_lit(('"' if FIELDS[-1] in _STRING_FIELDS else "") + "}"), _lit("")]  # last literal, separator
     n = max((len(p) for p in parts if not isinstance(p, pa.Scalar)), default=0)
     # in slices: the joined bytes of one slice stay in cache, which halves the time
     chunks = [pc.binary_join_element_wise(*[p if isinstance(p, pa.Scalar) else p.slice(i, _CHUNK) for p in parts])
@@ -480,16 +538,24 @@ def prepare_table(
     if errors:
         raise ConsentImportError(source, sorted(errors)[:_MAX_ERRORS], n_err)
 
-    scopes_joined = _take_distinct([";".join(t) for t in norm_u], s_codes)
-    eff_txt = format_us(eff)
-    exp_txt = _format_present(exp, has_exp)
-
-    rid = col("record_id").cast(_STR)
+    source_cols = _Encoder(
+        n=n, action=action, method=method, controller=_q(controller)[1:-1], eff=eff, exp=exp, has_exp=has_exp,
+        juris=juris, notice=notice, purpose=purpose, rec_at=rec_at, by=by, scope_codes=s_codes,
+        scope_joined=[";".join(t) for t in norm_u], scope_json=[json_scopes(t) for t in norm_u], subject=subject,
+        vocab=vocab, rid=col("record_id").cast(_STR), ctrl=ctrl,
+    )
+    rid = source_cols.rid
     missing_id = np_bool(pc.equal(rid, ""))
+    distinct = None
     if missing_id.any():
-        rid = pc.replace_with_mask(rid, pa.array(missing_id), _content_ids(
-            [subject, ctrl, purpose, scopes_joined, action, eff_txt, exp_txt, method, notice, juris, by], missing_id))
-    if pc.count_distinct(rid).as_py() != n:
+        digests = source_cols.content_digests(missing_id)
+        ids = _content_id_text(digests)
+        rid = ids if missing_id.all() else pc.replace_with_mask(rid, pa.array(missing_id), ids)
+        source_cols.rid = rid
+        if missing_id.all():  # distinct 64-bit digest prefixes prove distinct ids (a sort, not a string hash)
+            prefix = np.sort(digests[:, :8].copy().view("<u8").reshape(-1))
+            distinct = bool((prefix[1:] != prefix[:-1]).all()) or None
+    if not (distinct or pc.count_distinct(rid).as_py() == n):
         rid_s = pd.Series(rid.to_pylist())
         dup = rid_s.duplicated(keep="first").to_numpy()
         first_row = pd.Series(rows).groupby(rid_s).transform("first").to_numpy()
@@ -498,69 +564,133 @@ def prepare_table(
              + (" (identical consent event)" if missing_id[i] else ""))
         raise ConsentImportError(source, sorted(errors)[:_MAX_ERRORS], n_err)
 
-    ctrl_inner = _q(controller)[1:-1]  # every row was checked to equal the ledger's controller
-    canonical = canonical_texts({
-        "action": action.cast(_STR),  # vocabulary terms: nothing to escape
-        "collection_method": json_inner(method),
-        "controller": _lit(ctrl_inner),
-        "effective_at": eff_txt,
-        "expires_at": pc.if_else(pa.array(has_exp), pc.binary_join_element_wise(_lit('"'), exp_txt, _lit('"'),
-                                                                                _lit("")), _lit("null")),
-        "jurisdiction": json_inner(juris),
-        "notice_version": json_inner(notice),
-        "purpose": purpose.cast(_STR),
-        "record_id": json_inner(rid),
-        "recorded_at": _format_present(rec_at, np.ones(n, dtype=bool)),
-        "recorded_by": json_inner(by),
-        "scopes": _take_distinct([json_scopes(t) for t in norm_u], s_codes),
-        "subject_id": json_inner(subject),
-        "vocab_version": json_inner(vocab),
-    })
     return Batch(
         rows=rows,
         record_id=rid,
         subject_id=subject,
         purpose=purpose,
         action=action,
-        scopes=scopes_joined,
+        scopes=pa.DictionaryArray.from_arrays(pa.array(s_codes.astype(np.int32)),
+                                              pa.array(source_cols.scope_joined, type=pa.string())),
         effective_us=eff,
         expires_us=pa.array(exp, mask=~has_exp),
-        canonical=canonical,
+        canonical=source_cols,
         controller=ctrl,
     )
 
 
-def _format_present(us: np.ndarray, present: np.ndarray) -> pa.Array:
-    """:func:`format_us` of the present values ('' elsewhere), formatting each distinct value once."""
-    if not present.any():
-        return pa.repeat(_lit(""), len(us))
-    vals = us[present]
-    uniq, inv = np.unique(vals, return_inverse=True)
-    txt = format_us(uniq).take(pa.array(inv.reshape(-1))) if len(uniq) < len(vals) // 2 else format_us(vals)
-    if present.all():
-        return txt
-    return pc.replace_with_mask(pa.repeat(_lit(""), len(us)), pa.array(present), txt)
+@dataclass
+class _Encoder:
+    """The validated columns of a bulk batch, encoded into canonical JSON a slice at a time.
 
-
-def _content_ids(parts: list[pa.Array], which: np.ndarray) -> pa.Array:
-    """Content-derived record ids ``c-<BLAKE2b-128 hex>`` of the rows in ``which``.
-
-    The key is the record's fields joined by U+001F (joined by Arrow in C); the hex is
-    built with numpy. Importing the same file twice is then refused, not doubled.
+    Building every canonical text at once would allocate (and page in) half a gigabyte
+    per million records; slice by slice, the same few megabytes are reused while the
+    ledger hashes and inserts each slice (:meth:`texts`).
     """
-    keep = pa.array(which)
-    cols = [p.cast(_STR) if which.all() else p.cast(_STR).filter(keep) for p in parts]
-    keys = pc.binary_join_element_wise(*cols, _lit("\x1f")).cast(pa.large_binary())
-    digest = methodcaller("digest")
-    raw = b"".join(map(digest, map(partial(hashlib.blake2b, digest_size=16), keys.to_pylist())))
-    d = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 16)
+
+    n: int
+    action: pa.Array
+    method: pa.Array
+    controller: str  # JSON-escaped, without quotes: every row was checked to equal it
+    eff: np.ndarray
+    exp: np.ndarray
+    has_exp: np.ndarray
+    juris: pa.Array
+    notice: pa.Array
+    purpose: pa.Array
+    rec_at: np.ndarray
+    by: pa.Array
+    scope_codes: np.ndarray
+    scope_joined: list[str]
+    scope_json: list[str]
+    subject: pa.Array
+    vocab: pa.Array
+    rid: pa.Array
+    ctrl: pa.Array
+
+    def __len__(self) -> int:
+        return self.n
+
+    def texts(self, lo: int, hi: int) -> tuple[pa.Array, np.ndarray]:
+        """Canonical texts of rows ``lo:hi`` and their packed ``layout`` (see :data:`LAYOUT_KEYS`)."""
+        k = hi - lo
+        has_exp = self.has_exp[lo:hi]
+
+        def cut(arr: pa.Array) -> pa.Array:
+            return arr.slice(lo, k).cast(_STR)
+
+        values = {
+            "action": cut(self.action),  # vocabulary terms: nothing to escape
+            "collection_method": json_inner(cut(self.method)),
+            "controller": _lit(self.controller),
+            "effective_at": format_us(self.eff[lo:hi]),
+            "expires_at": pc.if_else(pa.array(has_exp), format_us(np.where(has_exp, self.exp[lo:hi], 0), quoted=True),
+                                     _lit("null")),
+            "jurisdiction": json_inner(cut(self.juris)),
+            "notice_version": json_inner(cut(self.notice)),
+            "purpose": cut(self.purpose),
+            "record_id": json_inner(cut(self.rid)),
+            "recorded_at": _format_present(self.rec_at[lo:hi], np.ones(k, dtype=bool)),
+            "recorded_by": json_inner(cut(self.by)),
+            "scopes": _take_distinct(self.scope_json, self.scope_codes[lo:hi]),
+            "subject_id": json_inner(cut(self.subject)),
+            "vocab_version": json_inner(cut(self.vocab)),
+        }
+        return canonical_texts(values).combine_chunks(), _marker_offsets(values)
+
+    def content_digests(self, which: np.ndarray) -> np.ndarray:
+        """BLAKE2b-128 digests (rows of 16 bytes) of the content keys of the rows in ``which``.
+
+        The key is the record's fields joined by U+001F: the same event imported twice gets
+        the same id and is refused, not doubled. Keys are joined by Arrow, a slice at a time.
+        """
+        out = []
+        digest = methodcaller("digest")
+        blake = partial(hashlib.blake2b, digest_size=16)
+        for lo in range(0, self.n, _CHUNK):
+            hi = min(lo + _CHUNK, self.n)
+            keep = which[lo:hi]
+            if not keep.any():
+                continue
+            has_exp = self.has_exp[lo:hi]
+            parts = [self.subject.slice(lo, hi - lo), self.ctrl.slice(lo, hi - lo),
+                     self.purpose.slice(lo, hi - lo), _take_distinct(self.scope_joined, self.scope_codes[lo:hi]),
+                     self.action.slice(lo, hi - lo), format_us(self.eff[lo:hi]),
+                     pc.if_else(pa.array(has_exp), format_us(np.where(has_exp, self.exp[lo:hi], 0)), _lit("")),
+                     self.method.slice(lo, hi - lo), self.notice.slice(lo, hi - lo), self.juris.slice(lo, hi - lo),
+                     self.by.slice(lo, hi - lo)]
+            parts = [p.cast(_STR) for p in parts]
+            if not keep.all():
+                mask = pa.array(keep)
+                parts = [p.filter(mask) for p in parts]
+            keys = pc.binary_join_element_wise(*parts, _lit("\x1f")).cast(pa.large_binary())
+            out.append(b"".join(map(digest, map(blake, keys.to_pylist()))))
+        return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(-1, 16)
+
+
+def _content_id_text(d: np.ndarray) -> pa.Array:
+    """``c-<32 hex digits>`` for each 16-byte digest row, built with numpy."""
     hexd = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
     text = np.empty((len(d), 34), dtype=np.uint8)
     text[:, 0], text[:, 1] = ord("c"), ord("-")
     text[:, 2::2] = hexd[d >> 4]
     text[:, 3::2] = hexd[d & 15]
     offsets = np.arange(0, 34 * (len(d) + 1), 34, dtype=np.int64)
-    return pa.LargeStringArray.from_buffers(len(d), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
+    return pa.LargeStringArray.from_buffers(len(d), pa.py_buffer(offsets), pa.py_buffer(text))
+
+
+def _format_present(us: np.ndarray, present: np.ndarray) -> pa.Array:
+    """:func:`format_us` of the present values ('' elsewhere)."""
+    if not present.any():
+        return pa.repeat(_lit(""), len(us))
+    vals = us[present]
+    if vals.min() == vals.max():  # one value (e.g. every recorded_at of a file): format it once
+        txt = pa.repeat(format_us(vals[:1])[0], len(vals))
+    else:
+        txt = format_us(vals)
+    if present.all():
+        return txt
+    return pc.replace_with_mask(pa.repeat(_lit(""), len(us)), pa.array(present), txt)
 
 
 def prepare_records(records: list[ConsentRecord], *, controller: str) -> Batch:
@@ -577,6 +707,7 @@ def prepare_records(records: list[ConsentRecord], *, controller: str) -> Batch:
             if x in seen:
                 raise ConsentImportError("records", [(i, "record_id", f"record_id {x!r} repeats row {seen[x]}")])
             seen[x] = i
+    texts = [r.canonical_json() for r in records]
     return Batch(
         rows=np.arange(1, len(records) + 1),
         record_id=ids,
@@ -586,6 +717,7 @@ def prepare_records(records: list[ConsentRecord], *, controller: str) -> Batch:
         scopes=[";".join(r.scopes) for r in records],
         effective_us=[to_us(r.effective_at) for r in records],
         expires_us=[None if r.expires_at is None else to_us(r.expires_at) for r in records],
-        canonical=[r.canonical_json() for r in records],
+        canonical=texts,
         controller=[r.controller for r in records],
+        layout=[layout_of(t) for t in texts],
     )

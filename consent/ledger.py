@@ -21,6 +21,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,9 +34,9 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import signing
-from .importer import Batch, ConsentImportError, prepare_records, prepare_table, read_arrow
+from .importer import Batch, ConsentImportError, layout_of, prepare_records, prepare_table, read_arrow
 from .merkle import EMPTY_ROOT, Frontier, consistency_proof, inclusion_proof
-from .records import ConsentRecord, format_ts, to_us
+from .records import ConsentRecord, format_ts, gc_paused, step, to_us
 from .usage import USAGE_SCHEMA, UsageRecord, record_usage, usages
 from .vocab import SCOPES, VOCAB_VERSION, UnknownTermError, check_purpose
 
@@ -58,7 +59,8 @@ CREATE TABLE records (
     expires_at   INTEGER,            -- µs since epoch, UTC; NULL = no expiry
     canonical    TEXT NOT NULL,      -- canonical JSON of the record: the Merkle leaf
     prev_hash    BLOB NOT NULL,
-    entry_hash   BLOB NOT NULL       -- SHA-256(prev_hash || SHA-256(0x00 || canonical))
+    entry_hash   BLOB NOT NULL,      -- SHA-256(prev_hash || SHA-256(0x00 || canonical))
+    layout       INTEGER             -- where some keys sit in canonical: a hint for verify (importer.LAYOUT_KEYS)
 );
 CREATE TABLE heads (
     head_id         INTEGER PRIMARY KEY,
@@ -79,6 +81,10 @@ INDEXES: dict[str, str] = {
     "records_record_id": "CREATE UNIQUE INDEX records_record_id ON records(record_id)",
     "records_subject": "CREATE INDEX records_subject ON records(subject_id)",
 }
+_BUSY_MS = 30_000
+# 16 KiB pages: a record (~0.6 KiB) and its index entries spread over a quarter of the pages that
+# 4 KiB would need, which makes bulk inserts and full scans (verify, replay) cheaper.
+PAGE_SIZE = 16_384
 _RETIRED_INDEXES = ("records_purpose_time",)  # dropped from ledgers that still have them
 BULK_ROWS = 20_000
 _SLICE = 1 << 16  # rows hashed and inserted at a time
@@ -183,6 +189,10 @@ class ConsentLedger:
             ledger = cls(conn, path, key)
             if controller is not None and controller.strip() != ledger.controller:
                 raise LedgerError(f"{path} is the ledger of controller {ledger.controller!r}, not {controller!r}")
+            if key is not None and conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                _set_journal_mode(conn, "wal")  # a bulk import could not switch back (see _bulk_journal)
+            if key is not None and "layout" not in {r[1] for r in conn.execute("PRAGMA table_info(records)")}:
+                conn.execute("ALTER TABLE records ADD COLUMN layout INTEGER")  # older files: older rows stay NULL
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerError(f"{path} is not a readable SQLite consent ledger: {exc}") from None
@@ -207,6 +217,7 @@ class ConsentLedger:
             p.unlink(missing_ok=True)
         conn = _connect(tmp)
         try:
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("BEGIN IMMEDIATE")
             for stmt in _statements(SCHEMA + USAGE_SCHEMA + "".join(_trigger_sql(t) for t in PROTECTED_TABLES)):
@@ -277,7 +288,8 @@ class ConsentLedger:
         """Append records in one transaction with one signed head; returns the new size."""
         if not records:
             return self.size
-        return self._insert(prepare_records(list(records), controller=self.controller), source="records")
+        with gc_paused():
+            return self._insert(prepare_records(list(records), controller=self.controller), source="records")
 
     def import_file(self, path: str | os.PathLike[str], *, recorded_by: str | None = None) -> int:
         """Import a CSV/JSONL consent file as one transaction; returns the number of records added.
@@ -287,11 +299,17 @@ class ConsentLedger:
         """
         self._require_key()
         path = Path(path)
-        table = read_arrow(path)
+        with gc_paused():
+            return self._import_file(path, recorded_by)
+
+    def _import_file(self, path: Path, recorded_by: str | None) -> int:
+        with step("read"):
+            table = read_arrow(path)
         if table.num_rows == 0:
             return 0
-        batch = prepare_table(table, source=path.name, controller=self.controller,
-                              default_recorded_by=recorded_by if recorded_by is not None else f"import:{path.name}")
+        with step("validate+canonical"):
+            batch = prepare_table(table, source=path.name, controller=self.controller,
+                                  default_recorded_by=recorded_by if recorded_by is not None else f"import:{path.name}")
         before = self.size
         return self._insert(batch, source=path.name) - before
 
@@ -304,55 +322,86 @@ class ConsentLedger:
         """Hash, chain and insert a validated batch, then sign the new head; one transaction.
 
         Work goes in slices of ``_SLICE`` rows (hash a slice, insert it) so that memory
-        stays flat and each slice's bytes are still in cache when SQLite copies them.
+        stays flat and each slice's bytes are still in cache when SQLite copies them. A bulk
+        batch (at least ``BULK_ROWS`` and at least half the ledger) rebuilds the indexes once
+        at the end and, when no other connection has the file open, runs under a rollback
+        journal instead of the WAL (see :meth:`_bulk_journal`).
         """
         key = self._require_key()
         conn = self._conn
         cols = _BatchColumns(batch)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            missing = self._missing_triggers()
-            if missing:
-                raise LedgerError(f"append-only triggers are missing ({', '.join(missing)}): the file was "
-                                  "modified outside fedretain; run `fedretain consent verify`")
-            frontier, prev = self._tip(key)
-            seq0 = frontier.size + 1
-            n = len(cols)
-            rebuild = n >= BULK_ROWS and n >= seq0 // 2
-            if rebuild:
-                for name in (*INDEXES, *_RETIRED_INDEXES):
-                    conn.execute(f"DROP INDEX IF EXISTS {name}")
-            sha = hashlib.sha256
-            for lo in range(0, n, _SLICE):
-                hi = min(lo + _SLICE, n)
-                texts, datas = cols.canonical(lo, hi)
-                leaves = [sha(b"\x00" + d).digest() for d in datas]
-                del datas
-                entries = [prev]
-                append = entries.append
-                for lh in leaves:  # the chain is inherently sequential: keep the loop tight
-                    prev = sha(prev + lh).digest()
-                    append(prev)
-                frontier.extend(leaves)
-                # bytearray, not bytes, and -1 for "no expiry": Python's sqlite3 binds int, str and
-                # bytearray directly but looks up an adapter for bytes and None (~1 µs each)
-                blobs = list(map(bytearray, entries))
-                conn.executemany(_INSERT_SQL, zip(
-                    range(seq0 + lo, seq0 + hi), cols.record_id[lo:hi], cols.subject_id[lo:hi], cols.purpose[lo:hi],
-                    cols.action[lo:hi], cols.scopes[lo:hi], cols.effective_us[lo:hi], cols.expires_us[lo:hi], texts,
-                    blobs[:-1], blobs[1:]))
-            if rebuild:
-                for stmt in INDEXES.values():
-                    conn.execute(stmt)
-            _write_head(conn, key, self.controller, frontier, format_ts(datetime.now(timezone.utc)))
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            conn.execute("ROLLBACK")
-            raise self._duplicate_error(cols.record_id, batch.rows, source) from None  # diagnosed after the rollback
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        n = len(cols)
+        with self._bulk_journal(n >= BULK_ROWS and n >= (self.size + 1) // 2):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                missing = self._missing_triggers()
+                if missing:
+                    raise LedgerError(f"append-only triggers are missing ({', '.join(missing)}): the file was "
+                                      "modified outside fedretain; run `fedretain consent verify`")
+                frontier, prev = self._tip(key)
+                seq0 = frontier.size + 1
+                rebuild = n >= BULK_ROWS and n >= seq0 // 2
+                if rebuild:
+                    for name in (*INDEXES, *_RETIRED_INDEXES):
+                        conn.execute(f"DROP INDEX IF EXISTS {name}")
+                sha = hashlib.sha256
+                for lo in range(0, n, _SLICE):
+                    hi = min(lo + _SLICE, n)
+                    with step("columns"):
+                        cols_lo, datas = cols.rows(lo, hi)
+                    with step("hash+chain+merkle"):
+                        leaves = [sha(b"\x00" + d).digest() for d in datas]
+                        del datas
+                        entries = [prev]
+                        append = entries.append
+                        for lh in leaves:  # the chain is inherently sequential: keep the loop tight
+                            prev = sha(prev + lh).digest()
+                            append(prev)
+                        frontier.extend(leaves)
+                        # bytearray, not bytes, and -1 for "no expiry": Python's sqlite3 binds int, str
+                        # and bytearray directly but looks up an adapter for bytes and None (~1 µs each)
+                        blobs = list(map(bytearray, entries))
+                    rid, subj, purpose, action, scopes, eff, exp, texts, layout = cols_lo
+                    with step("insert"):
+                        conn.executemany(_INSERT_SQL, zip(
+                            range(seq0 + lo, seq0 + hi), rid, subj, purpose, action, scopes, eff, exp, texts,
+                            blobs[:-1], blobs[1:], layout))
+                    del cols_lo, rid, subj, purpose, action, scopes, eff, exp, texts, layout, blobs
+                if rebuild:
+                    with step("indexes"):
+                        for stmt in INDEXES.values():
+                            conn.execute(stmt)
+                with step("commit"):
+                    _write_head(conn, key, self.controller, frontier, format_ts(datetime.now(timezone.utc)))
+                    conn.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                conn.execute("ROLLBACK")
+                raise self._duplicate_error(cols.record_ids(), batch.rows, source) from None  # diagnosed after rollback
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         return frontier.size
+
+    @contextmanager
+    def _bulk_journal(self, bulk: bool) -> Iterator[None]:
+        """Run a bulk import under a rollback journal when nobody else has the file open.
+
+        In WAL mode every page of a big import is written twice (to the WAL, then copied
+        into the database by the checkpoint) and the WAL file stays as big as the import.
+        A rollback journal writes new pages once and journals only the few pages that
+        existed before, with the same atomicity and durability (``synchronous=FULL``): a
+        crash mid-import is rolled back from the journal on the next open. Leaving WAL needs
+        the only connection to the file, so this is tried without waiting; when another
+        connection is open the import simply runs in WAL mode. WAL is restored afterwards
+        (and on the next :meth:`open` should that fail).
+        """
+        switched = bulk and _set_journal_mode(self._conn, "delete")
+        try:
+            yield
+        finally:
+            if switched:
+                with step("commit"):
+                    _set_journal_mode(self._conn, "wal")
 
     def _tip(self, key: Ed25519PrivateKey) -> tuple[Frontier, bytes]:
         """The last signed head's frontier and the last entry hash, checked before extending them."""
@@ -604,42 +653,58 @@ def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None =
 
 
 _INSERT_SQL = ("INSERT INTO records (seq, record_id, subject_id, purpose, action, scopes, effective_at, expires_at, "
-               "canonical, prev_hash, entry_hash) VALUES (?,?,?,?,?,?,?,NULLIF(?, -1),?,?,?)")
+               "canonical, prev_hash, entry_hash, layout) VALUES (?,?,?,?,?,?,?,NULLIF(?, -1),?,?,?,?)")
 _NO_EXPIRY_PARAM = -1  # bound for "no expiry" (NULL in the table); valid times are >= 0
 
 
 class _BatchColumns:
-    """A batch's columns as Python lists for ``executemany``, each converted the cheapest way.
+    """A batch's columns, converted slice by slice into the Python lists ``executemany`` binds.
 
     Repetitive text (purpose, action, scopes) is converted once per distinct value and the
-    list shares those objects; the canonical texts are converted slice by slice, as needed.
+    lists share those objects; canonical texts come from the importer's encoder a slice at
+    a time (see ``importer._Encoder``), so a million-record import never holds all of them.
     """
 
     def __init__(self, batch: Batch) -> None:
-        self.record_id = _pylist(batch.record_id)
-        self.subject_id = _pylist(batch.subject_id)
-        self.purpose = _pylist(batch.purpose, distinct=True)
-        self.action = _pylist(batch.action, distinct=True)
-        self.scopes = _pylist(batch.scopes, distinct=True)
-        self.effective_us = _pylist(batch.effective_us)
-        exp = batch.expires_us
-        if isinstance(exp, (pa.Array, pa.ChunkedArray)):
-            self.expires_us = exp.fill_null(_NO_EXPIRY_PARAM).to_numpy().tolist()
-        else:
-            self.expires_us = [_NO_EXPIRY_PARAM if x is None else x for x in exp]
-        canon = batch.canonical
-        self._canon = canon.combine_chunks() if isinstance(canon, pa.ChunkedArray) else canon
+        self.batch = batch
+        self.n = len(batch.record_id)
 
     def __len__(self) -> int:
-        return len(self.record_id)
+        return self.n
 
-    def canonical(self, lo: int, hi: int) -> tuple[list[str], list[bytes]]:
-        """Canonical texts of rows ``lo:hi`` as str (bound as TEXT) and as UTF-8 bytes (hashed)."""
-        if isinstance(self._canon, pa.Array):
-            part = self._canon.slice(lo, hi - lo)
-            return part.to_pylist(), part.cast(pa.large_binary()).to_pylist()
-        texts = self._canon[lo:hi]
-        return texts, [t.encode("utf-8") for t in texts]
+    def record_ids(self) -> list[str]:
+        return _pylist(self.batch.record_id)
+
+    def rows(self, lo: int, hi: int) -> tuple[list[Any], Iterable[Any]]:
+        """Rows ``lo:hi``: the columns to bind (canonical text last but the hashes) and the canonical bytes."""
+        b = self.batch
+        canon = b.canonical
+        if isinstance(canon, (list, tuple)):
+            texts = list(canon[lo:hi])
+            datas: Iterable[Any] = [t.encode("utf-8") for t in texts]
+            layout = _pylist(b.layout[lo:hi]) if b.layout is not None else [layout_of(t) for t in texts]
+        else:
+            arr, lay = canon.texts(lo, hi)
+            texts, datas = _texts_and_views(arr)
+            layout = lay.tolist()
+        exp = b.expires_us[lo:hi]
+        if isinstance(exp, (pa.Array, pa.ChunkedArray)):
+            exp_l = exp.fill_null(_NO_EXPIRY_PARAM).to_numpy().tolist()
+        else:
+            exp_l = [_NO_EXPIRY_PARAM if x is None else x for x in exp]
+        cols = [_pylist(b.record_id[lo:hi]), _pylist(b.subject_id[lo:hi]),
+                _pylist(b.purpose[lo:hi], distinct=True), _pylist(b.action[lo:hi], distinct=True),
+                _pylist(b.scopes[lo:hi], distinct=True), _pylist(b.effective_us[lo:hi]), exp_l, texts, layout]
+        return cols, datas
+
+
+def _texts_and_views(arr: pa.Array) -> tuple[list[str], list[memoryview]]:
+    """Python str of each text (bound as TEXT) and a memoryview of its UTF-8 bytes (hashed, no copy)."""
+    _, offsets, data = arr.buffers()[:3]
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    off = np.frombuffer(offsets, dtype=width)[arr.offset : arr.offset + len(arr) + 1].tolist()
+    view = memoryview(data) if data is not None else memoryview(b"")
+    return arr.to_pylist(), [view[a:b] for a, b in zip(off, off[1:])]
 
 
 def _pylist(col: Any, *, distinct: bool = False) -> list[Any]:
@@ -655,10 +720,22 @@ def _pylist(col: Any, *, distinct: bool = False) -> list[Any]:
     return col.to_pylist()
 
 
+def _set_journal_mode(conn: sqlite3.Connection, mode: str) -> bool:
+    """Switch the journal mode without waiting for other connections; True if it is now ``mode``."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        now = conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
+    except sqlite3.OperationalError:  # locked by another connection, or read-only
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+    return str(now).lower() == mode
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
     conn.execute("PRAGMA synchronous=FULL")  # a consent change, once acknowledged, survives power loss
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
     conn.execute("PRAGMA cache_size=-262144")  # up to 256 MiB: big imports stay off the disk until commit
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
