@@ -7,7 +7,8 @@ rounds 2..R (round 1 includes first-time ingest and imports):
 
 * ``wall``: time between consecutive round checkpoints (``checkpoints/round_NNNN.pt``);
 * ``compute``: local ClientApp work on the critical path: the slowest node's train
-  handler plus the slowest node's evaluate handler, from the warm executor's log
+  handler (which also evaluates the model it received, see ``fedretain.protocol``) plus
+  the slowest evaluate-only handler if there is one, from the warm executor's log
   (``node.log``: "train done in ... (app X s)"); a configuration without a warm
   executor is charged the median compute of the warm configurations of this invocation;
 * ``overhead = wall - compute``: what the engine adds to a round;
@@ -88,7 +89,8 @@ def app_times(silos: list[Path]) -> list[tuple[float, str, float, int]]:
 
 
 def compute_per_round(ckpt: dict[int, float], apps: list[tuple[float, str, float, int]]) -> dict[int, float]:
-    """Slowest train handler + slowest evaluate handler finished within each round."""
+    """Slowest train handler (it evaluates the received model first) + slowest evaluate-only
+    handler (nodes not sampled for training; none when every node trains) within each round."""
     out = {}
     for r in sorted(ckpt):
         if r - 1 not in ckpt:
@@ -96,8 +98,8 @@ def compute_per_round(ckpt: dict[int, float], apps: list[tuple[float, str, float
         lo, hi = ckpt[r - 1], ckpt[r]
         train = [a for ts, t, a, _ in apps if t == "train" and lo < ts <= hi]
         evals = [a for ts, t, a, _ in apps if t == "evaluate" and lo < ts <= hi]
-        if train and evals:
-            out[r] = max(train) + max(evals)
+        if train:
+            out[r] = max(train) + max(evals, default=0.0)
     return out
 
 

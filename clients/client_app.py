@@ -21,6 +21,7 @@ from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
 from fedretain.consent.vocab import SCOPES
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.clients.training import make_trainer
+from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_record, model_arrays, state_dict_from
 from fedretain.train import evaluate
 
 torch.set_num_threads(1)  # one thread per node process is faster on small CPUs (see docs)
@@ -72,7 +73,7 @@ def _prepare(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
 
 def _model(arrays: ArrayRecord, n_inputs: int, cfg: ConfigRecord) -> RetentionNet:
     model = RetentionNet(n_inputs, tuple(int(h) for h in cfg.get("hidden", [64, 32])))
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model.load_state_dict(state_dict_from(arrays, model))
     return model
 
 
@@ -152,8 +153,19 @@ def _legacy(msg: Message, context: Context) -> Message | None:
     return legacy_app(msg, context) if is_legacy_message(msg) else None
 
 
+def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, model: RetentionNet) -> dict[str, Any]:
+    """Held-out metrics of ``model`` on the node's consented test users; the usage is recorded first."""
+    report = evaluate(model, _standardizer(cfg).transform(prep.x_test), prep.y_test)
+    record_usage(node, prep, cfg, "evaluate")
+    metrics = {k: float(v) for k, v in report.items() if k != "num_examples"}
+    metrics["num-examples"] = int(prep.n_test)
+    metrics.update(consent_metrics(prep, "evaluate"))
+    return metrics
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train on the received model; if asked, first evaluate that model (see fedretain.protocol)."""
     if (reply := _legacy(msg, context)) is not None:
         return reply
     cfg = msg.content["config"]
@@ -162,6 +174,7 @@ def train(msg: Message, context: Context) -> Message:
     if prep.n_train == 0:
         raise RuntimeError(f"merchant {node.merchant_id}: no consented training examples this round")
     model = _model(msg.content["arrays"], len(prep.columns), cfg)
+    received = evaluation_metrics(node, prep, cfg, model) if bool(cfg.get(EVALUATE_RECEIVED, False)) else None
     global_params = [p.detach().clone() for p in model.parameters()]
     scaler = _standardizer(cfg)
     trainer = make_trainer(cfg, context, node, prep)
@@ -171,8 +184,10 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(getattr(result, "extra_metrics", {}) or {})
     metrics.update(consent_metrics(prep, "train"))
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}
+        {"arrays": model_arrays(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}
     )
+    if received is not None:
+        content[EVALUATION] = evaluation_record(received)
     return Message(content, reply_to=msg)
 
 
@@ -184,12 +199,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     node = node_for(context)
     prep = prepare_from_config(node, cfg)
     model = _model(msg.content["arrays"], len(prep.columns), cfg)
-    report = evaluate(model, _standardizer(cfg).transform(prep.x_test), prep.y_test)
-    record_usage(node, prep, cfg, "evaluate")
-    metrics = {k: float(v) for k, v in report.items() if k != "num_examples"}
-    metrics["num-examples"] = int(prep.n_test)
-    metrics.update(consent_metrics(prep, "evaluate"))
+    metrics = evaluation_metrics(node, prep, cfg, model)
     return Message(
         RecordDict({"metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}), reply_to=msg
     )
+
+
 from fedretain.clients import analytics_handlers  # noqa: E402,F401  (registers query handlers)

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedretain.features import feature_columns
 from fedretain.models import ModelBundle, RetentionNet, Standardizer
+from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
 from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
 from fedretain.server.run_record import RunRecord, now_iso
@@ -97,6 +98,27 @@ class NodeReply:
         }
 
 
+def read_evaluations(replies: list[Message]) -> tuple[list[NodeReply], list[RecordDict]]:
+    """Per-node evaluation info and metric records from train replies that carry one
+    (``fedretain.protocol``) and from plain evaluate replies."""
+    info: list[NodeReply] = []
+    records: list[RecordDict] = []
+    for msg in replies:
+        if msg.has_error():
+            info.extend(read_replies([msg], "evaluate"))
+            continue
+        content = msg.content
+        folded = evaluation_of(content)
+        if folded is None and msg.metadata.message_type == MessageType.TRAIN:
+            continue  # a train reply that was not asked to evaluate
+        rec = folded if folded is not None else content
+        node = read_replies([msg], "evaluate")[0]
+        node.metrics = dict(next(iter(rec.metric_records.values())))
+        info.append(node)
+        records.append(rec)
+    return info, records
+
+
 def read_replies(replies: list[Message], phase: str) -> list[NodeReply]:
     out = []
     for msg in replies:
@@ -167,7 +189,7 @@ class FederatedTraining:
 
     def bundle(self, arrays: ArrayRecord, scaler: Standardizer, server_round: int) -> ModelBundle:
         return ModelBundle(
-            state_dict=arrays.to_torch_state_dict(),
+            state_dict=state_dict_from(arrays, RetentionNet(len(self.columns), self.settings.hidden)),
             feature_names=self.columns,
             standardizer=scaler,
             hidden=self.settings.hidden,
@@ -188,9 +210,13 @@ class FederatedTraining:
         })
         eval_cfg = ConfigRecord({**self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist()})
         progress.notify("on_start", s.run_id, s.rounds, first)
+        unevaluated = self._unevaluated_round(record, first)
         try:
             for rnd in range(first, s.rounds + 1):
-                arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg)
+                arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg, unevaluated)
+                unevaluated = rnd
+            if unevaluated:
+                self._final_evaluation(record, unevaluated, arrays, eval_cfg)
         except Exception as exc:
             record.finish("failed", error=f"{type(exc).__name__}: {exc}")
             progress.notify("on_end", "failed", record.data)
@@ -198,6 +224,12 @@ class FederatedTraining:
         record.finish("completed", final_model=str(self.out_dir / "model.pt"))
         progress.notify("on_end", "completed", record.data)
         return record
+
+    @staticmethod
+    def _unevaluated_round(record: RunRecord, first: int) -> int | None:
+        """The round whose model the first round of this invocation must evaluate (resume)."""
+        prev = next((r for r in record.data["rounds"] if r["round"] == first - 1), None)
+        return first - 1 if prev is not None and not prev.get("evaluate") else None
 
     def _start_or_resume(self) -> tuple[RunRecord, ArrayRecord, Standardizer, int]:
         s = self.settings
@@ -212,7 +244,7 @@ class FederatedTraining:
             record.data["status"] = "running"
             record.event("resumed", from_round=rnd, checkpoint=str(path))
             log.info("resuming run %s after round %d from %s", record.data["run_id"], rnd, path)
-            return record, ArrayRecord(bundle.state_dict), bundle.standardizer, rnd + 1
+            return record, model_arrays(bundle.state_dict), bundle.standardizer, rnd + 1
         record = RunRecord.create(self.out_dir, s.run_id, s.as_dict())
         scaler, info = self.federated_standardizer()
         record.data["feature_columns"] = self.columns
@@ -223,20 +255,31 @@ class FederatedTraining:
         torch.manual_seed(s.seed)
         model = RetentionNet(len(self.columns), s.hidden)
         record.save()
-        return record, ArrayRecord(model.state_dict()), scaler, 1
+        return record, model_arrays(model.state_dict()), scaler, 1
 
     def _round(
         self, record: RunRecord, rnd: int, arrays: ArrayRecord, scaler: Standardizer,
-        train_cfg: ConfigRecord, eval_cfg: ConfigRecord,
+        train_cfg: ConfigRecord, eval_cfg: ConfigRecord, unevaluated: int | None,
     ) -> ArrayRecord:
+        """One exchange: train round ``rnd`` and, if ``unevaluated``, evaluate the model it starts from.
+
+        The model sent in round ``rnd`` is round ``unevaluated``'s global model: nodes
+        sampled for training evaluate it before training on it; connected nodes not
+        sampled get a plain evaluate message in the same exchange.
+        """
         s = self.settings
         started = now_iso()
+        cfg = ConfigRecord({**train_cfg, EVALUATE_RECEIVED: unevaluated is not None})
         for attempt in range(s.round_retries + 1):
             self.wait_for_nodes(s.min_nodes)
-            replies = send_and_receive(
-                self.grid, list(self.strategy.configure_train(rnd, arrays, train_cfg, self.grid)), s.round_timeout
-            )
-            train_info = read_replies(replies, "train")
+            messages = list(self.strategy.configure_train(rnd, arrays, cfg, self.grid))
+            if unevaluated is not None:
+                sampled = {m.metadata.dst_node_id for m in messages}
+                others = [n for n in self.grid.get_node_ids() if n not in sampled]
+                messages += self._evaluate_messages(others, rnd, arrays, eval_cfg)
+            replies = send_and_receive(self.grid, messages, s.round_timeout)
+            train_replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+            train_info = read_replies(train_replies, "train")
             n_ok = sum(r.ok for r in train_info)
             if n_ok >= s.min_nodes:
                 break
@@ -245,22 +288,41 @@ class FederatedTraining:
                          answered=n_ok, minimum=s.min_nodes, errors=errors)
             if attempt == s.round_retries:
                 raise RunAborted(f"round {rnd}: only {n_ok} node(s) answered (minimum {s.min_nodes}): {errors}")
-        new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+        if unevaluated is not None:
+            self._record_evaluation(record, unevaluated, replies, in_round=rnd)
+        new_arrays, train_metrics = self.strategy.aggregate_train(rnd, train_replies)
         if new_arrays is None:
             raise RunAborted(f"round {rnd}: aggregation produced no model")
-        eval_replies = send_and_receive(
-            self.grid, list(self.strategy.configure_evaluate(rnd, new_arrays, eval_cfg, self.grid)), s.round_timeout
-        )
-        eval_info = read_replies(eval_replies, "evaluate")
-        eval_metrics = self.strategy.aggregate_evaluate(rnd, eval_replies)
         ckpt = save_checkpoint(self.out_dir, rnd, self.bundle(new_arrays, scaler, rnd))
         entry = {
             "round": rnd, "status": "completed", "started": started, "finished": now_iso(),
             "train": dict(train_metrics) if train_metrics else {},
-            "evaluate": dict(eval_metrics) if eval_metrics else {},
-            "nodes": [r.as_dict() for r in train_info + eval_info],
+            "evaluate": {},  # filled when the next exchange (or the final evaluation) brings it
+            "nodes": [r.as_dict() for r in train_info],
             "checkpoint": str(ckpt),
         }
         record.add_round(entry)
-        progress.notify("on_round", entry)
+        progress.notify("on_round_trained", entry)
         return new_arrays
+
+    def _evaluate_messages(self, nodes: list[int], rnd: int, arrays: ArrayRecord,
+                           eval_cfg: ConfigRecord) -> list[Message]:
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({**eval_cfg, "server-round": rnd})})
+        return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+
+    def _final_evaluation(self, record: RunRecord, rnd: int, arrays: ArrayRecord, eval_cfg: ConfigRecord) -> None:
+        """Evaluate the last global model on every connected node (its own exchange)."""
+        messages = self._evaluate_messages(list(self.grid.get_node_ids()), rnd, arrays, eval_cfg)
+        self._record_evaluation(record, rnd, send_and_receive(self.grid, messages, self.settings.round_timeout),
+                                in_round=rnd)
+
+    def _record_evaluation(self, record: RunRecord, rnd: int, replies: list[Message], in_round: int) -> None:
+        """Put the held-out metrics of round ``rnd``'s model into that round's entry."""
+        info, records = read_evaluations(replies)
+        entry = next(r for r in record.data["rounds"] if r["round"] == rnd)
+        entry["evaluate"] = dict(weighted_mean(records, "num-examples")) if records else {}
+        entry["evaluated_in_round"] = in_round
+        entry["nodes"] = [n for n in entry.get("nodes", []) if n.get("phase") != "evaluate"]
+        entry["nodes"] += [r.as_dict() for r in info]
+        record.add_round(entry)
+        progress.notify("on_round", entry)

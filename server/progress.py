@@ -15,7 +15,12 @@ log = logging.getLogger("fedretain.server")
 
 class RunObserver(Protocol):
     def on_start(self, run_id: str, total_rounds: int, first_round: int) -> None: ...
-    def on_round(self, entry: dict[str, Any]) -> None: ...
+    def on_round_trained(self, entry: dict[str, Any]) -> None:
+        """Round ``entry["round"]``'s global model exists (aggregated, checkpointed), not yet evaluated."""
+
+    def on_round(self, entry: dict[str, Any]) -> None:
+        """Round ``entry["round"]`` is complete: trained and evaluated (``entry["evaluate"]``)."""
+
     def on_end(self, status: str, record: dict[str, Any]) -> None: ...
 
 
@@ -33,7 +38,10 @@ def remove_observer(obs: RunObserver) -> None:
 
 def notify(event: str, *args: Any) -> None:
     for obs in list(_OBSERVERS):
+        handler = getattr(obs, event, None)
+        if handler is None:  # observers implement only the events they care about
+            continue
         try:
-            getattr(obs, event)(*args)
+            handler(*args)
         except Exception:  # an observer must never break a run
             log.exception("run observer failed on %s", event)

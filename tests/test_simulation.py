@@ -26,7 +26,7 @@ class WithdrawAfterRound:
 
     def on_end(self, *args) -> None: ...
 
-    def on_round(self, entry) -> None:
+    def on_round_trained(self, entry) -> None:
         from fedretain.consent.ledger import ConsentLedger
         from fedretain.consent.records import ConsentRecord
 

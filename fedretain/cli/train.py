@@ -54,7 +54,7 @@ class RichRoundObserver:
 
     def on_round(self, entry: dict[str, Any]) -> None:
         auc = entry.get("evaluate", {}).get("auc")
-        self.progress.update(self.task, advance=1, status=f"round {entry['round']}: AUC {_fmt(auc)}")
+        self.progress.update(self.task, completed=entry["round"], status=f"round {entry['round']}: AUC {_fmt(auc)}")
 
     def on_end(self, status: str, record: dict[str, Any]) -> None:
         self.progress.stop()
