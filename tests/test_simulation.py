@@ -73,6 +73,8 @@ def test_rounds_checkpoints_and_metrics(run):
         assert r["evaluate"]["num-examples"] > 0 and "log_loss" in r["evaluate"] and "ece" in r["evaluate"]
         trained = {n["merchant_id"] for n in r["nodes"] if n["phase"] == "train" and not n["error"]}
         assert trained == {p.name for p in run["silos"]}
+    # each round's model was evaluated in the next exchange; the last one in a final evaluate exchange
+    assert [r["evaluated_in_round"] for r in rec["rounds"]] == [2, 3, 3]
     assert rec["rounds"][-1]["evaluate"]["auc"] > 0.7  # it learned
     assert set(rec["merchants"]) == {p.name for p in run["silos"]}
     assert all(m["rounds"] == [1, 2, 3] for m in rec["merchants"].values())
@@ -147,3 +149,22 @@ def test_resume_continues_from_the_last_checkpoint(run, tmp_path):
     assert [r["round"] for r in again["rounds"]] == [1, 2, 3, 4]
     assert any(e["kind"] == "resumed" and e["from_round"] == 2 for e in again["events"])
     assert again["rounds"][0]["finished"] == rec["rounds"][0]["finished"]  # finished rounds were not rerun
+
+
+def test_nodes_not_sampled_for_training_still_evaluate(run, tmp_path):
+    """With fraction-train < 1, the nodes left out of a round's training get an evaluate
+    message in the same exchange, so every round's model is evaluated on every merchant."""
+    from dataclasses import replace
+
+    from fedretain.server.simulation import run_in_simulation
+
+    settings = replace(run["settings"], out_dir=str(tmp_path / "sampled"), rounds=2, min_nodes=2,
+                       fraction_train=0.6, run_id="sampled", local_epochs=1)
+    rec = json.loads((run_in_simulation(settings, run["silos"][0].parent) / "run.json").read_text())
+    everyone = {p.name for p in run["silos"]}
+    for r in rec["rounds"]:
+        trained = {n["merchant_id"] for n in r["nodes"] if n["phase"] == "train" and not n["error"]}
+        evaluated = {n["merchant_id"] for n in r["nodes"] if n["phase"] == "evaluate" and not n["error"]}
+        assert len(trained) == 2 and evaluated == everyone
+        assert r["evaluate"]["num-examples"] == sum(n["metrics"]["num-examples"] for n in r["nodes"]
+                                                    if n["phase"] == "evaluate")
