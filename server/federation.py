@@ -38,21 +38,30 @@ class RunAborted(RuntimeError):
     """The run cannot go on (too few nodes, every retry failed); the record says why."""
 
 
+COUNT_PREFIXES = ("users-", "scope-")  # per-node counts (consent_metrics): summed, not averaged
+
+
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of every numeric metric, ignoring NaN (e.g. AUC of a one-class node)."""
+    """Example-weighted mean of every numeric metric, ignoring NaN (e.g. AUC of a one-class node).
+
+    Counts are totals over the nodes: the weight, ``num-examples`` and the consent counts
+    (``users-*``, ``scope-*``), which a mean would turn into meaningless fractions.
+    """
     metrics = [next(iter(r.metric_records.values())) for r in records]
     keys = sorted(set().union(*(m.keys() for m in metrics)))
     out: dict[str, float] = {}
     for key in keys:
+        if key in (weight_key, "num-examples") or key.startswith(COUNT_PREFIXES):
+            out[key] = float(sum(float(m.get(key, 0)) for m in metrics
+                                 if isinstance(m.get(key, 0), (int, float)) and math.isfinite(float(m.get(key, 0)))))
+            continue
         num = den = 0.0
         for m in metrics:
             v, w = m.get(key), float(m.get(weight_key, 0))
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and w > 0:
                 num += w * float(v)
                 den += w
-        if key == weight_key:
-            out[key] = float(sum(float(m.get(weight_key, 0)) for m in metrics))
-        elif den > 0:
+        if den > 0:
             out[key] = num / den
     return MetricRecord(out)
 
