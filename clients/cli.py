@@ -41,11 +41,14 @@ def client() -> None:
               help="warm: one long-lived ClientApp process; subprocess: Flower's one process per message.")
 @click.option("--poll-interval", type=float, default=0.2, show_default=True,
               help="SuperNode idle poll in seconds; 0 keeps Flower's 3 s.")
+@click.option("--heartbeat-interval", type=click.FloatRange(10, 1800), default=None,
+              help="Seconds between this node's heartbeats (default: Flower's 30). The platform drops a node "
+                   "after 2 missed heartbeats, so a shorter interval lets a round stop waiting for a dead node sooner.")
 @click.option("--max-wait", type=float, default=None,
               help="Give up if the platform cannot be reached for this many seconds (default: keep trying).")
 def start(server: str, data: Path, consent_db: Path | None, key: Path | None, root_cert: Path | None,
           insecure: bool, signing_key: Path | None, state_dir: Path | None, runtime_port: int, executor: str,
-          poll_interval: float, max_wait: float | None) -> None:
+          poll_interval: float, heartbeat_interval: float | None, max_wait: float | None) -> None:
     """Check the silo and consent ledger, then start the SuperNode and serve the platform's runs."""
     from fedretain.clients.supernode import NodeSettings, NodeSetupError, run_node
 
@@ -55,7 +58,7 @@ def start(server: str, data: Path, consent_db: Path | None, key: Path | None, ro
         settings = NodeSettings(
             server=server, data=data, consent_db=consent_db, auth_key=key, root_cert=root_cert, insecure=insecure,
             state_dir=state_dir, signing_key=signing_key, runtime_port=runtime_port, executor=executor,
-            poll_interval=poll_interval or None, max_wait_time=max_wait,
+            poll_interval=poll_interval or None, heartbeat_interval=heartbeat_interval, max_wait_time=max_wait,
         )
         code = run_node(settings, echo=lambda m: click.echo(m, err=True))
     except NodeSetupError as exc:

@@ -43,6 +43,9 @@ DEFAULT_APP = "fedretain.clients.client_app:app"
 DEFAULT_FAB_ID = "fedretain/fedretain"
 DEFAULT_POLL = 0.2
 SUPPORTED_FLWR = "1.42."
+MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 10.0, 1800.0  # flwr.common.constant.HEARTBEAT_MIN/MAX_INTERVAL
+DEFAULT_HEARTBEAT_S = 30.0  # flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL
+HEARTBEAT_PATIENCE = 2  # missed heartbeats before the SuperLink drops a node (flwr.common.constant)
 STOP_GRACE_S = 10.0
 LOCAL_WAIT_S = 0.02
 EXIT_SUPERNODE_FAILED = 3
@@ -147,6 +150,7 @@ class NodeSettings:
     runtime_port: int = 0
     executor: str = "warm"
     poll_interval: float | None = DEFAULT_POLL
+    heartbeat_interval: float | None = None  # None: Flower's 30 s
     max_wait_time: float | None = None
     app: str = DEFAULT_APP
     extra_node_config: dict[str, Any] = field(default_factory=dict)
@@ -157,6 +161,9 @@ class NodeSettings:
             raise NodeSetupError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.poll_interval is not None and not 0.01 <= self.poll_interval <= 3:
             raise NodeSetupError(f"poll interval must be in [0.01, 3] s, got {self.poll_interval}")
+        if self.heartbeat_interval is not None and not MIN_HEARTBEAT_S <= self.heartbeat_interval <= MAX_HEARTBEAT_S:
+            raise NodeSetupError(f"heartbeat interval must be in [{MIN_HEARTBEAT_S:g}, {MAX_HEARTBEAT_S:g}] s "
+                                 f"(the platform refuses others), got {self.heartbeat_interval}")
         if self.insecure and self.auth_key is not None:
             raise NodeSetupError("--insecure cannot be combined with --key: node authentication needs TLS")
         if self.insecure and self.root_cert is not None:
@@ -334,11 +341,13 @@ def supernode_command(settings: NodeSettings, node_toml: Path, port: int, parent
              "--isolation", "process" if settings.executor == "warm" else "subprocess"]
     if settings.max_wait_time is not None:
         args += ["--max-wait-time", str(settings.max_wait_time)]
-    if settings.poll_interval is None and parent_pid is None:
+    if settings.poll_interval is None and settings.heartbeat_interval is None and parent_pid is None:
         return [flower_script("flower-supernode"), *args]
     launcher = [sys.executable, "-m", "fedretain.clients.supernode"]
     if settings.poll_interval is not None:
         launcher += ["--poll-interval", str(settings.poll_interval)]
+    if settings.heartbeat_interval is not None:
+        launcher += ["--heartbeat-interval", str(settings.heartbeat_interval)]
     if parent_pid is not None:
         launcher += ["--parent-pid", str(parent_pid)]
     return [*launcher, "--", *args]
@@ -659,16 +668,18 @@ class _Session:
     """When this node was last connected, so a quick restart after a crash is recognised.
 
     The SuperLink keeps a node that vanished without deactivating "online" until it
-    misses heartbeats (2 x 30 s in flwr 1.42) and refuses to activate it again meanwhile,
-    with the same error as for an unregistered key. A node that was connected to the same
-    platform with the same key less than that long ago retries instead of giving up.
+    misses heartbeats (2 x the node's heartbeat interval, 30 s by default in flwr 1.42)
+    and refuses to activate it again meanwhile, with the same error as for an
+    unregistered key. A node that was connected to the same platform with the same key
+    less than that long ago retries instead of giving up.
     """
 
-    LINGER_S = 75.0  # HEARTBEAT_PATIENCE x HEARTBEAT_DEFAULT_INTERVAL, plus a margin
     WRITE_EVERY_S = 5.0
 
-    def __init__(self, path: Path, server: str, key: str | None) -> None:
+    def __init__(self, path: Path, server: str, key: str | None,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_S) -> None:
         self.path, self.server, self.key = path, server, key
+        self.linger_s = HEARTBEAT_PATIENCE * heartbeat_interval + 15.0  # plus a margin
         self._written = 0.0
         try:
             import json
@@ -693,7 +704,7 @@ class _Session:
         prev = self.previous
         if prev.get("server") != self.server or prev.get("key") != self.key or self.key is None:
             return 0.0
-        return float(prev.get("alive_at", 0)) + self.LINGER_S - time.time()
+        return float(prev.get("alive_at", 0)) + self.linger_s - time.time()
 
 
 def is_refusal(lines: list[str]) -> bool:
@@ -740,7 +751,8 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
     env = flower_env(settings.flwr_home)
     if settings.poll_interval is not None:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(settings.poll_interval)
-    session = _Session(settings.state / "session.json", settings.server, info.key_fingerprint)
+    session = _Session(settings.state / "session.json", settings.server, info.key_fingerprint,
+                       settings.heartbeat_interval or DEFAULT_HEARTBEAT_S)
     ever_connected, restarts = False, 0
     try:
         while not stop.is_set():
@@ -847,18 +859,45 @@ def cap_supernode_poll(seconds: float) -> bool:
     return True
 
 
+def set_heartbeat_interval(seconds: float) -> bool:
+    """Make the SuperNode declare (and keep) a heartbeat interval of ``seconds``.
+
+    flwr 1.42 hard-codes 30 s in the fleet connection (what the node declares when it
+    activates and with every heartbeat; the SuperLink drops a node after 2 missed
+    intervals) and in the heartbeat sender (how often it sends). A shorter interval lets
+    the platform notice a dead node sooner, so a round waits less for it; the SuperLink
+    accepts 10 s to 30 min. Only for the flwr version this was read against; otherwise
+    Flower is left unchanged and False is returned.
+    """
+    import flwr.supercore.heartbeat as hb
+    import flwr.supernode.fleet_http_connection as fleet
+    from flwr.supercore.version import package_version
+
+    if (not str(package_version).startswith(SUPPORTED_FLWR)
+            or getattr(fleet, "HEARTBEAT_DEFAULT_INTERVAL", None) != DEFAULT_HEARTBEAT_S
+            or getattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", None) != DEFAULT_HEARTBEAT_S):
+        return False
+    fleet.HEARTBEAT_DEFAULT_INTERVAL = float(seconds)  # type: ignore[attr-defined]
+    hb.HEARTBEAT_DEFAULT_INTERVAL = float(seconds)  # type: ignore[attr-defined]
+    return True
+
+
 def _main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fedretain.clients.supernode",
                                      description="flower-supernode with a shorter idle poll interval")
     parser.add_argument("--poll-interval", type=float, default=None)
+    parser.add_argument("--heartbeat-interval", type=float, default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.poll_interval is not None and not cap_supernode_poll(args.poll_interval):
         print("fedretain: unknown flwr version; SuperNode poll interval left at Flower's default", file=sys.stderr)
+    if args.heartbeat_interval is not None and not set_heartbeat_interval(args.heartbeat_interval):
+        print("fedretain: unknown flwr version; SuperNode heartbeat interval left at Flower's default",
+              file=sys.stderr)
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

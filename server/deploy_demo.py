@@ -62,6 +62,7 @@ class LocalDeployment:
     run: dict[str, Any] = field(default_factory=dict)
     executor: str = "warm"
     poll_interval: float | None = 0.2
+    heartbeat_interval: float | None = None  # None: Flower's 30 s
     port: int = 0
     seed: int = 7
     project_dir: Path | None = None
@@ -141,6 +142,8 @@ class LocalDeployment:
         silo = self.silos[i]
         args = ["client", "start", "--server", f"127.0.0.1:{self.port}", "--data", str(silo),
                 "--executor", self.executor, "--poll-interval", str(self.poll_interval or 0)]
+        if self.heartbeat_interval is not None:
+            args += ["--heartbeat-interval", str(self.heartbeat_interval)]
         if insecure:
             args.append("--insecure")
         else:

@@ -158,7 +158,7 @@ def test_everything_stops(tls_run):
 # -- fault tolerance ----------------------------------------------------------------------------------
 def test_node_killed_in_round_2_run_completes_and_node_rejoins(tmp_path, synth_silos, request):
     rounds = 10  # a round takes about a second: enough later rounds for the restarted node to be back
-    dep = _deployment(tmp_path, synth_silos, request, rounds=rounds, min_nodes=2,
+    dep = _deployment(tmp_path, synth_silos, request, rounds=rounds, min_nodes=2, heartbeat_interval=10,
                       run={"round-timeout": 120.0, "node-wait-timeout": 60.0})
     dep.start_platform()
     for i in range(3):
@@ -168,8 +168,9 @@ def test_node_killed_in_round_2_run_completes_and_node_rejoins(tmp_path, synth_s
     _wait_log(log, r"Receiving: train message", 2, timeout=300)  # round 2's train message arrived
     dep.kill_node(victim)  # SIGKILL the whole node (supervisor, SuperNode, executor) before it replies
     # The merchant restarts its node at once. The SuperLink still lists the node as online until it
-    # misses heartbeats (about 60 s): round 2 waits for that, gets "node unavailable" for it and goes
-    # on with the other two; the restarted node is admitted again right after.
+    # misses 2 heartbeats (20 s with --heartbeat-interval 10; 60 s with Flower's default): round 2
+    # waits for that, gets "node unavailable" for it and goes on with the other two; the restarted
+    # node is admitted again right after.
     dep.start_node(victim)
     progress = dep.wait_done(timeout=400)
     assert progress["status"] == "completed", progress

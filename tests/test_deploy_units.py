@@ -309,6 +309,8 @@ def test_node_settings_validation(tmp_path):
         sn.NodeSettings(server="h:1", data=tmp_path, executor="fork")
     with pytest.raises(sn.NodeSetupError, match="poll interval"):
         sn.NodeSettings(server="h:1", data=tmp_path, poll_interval=10)
+    with pytest.raises(sn.NodeSetupError, match="heartbeat interval must be in"):
+        sn.NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=5)
 
 
 def test_node_config_file_and_command_line(tmp_path):
@@ -325,6 +327,9 @@ def test_node_config_file_and_command_line(tmp_path):
     cmd = sn.supernode_command(s, node_toml, 19001, parent_pid=42)
     assert cmd[:3] == [sys.executable, "-m", "fedretain.clients.supernode"]
     assert cmd[cmd.index("--poll-interval") + 1] == "0.2" and cmd[cmd.index("--parent-pid") + 1] == "42"
+    assert "--heartbeat-interval" not in cmd  # Flower's default unless asked
+    fast = sn.supernode_command(sn.NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=10), node_toml, 1)
+    assert fast[fast.index("--heartbeat-interval") + 1] == "10" and fast.index("--heartbeat-interval") < fast.index("--")
     flwr_args = cmd[cmd.index("--") + 1:]
     assert flwr_args[flwr_args.index("--superlink") + 1] == "platform:9443"
     assert flwr_args[flwr_args.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
@@ -411,6 +416,22 @@ def test_capped_sleep_only_shortens_flowers_waits():
         assert isinstance(sci.time, sn._CappedSleep) and sci.pull_objects.keywords["initial_backoff"] == 0.1
     finally:
         sci.time, sci.pull_objects = saved
+
+
+def test_heartbeat_interval_reaches_what_the_node_declares_and_how_often_it_beats():
+    import flwr.supercore.heartbeat as hb
+    import flwr.supernode.fleet_http_connection as fleet
+
+    saved = (fleet.HEARTBEAT_DEFAULT_INTERVAL, hb.HEARTBEAT_DEFAULT_INTERVAL)
+    try:
+        assert sn.set_heartbeat_interval(10) is True
+        assert fleet.HEARTBEAT_DEFAULT_INTERVAL == 10 and hb.HEARTBEAT_DEFAULT_INTERVAL == 10
+        assert sn.set_heartbeat_interval(12) is False  # already changed: not the code this was read against
+    finally:
+        fleet.HEARTBEAT_DEFAULT_INTERVAL, hb.HEARTBEAT_DEFAULT_INTERVAL = saved
+    # a crashed node waits for the platform to release it: 2 missed intervals plus a margin
+    assert sn._Session(Path("/nonexistent/s.json"), "h:1", "k", 10).linger_s == 35
+    assert sn._Session(Path("/nonexistent/s.json"), "h:1", "k").linger_s == 75
 
 
 def test_free_ports_avoid_the_ephemeral_range():
