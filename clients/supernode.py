@@ -17,8 +17,9 @@ only ever runs the ClientApp *installed on the merchant's machine*: a FAB that a
 another app or another fedretain version gets an error reply instead of running code the
 server shipped. The SuperNode's 3 s idle sleep is hard-coded in flwr 1.42
 (``start_client_internal``); ``python -m fedretain.clients.supernode`` starts the stock
-SuperNode with that one sleep capped at ``--poll-interval`` seconds (see
-``docs/DEPLOYMENT.md``). ``executor="subprocess", poll_interval=None`` is Flower unchanged.
+SuperNode with that one sleep capped at ``--poll-interval`` seconds and, if asked, a
+shorter ``--heartbeat-interval`` than Flower's hard-coded 30 s (see ``docs/DEPLOYMENT.md``).
+``executor="subprocess", poll_interval=None`` is Flower unchanged.
 """
 
 from __future__ import annotations
