@@ -52,8 +52,8 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     out: dict[str, float] = {}
     for key in keys:
         if key in (weight_key, "num-examples") or key.startswith(COUNT_PREFIXES):
-            out[key] = float(sum(float(m.get(key, 0)) for m in metrics
-                                 if isinstance(m.get(key, 0), (int, float)) and math.isfinite(float(m.get(key, 0)))))
+            values = [m.get(key, 0) for m in metrics]
+            out[key] = float(sum(float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)))
             continue
         num = den = 0.0
         for m in metrics:
@@ -218,20 +218,13 @@ class FederatedTraining:
             "proximal-mu": s.proximal_mu,
         })
         eval_cfg = ConfigRecord({**self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist()})
-        progress.notify("on_start", s.run_id, s.rounds, first)
         unevaluated = self._unevaluated_round(record, first)
-        try:
+        with progress.tracked_run(record, s.rounds, first, self.out_dir / "model.pt"):
             for rnd in range(first, s.rounds + 1):
                 arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg, unevaluated)
                 unevaluated = rnd
             if unevaluated:
                 self._final_evaluation(record, unevaluated, arrays, eval_cfg)
-        except Exception as exc:
-            record.finish("failed", error=f"{type(exc).__name__}: {exc}")
-            progress.notify("on_end", "failed", record.data)
-            raise
-        record.finish("completed", final_model=str(self.out_dir / "model.pt"))
-        progress.notify("on_end", "completed", record.data)
         return record
 
     @staticmethod

@@ -8,7 +8,13 @@ observer when it runs the simulation in-process.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from fedretain.server.run_record import RunRecord
 
 log = logging.getLogger("fedretain.server")
 
@@ -45,3 +51,18 @@ def notify(event: str, *args: Any) -> None:
             handler(*args)
         except Exception:  # an observer must never break a run
             log.exception("run observer failed on %s", event)
+
+
+@contextmanager
+def tracked_run(record: "RunRecord", total_rounds: int, first_round: int, final_model: Path) -> Iterator[None]:
+    """Tell observers a run starts; on leaving, finish ``record`` as completed, or as failed
+    with the error (which propagates), and tell them how it ended."""
+    notify("on_start", record.data["run_id"], total_rounds, first_round)
+    try:
+        yield
+    except Exception as exc:
+        record.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        notify("on_end", "failed", record.data)
+        raise
+    record.finish("completed", final_model=str(final_model))
+    notify("on_end", "completed", record.data)

@@ -200,8 +200,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
     run = FederatedTraining(grid, settings, strategy=None)  # type: ignore[arg-type]  # its helpers only
     record = RunRecord.create(run.out_dir, settings.run_id,
                               {**settings.as_dict(), "secure_aggregation": "secagg+"})
-    progress.notify("on_start", settings.run_id, settings.rounds, 1)
-    try:
+    with progress.tracked_run(record, settings.rounds, 1, run.out_dir / "model.pt"):
         scaler, info = run.federated_standardizer()
         counts = [int(r.metrics.get("num-examples", 0)) for r in info if r.ok]
         record.data["feature_columns"] = run.columns
@@ -246,12 +245,6 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         if done != settings.rounds:
             raise RunAborted(f"secure aggregation stopped after {done} of {settings.rounds} rounds "
                              f"(a SecAgg+ stage lost too many nodes; see the server log)")
-    except Exception as exc:
-        record.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        progress.notify("on_end", "failed", record.data)
-        raise
-    record.finish("completed", final_model=str(run.out_dir / "model.pt"))
-    progress.notify("on_end", "completed", record.data)
     return record
 
 
