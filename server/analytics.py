@@ -244,6 +244,7 @@ def result_json(result: QueryResult) -> dict[str, Any]:
                     "l2_sensitivity": result.spec.l2_sensitivity(), "cells_per_user": result.spec.cells_per_user(),
                     "mechanism": "gaussian", "budget_purpose": "analytics"},
         "intervals": {f.name: getattr(result.policy, f.name) for f in fields(result.policy)},
+        "advice": result.suppression_advice(),
         "figures": result.figures.to_dict(orient="records"),
         "cells": result.cells.to_dict(orient="records"),
     })
@@ -259,6 +260,7 @@ def write_outputs(result: QueryResult, out_dir: str | Path) -> dict[str, Path]:
     _atomic_write(paths["png"], plot_result(result))
     _atomic_write(paths["csv"], result.figures.to_csv(index=False, float_format="%.6g").encode())
     _atomic_write(paths["json"], json.dumps(result_json(result), indent=2, ensure_ascii=False).encode())
+    (out / f"{stem}.refused.json").unlink(missing_ok=True)  # an older refusal must not sit beside this result
     return paths
 
 

@@ -101,6 +101,7 @@ def run_query_in_simulation(
         for ext in ("png", "csv", "json"):
             (work / f"{stem}.{ext}").replace(out / f"{stem}.{ext}")
             paths[ext] = out / f"{stem}.{ext}"
+        (out / f"{stem}.refused.json").unlink(missing_ok=True)  # a stale refusal must not sit beside the result
         return QueryOutputs(paths["png"], paths["csv"], paths["json"], record)
     finally:
         shutil.rmtree(work, ignore_errors=True)

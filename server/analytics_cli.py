@@ -80,6 +80,8 @@ def _run(kind: str, opts: dict[str, Any], **query: Any) -> None:
     except AnalyticsRefused as exc:
         raise click.ClickException(f"query refused: {exc}") from None
     console.print(figures_table(outputs.record))
+    if outputs.record.get("advice"):
+        console.print(f"[yellow]{outputs.record['advice']}[/]", highlight=False)
     console.print(f"plot: {outputs.png}\ntable: {outputs.csv}\nrecord: {outputs.json}")
 
 

@@ -157,3 +157,25 @@ def test_analytics_settings_from_a_deployment_run_config():
     assert AnalyticsSettings.from_run_config(defaults).spec.query_id != s.spec.query_id  # fresh id per run
     with pytest.raises(ValueError, match="names no analytics query"):
         AnalyticsSettings.from_run_config({**defaults, "analytics-query": ""})
+
+
+def test_negative_noisy_counts_are_shown_as_zero_and_advice_names_the_knobs():
+    """A small shop's noisy sums can fall below 0: figures clamp them (post-processing) and say what to change."""
+    spec = QuerySpec("repeat_rate", by="referral", epsilon=1.0, end="2024-06-01", windows=(30, 60))
+    groups = ["friend_share", "organic"]
+    rows = [(g, "all", w, m) for g in groups for w in (30, 60) for m in ("eligible", "repeat")]
+    cells = pd.DataFrame(rows, columns=["group", "cohort", "step", "measure"])
+    cells["value"] = [-3.0, -7.0, -2.0, 1.0, 900.0, 90.0, 900.0, 120.0]
+    cells["sd"] = 4.0
+    answer = NodeAnswer("m1", spec.query_id, cells, 1.0, spec.delta, 1.0, spec.l2_sensitivity(), "gaussian")
+    result = combine(spec, [answer])
+    figs = result.figures
+    assert (figs["numerator"] >= 0).all() and (figs["denominator"] >= 0).all()
+    friend = figs.loc[figs["group"] == "friend_share"]
+    assert set(friend["status"]) == {"suppressed"}
+    organic = figs.loc[figs["group"] == "organic"]
+    assert set(organic["status"]) != {"suppressed"}
+    assert (organic["ci_low"] <= organic["estimate"]).all()
+    advice = result.suppression_advice()
+    assert advice.startswith("2 of 4 figures suppressed")
+    assert "--epsilon" in advice and "--windows" in advice and "--by referral" in advice

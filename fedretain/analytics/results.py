@@ -72,6 +72,10 @@ class QueryResult:
         """The headline figures: pooled over cohorts (retention) or per window (other queries)."""
         return self.figures.loc[self.figures["level"] != "cohort"].reset_index(drop=True)
 
+    def suppression_advice(self) -> str | None:
+        """What to change when figures are suppressed (``None`` when every figure is shown)."""
+        return suppression_advice(self.spec, self.figures, self.policy)
+
 
 def sum_answers(answers: list[NodeAnswer]) -> pd.DataFrame:
     """Cell-wise sum of values and of noise variances over nodes (union of the nodes' cells)."""
@@ -91,6 +95,10 @@ def _pivot(cells: pd.DataFrame, measure: str, keys: list[str]) -> pd.DataFrame:
 
 def _figures(df: pd.DataFrame, num: str, den: str, level: str, figure: str, unit: str, is_rate: bool,
              policy: IntervalPolicy) -> pd.DataFrame:
+    # Counts and spend cannot be negative: a noisy sum below 0 is shown as 0 (post-processing
+    # of a DP release, so still private). The sd stays the noise sd, so every interval still
+    # covers the exact figure as often as it says; the raw noisy sums stay in ``cells``.
+    df = df.assign(**{num: df[num].clip(lower=0.0), den: df[den].clip(lower=0.0)})
     est = ratio_estimates(df[num], df[f"{num}_sd"], df[den], df[f"{den}_sd"], policy, is_rate=is_rate)
     out = pd.DataFrame({
         "level": level, "group": df["group"].to_numpy(), "cohort": df["cohort"].to_numpy(),
@@ -144,3 +152,30 @@ def combine(spec: QuerySpec, answers: list[NodeAnswer], policy: IntervalPolicy |
     figures = _retention(spec, cells, policy) if spec.kind == "retention_curve" else _windowed(spec, cells, policy)
     figures = figures.sort_values(["level", "group", "cohort", "step", "figure"], kind="stable", ignore_index=True)
     return QueryResult(spec, cells, figures, [a.merchant_id for a in answers], policy)
+
+
+def suppression_advice(spec: QuerySpec, figures: pd.DataFrame, policy: IntervalPolicy) -> str | None:
+    """Plain advice for a query whose figures were suppressed: which knobs shrink the noise or grow cells.
+
+    The noise sd of every cell is proportional to sqrt(cells one user can change) / ε, and a
+    figure is shown when its denominator exceeds ``min_snr`` noise sd; so more ε, fewer cells
+    per user, or larger cells (longer periods, fewer groups) each help.
+    """
+    n = len(figures)
+    sup = int((figures["status"] == "suppressed").sum()) if n else 0
+    if sup == 0:
+        return None
+    tips = [f"raise --epsilon (now {spec.epsilon:g}; the noise sd falls as 1/ε)"]
+    if spec.kind == "retention_curve":
+        tips.append(f"use fewer --periods (now {spec.periods}: each following period is one more cell per user, "
+                    f"so more noise on every cell)")
+        if spec.period == "week":
+            tips.append("use --period month (bigger cohorts)")
+        tips.append(f"use fewer --cohorts (now {spec.cohorts}) and read the pooled curve")
+    elif spec.kind == "repeat_rate" and len(spec.windows) > 1:
+        tips.append(f"ask for fewer --windows (now {len(spec.windows)}: each adds two cells per user)")
+    if spec.by != "none":
+        tips.append(f"drop --by {spec.by} (each group splits the users)")
+    tips.append(f"or accept noisier figures with a lower --min-snr (now {policy.min_snr:g})")
+    return (f"{sup} of {n} figures suppressed: their noisy denominators are below {policy.min_snr:g} noise sd. "
+            "To publish more: " + "; ".join(tips) + ".")
