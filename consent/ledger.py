@@ -145,7 +145,8 @@ class ConsentLedger:
     (``key_path``); reading and verifying do not.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, key: Ed25519PrivateKey | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, key: Ed25519PrivateKey | None,
+                 pinned: NodePin | None = None) -> None:
         self._conn = conn
         self.path = path
         self._key = key
@@ -156,10 +157,13 @@ class ConsentLedger:
         self.key_fingerprint: str = meta["key_fingerprint"]
         self.public_key_pem: str = meta["public_key_pem"]
         self.created_at: str = meta.get("created_at", "")
-        self._pinned: Ed25519PublicKey | None = None  # set by open(pinned=...): the only key verify trusts
+        self._pinned: Ed25519PublicKey | None = None  # open(pinned=...): the only key verify trusts
+        if pinned is not None:  # first: the pin names the file and both keys
+            check_pinned(path, self.key_fingerprint, self.controller, pinned)
+            self._pinned = pinned.public_key
         if key is not None and signing.fingerprint(key) != self.key_fingerprint:
             raise LedgerError(
-                f"the key {signing.fingerprint(key)} does not match this ledger's key {self.key_fingerprint}"
+                f"the key {signing.fingerprint(key)} does not match the key of ledger {path} ({self.key_fingerprint})"
             )
 
     # -- opening ------------------------------------------------------------------------
@@ -182,7 +186,8 @@ class ConsentLedger:
         path = Path(path)
         if not path.exists():
             if not create:
-                raise LedgerError(f"no consent ledger at {path} (create one with `fedretain consent init`)")
+                raise LedgerError(f"no consent ledger at {path}: a node's ledger is SILO/.node/consent.db (pass --silo SILO "
+                                  "or --db PATH); `fedretain consent init` is only for a node that has no ledger yet")
             if not controller:
                 raise LedgerError("creating a ledger needs the controller (merchant id)")
             if key_path is None:
@@ -197,10 +202,7 @@ class ConsentLedger:
             names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"meta", "records", "heads"} <= names:
                 raise LedgerError(f"{path} is not a consent ledger (tables missing)")
-            ledger = cls(conn, path, key)
-            if pinned is not None:
-                check_pinned(path, ledger.key_fingerprint, ledger.controller, pinned)
-                ledger._pinned = pinned.public_key
+            ledger = cls(conn, path, key, pinned)
             if controller is not None and controller.strip() != ledger.controller:
                 raise LedgerError(f"{path} is the ledger of controller {ledger.controller!r}, not {controller!r}")
             if key is not None and conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
