@@ -19,7 +19,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from fedretain.clients.client_app import prepare_from_config
-from fedretain.clients.node import MerchantNode, NodeConfig
+from fedretain.clients.node import MerchantNode
 from fedretain.clients.provision import provision_node
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.consent.records import ConsentRecord
