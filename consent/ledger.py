@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import signing
+from .gate import ConsentError
 from .identity import NodePin, check_pinned
 from .importer import Batch, ConsentImportError, layout_of, prepare_records, prepare_table, read_arrow
 from .merkle import EMPTY_ROOT, Frontier, consistency_proof, inclusion_proof
@@ -41,7 +42,7 @@ from .records import ConsentRecord, format_ts, gc_paused, step, to_us
 from .usage import USAGE_SCHEMA, UsageRecord, record_usage, usages
 from .vocab import SCOPES, VOCAB_VERSION, UnknownTermError, check_purpose
 
-__all__ = ["ConsentLedger", "LedgerHead", "LedgerError", "checkpoint_text", "FORMAT", "replay_state"]
+__all__ = ["ConsentLedger", "LedgerHead", "LedgerError", "UsageWriteError", "checkpoint_text", "FORMAT", "replay_state"]
 
 FORMAT = "fedretain-consent-ledger/v1"
 ZERO_HASH = bytes(32)
@@ -103,6 +104,10 @@ def _trigger_sql(table: str) -> str:
 
 class LedgerError(Exception):
     """The ledger cannot be opened, written or trusted; the message says why."""
+
+
+class UsageWriteError(LedgerError, ConsentError):
+    """A data use could not be recorded: a consent failure for the node (it must not reply)."""
 
 
 def checkpoint_text(controller: str, size: int, root_hex: str, timestamp: str) -> bytes:
@@ -473,9 +478,13 @@ class ConsentLedger:
                      scope_counts: dict[str, int], n_users: int, ledger_size: int, ledger_root: str,
                      at: Any, subjects: Iterable[str]) -> int:
         """Log that ``subjects``' data was used by ``run_id``/``round`` (see :mod:`.usage`)."""
-        with storage_errors(self.path, "record a data use in"):
-            return record_usage(self._conn, run_id, round, purpose, feature_set, scope_counts, n_users,
-                                ledger_size, ledger_root, at, subjects)
+        try:
+            with storage_errors(self.path, "record a data use in"):
+                return record_usage(self._conn, run_id, round, purpose, feature_set, scope_counts, n_users,
+                                    ledger_size, ledger_root, at, subjects)
+        except LedgerError as exc:
+            raise UsageWriteError(f"{exc}; the use was not recorded, so the node must not send anything "
+                                  "from it (fail closed)") from None
 
     def usages(self, subject: str | None = None) -> list[UsageRecord]:
         """Usage entries, all or those that used ``subject``'s data."""

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import fedretain.consent.ledger as ledger_mod
 from fedretain.consent.cli import consent
+from fedretain.consent.gate import ConsentError
 from fedretain.consent.importer import ConsentImportError
 from fedretain.consent.ledger import ConsentLedger, LedgerError
 from fedretain.consent.records import ConsentRecord
@@ -65,6 +66,7 @@ def test_full_disk_on_the_nodes_usage_write_fails_closed(ledger):
         ledger.record_usage("run1", 1, "analytics", "train:recency_days", {"social": 0}, len(subjects), 50,
                             ledger.head().root_hex, "2024-02-01", subjects)
     _one_clear_line(err.value, "record a data use", "full")
+    assert isinstance(err.value, ConsentError)  # the node treats it as a consent failure: no reply
     assert ledger.usages() == []  # nothing half-recorded
     _still_verifies(ledger.path, 50)
 
