@@ -23,25 +23,29 @@ from .cli_base import EMBEDDED_WARNING, _TRUST_OPT, _Ctx, _friendly, _loc, _open
 @_loc
 @_friendly
 def init(obj: _Ctx, controller: str) -> None:
-    """Create a new ledger and (if missing) the node's signing key; with --silo also pin the key.
+    """Create a new ledger and (if missing) the node's signing key; for a node's ledger also pin the key.
+
+    A node's ledger is one given by --silo or one inside a node state folder (``.node``).
 
     Idempotent: a ledger that exists for the same controller is left as it is. For a
     different controller the message says how to recover (an empty ledger may be removed).
     """
     from . import signing
-    from .identity import load_pin, write_pin
+    from .identity import NODE_DIR, load_pin, write_pin
     from .ledger import ConsentLedger
 
     if obj.db.exists():
         _init_existing(obj, controller.strip())
         return
     existed = obj.key.exists()
-    pin = load_pin(obj.state_dir) if obj.silo is not None and obj.state_dir is not None else None
-    if pin is not None and existed and pin.key_fingerprint != signing.fingerprint(signing.load_private_key(obj.key)):
+    node_state = obj.state_dir is not None and (obj.silo is not None or obj.state_dir.name == NODE_DIR)
+    pin = load_pin(obj.state_dir) if node_state else None
+    if pin is not None and (not existed
+                            or pin.key_fingerprint != signing.fingerprint(signing.load_private_key(obj.key))):
         raise click.ClickException(f"{pin.path} pins key {pin.key_fingerprint}, not the key in {obj.key}; "
-                                   "refusing to create a ledger the node would not trust")
+                                   "refusing to create a ledger the node would not trust (restore the node key)")
     ledger = ConsentLedger.create(obj.db, controller=controller, key_path=obj.key)
-    if obj.silo is not None and obj.state_dir is not None and pin is None:
+    if node_state and pin is None:  # a node's ledger: pin its key now, while it is certainly the node's
         pin = write_pin(obj.state_dir, ledger.controller, ledger.public_key)
         click.echo(f"pinned the node key {pin.key_fingerprint} for merchant {pin.merchant_id!r} in {pin.path}")
     pub = obj.key.with_name(obj.key.name + ".pub")

@@ -98,3 +98,16 @@ def test_report_without_a_trusted_key_needs_the_flag_and_warns(db, tmp_path):
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert "re-signed under another key" in rep["verify"]["warning"]
     assert "WARNING" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_init_of_a_nodes_ledger_pins_its_key_as_deployment_md_says(tmp_path):
+    from fedretain.consent.identity import load_pin
+
+    state = tmp_path / "shop" / ".node"
+    res = _run("--db", state / "consent.db", "--key", state / "node_key.pem", "init", "--controller", "shop_a")
+    pin = load_pin(state)
+    assert pin is not None and pin.merchant_id == "shop_a" and pin.key_fingerprint in res.output
+    (state / "node_key.pem").rename(tmp_path / "lost.pem")
+    (state / "consent.db").unlink()
+    res = _run("init", "--silo", tmp_path / "shop", "--controller", "shop_a", ok=False)
+    assert "pins key" in res.output and "restore the node key" in res.output
