@@ -46,7 +46,7 @@ def settings(out_dir: Path, rounds: int = 10, **overrides):
 
     base = dict(
         rounds=rounds, local_epochs=2, batch_size=128, learning_rate=0.005, cutoff=CUTOFF,
-        horizon_days=HORIZON_DAYS, consent_at=CONSENT_AT, features=PURCHASE_FEATURES, hidden=(32, 16),
+        horizon_days=HORIZON_DAYS, features=PURCHASE_FEATURES, hidden=(32, 16),
         out_dir=str(out_dir), min_nodes=2,
     )
     base.update(overrides)
@@ -59,6 +59,6 @@ def prepared(silos: list[Path], s) -> list:
 
     from fedretain.clients.node import MerchantNode, NodeConfig
 
-    at = datetime.fromisoformat(s.consent_at)
+    at = datetime.fromisoformat(CONSENT_AT)  # local yardstick; federated nodes use their own clock (no grant expires)
     return [MerchantNode(NodeConfig.for_silo(p)).prepare(s.purpose, list(s.features), s.horizon_days, s.cutoff, at)
             for p in silos]

@@ -16,6 +16,7 @@ nothing is released and nothing is charged.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,10 +34,19 @@ from fedretain.privacy.accountant import PrivacyError
 from fedretain.privacy.budget import ledger_path
 
 STATUS_ACTION = "analytics_status"
+_log = logging.getLogger(__name__)
 
 
 def _consent_time(spec: QuerySpec) -> datetime:
-    return datetime.fromisoformat(spec.consent_at) if spec.consent_at else datetime.now(timezone.utc)
+    """Always the node's own clock: a query's ``consent_at`` (the server's choice) is ignored and logged.
+
+    Evaluating consent at a server-chosen past time would count users who have since withdrawn
+    or whose grants expired (see ``client_app._consent_time``).
+    """
+    if spec.consent_at:
+        _log.warning("ignoring consent_at=%r in query %s: this node evaluates consent at its own clock",
+                     spec.consent_at, spec.query_id)
+    return datetime.now(timezone.utc)
 
 
 def node_status(node: MerchantNode) -> dict[str, Any]:

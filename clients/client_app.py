@@ -8,6 +8,7 @@ numbers only — never user ids, rows, per-user features or scores.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
@@ -27,6 +28,7 @@ from fedretain.train import evaluate
 torch.set_num_threads(1)  # one thread per node process is faster on small CPUs (see docs)
 
 app = ClientApp()
+_log = logging.getLogger(__name__)
 
 
 def node_for(context: Context) -> MerchantNode:
@@ -34,8 +36,17 @@ def node_for(context: Context) -> MerchantNode:
 
 
 def _consent_time(cfg: ConfigRecord) -> datetime:
-    at = str(cfg.get("consent-at", "") or "")
-    return datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+    """When consent is evaluated: always the node's own clock, now. Consent is the node's decision.
+
+    A ``consent-at`` sent by the server is ignored (and logged): evaluating consent at a
+    server-chosen past time would re-admit users who have since withdrawn or whose grants
+    expired. Ignoring rather than refusing keeps older servers working while giving them
+    nothing; the server can still choose the feature ``cutoff`` (back-tests).
+    """
+    sent = str(cfg.get("consent-at", "") or "")
+    if sent:
+        _log.warning("ignoring consent-at=%r sent by the server: this node evaluates consent at its own clock", sent)
+    return datetime.now(timezone.utc)
 
 
 # The consent decision and features of one round, shared by its train and evaluate
@@ -49,8 +60,7 @@ def prepare_from_config(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
     key = None
     if rnd is not None:
         key = (str(node.config.data_path), str(cfg.get("run-id", "")), int(rnd), str(cfg["purpose"]),
-               tuple(cfg["features"]), float(cfg.get("horizon-days", 30)), str(cfg.get("cutoff", "")),
-               str(cfg.get("consent-at", "")))
+               tuple(cfg["features"]), float(cfg.get("horizon-days", 30)), str(cfg.get("cutoff", "")))
         if key in _ROUND_CACHE:
             return _ROUND_CACHE[key]
     prep = _prepare(node, cfg)

@@ -17,15 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedretain.consent.gate import GateDecision, apply_gate, decide
-from fedretain.consent.ledger import ConsentLedger
+from fedretain.consent.gate import ConsentError, GateDecision, apply_gate, decide
+from fedretain.consent.identity import KEY_FILE, LEDGER_FILE, NODE_DIR, PIN_FILE, PinError, require_pin
+from fedretain.consent.ledger import ConsentLedger, LedgerError
 from fedretain.consent.vocab import check_purpose
 from fedretain.features import check_features, compute_features, feature_columns, scopes_read
 from fedretain.ingest import Silo, load_silo
 from fedretain.labels import LABEL_SCOPE, make_labels
 from fedretain.train import to_targets
 
-NODE_DIR = ".node"  # per-silo folder for the node's own state (ledger, keys, budget)
+__all__ = ["NODE_DIR", "NodeConfig", "MerchantNode", "Prepared", "simulation_silos", "split_test"]
 TEST_FRACTION = 0.3
 _SPLIT_KEY = "fedretain-split1"  # exactly 16 bytes: pandas hash key
 
@@ -46,10 +47,15 @@ class NodeConfig:
         state = Path(state_dir) if state_dir else silo / NODE_DIR
         return cls(
             data_path=silo,
-            consent_db=Path(consent_db) if consent_db else state / "consent.db",
-            node_key=Path(node_key) if node_key else state / "node_key.pem",
+            consent_db=Path(consent_db) if consent_db else state / LEDGER_FILE,
+            node_key=Path(node_key) if node_key else state / KEY_FILE,
             state_dir=state,
         )
+
+    @property
+    def pin_path(self) -> Path:
+        """The node's pinned identity (merchant id + ledger key), written at provisioning."""
+        return self.state_dir / PIN_FILE
 
     @classmethod
     def from_flower(cls, node_config: dict[str, Any], run_config: dict[str, Any]) -> "NodeConfig":
@@ -160,15 +166,29 @@ class MerchantNode:
         return self.data_end() - pd.Timedelta(days=float(horizon_days))
 
     def ledger(self) -> ConsentLedger:
-        if not self.config.consent_db.is_file():
+        """The node's consent ledger, trusted only under the node's pinned key (:mod:`fedretain.consent.identity`).
+
+        A ledger declaring another key or merchant, a missing or damaged pin, or a ledger
+        that cannot be opened raises :class:`ConsentError` naming the file: the node uses no data.
+        """
+        db = self.config.consent_db
+        if not db.is_file():
             raise FileNotFoundError(
-                f"consent ledger not found at {self.config.consent_db}: refusing to use any data "
-                f"(create it with `fedretain consent init` and import the merchant's consent records)"
+                f"consent ledger not found at {db}: refusing to use any data (provision the node with "
+                f"`fedretain.clients.provision.provision_node` / `fedretain simulate`, which creates the ledger "
+                f"from SILO/consent.csv and pins the node key; do not create an empty ledger beside a real one)"
             )
-        return ConsentLedger.open(self.config.consent_db)
+        try:
+            return ConsentLedger.open(db, pinned=require_pin(self.config.state_dir, db))
+        except (PinError, LedgerError) as exc:
+            raise ConsentError(f"consent gate refused: {exc}") from None
 
     def gate(self, purpose: str, at: datetime | None = None) -> tuple[GateDecision, Any]:
-        """Consent decision for ``purpose`` at ``at`` (default: now) and the gated data. Fails closed."""
+        """Consent decision for ``purpose`` at ``at`` (default: now) and the gated data. Fails closed.
+
+        ``at`` is for the node's own local use (back-tests, benches); what the platform sends
+        never reaches it: the ClientApp always passes the node's clock (``client_app._consent_time``).
+        """
         check_purpose(purpose)
         at = at or datetime.now(timezone.utc)
         silo = self.silo

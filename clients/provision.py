@@ -1,7 +1,11 @@
-"""Provision a merchant node: its signing key and consent ledger, from the silo's consent file.
+"""Provision a merchant node: its signing key, its pinned identity and consent ledger, from the silo's consent file.
 
-Idempotent: an existing ledger is kept as it is (never re-imported or overwritten), so
-consent changes recorded since provisioning survive.
+The node key is pinned (``STATE_DIR/node.json``: merchant id, key fingerprint and public
+PEM, written atomically) *before* the ledger is created, so the node only ever trusts a
+ledger signed by its own key (see :mod:`fedretain.consent.identity`). Idempotent: an
+existing ledger is kept as it is (never re-imported or overwritten), so consent changes
+recorded since provisioning survive. An existing ledger without a pin is not pinned here:
+that is a deliberate act (``fedretain consent pin --silo SILO``), refused with a message.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedretain.clients.node import NodeConfig
+from fedretain.consent import signing
+from fedretain.consent.identity import PinError, load_pin, require_pin, write_pin
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.ingest import read_merchant
 
@@ -17,7 +23,7 @@ def provision_node(
     silo: str | Path, *, consent_db: str | Path | None = None, node_key: str | Path | None = None,
     lifetime_budgets: dict[str, float] | None = None,
 ) -> NodeConfig:
-    """Create ``SILO/.node/{node_key.pem,consent.db}`` (or the given paths) if missing.
+    """Create ``SILO/.node/{node_key.pem,node.json,consent.db}`` (or the given paths) if missing.
 
     ``lifetime_budgets`` (purpose → ε) sets the node's lifetime privacy budget for purposes
     that have none yet; an existing budget is never changed here (that is a deliberate act:
@@ -32,11 +38,20 @@ def provision_node(
             for purpose, epsilon in lifetime_budgets.items():
                 if budget.budget(purpose) is None:
                     budget.set_budget(purpose, float(epsilon), note="set at provisioning")
+    merchant_id = str(read_merchant(Path(silo) / "merchant.json")["merchant_id"])
     if cfg.consent_db.exists():
+        require_pin(cfg.state_dir, cfg.consent_db)  # an unpinned ledger: pinning it is the operator's decision
         return cfg
-    merchant = read_merchant(Path(silo) / "merchant.json")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    with ConsentLedger.create(cfg.consent_db, controller=str(merchant["merchant_id"]), key_path=cfg.node_key) as ledger:
+    key, _ = signing.load_or_create_key(cfg.node_key)
+    pin = load_pin(cfg.state_dir)
+    if pin is None:
+        write_pin(cfg.state_dir, merchant_id, key)
+    elif (pin.key_fingerprint, pin.merchant_id) != (signing.fingerprint(key), merchant_id):
+        raise PinError(f"{pin.path} pins key {pin.key_fingerprint} for merchant {pin.merchant_id!r}, but the node "
+                       f"key {cfg.node_key} is {signing.fingerprint(key)} for merchant {merchant_id!r}; refusing to "
+                       f"create a ledger under a key the node does not trust")
+    with ConsentLedger.create(cfg.consent_db, controller=merchant_id, key_path=cfg.node_key) as ledger:
         consent_file = Path(silo) / "consent.csv"
         if consent_file.is_file():
             ledger.import_file(consent_file)

@@ -226,7 +226,7 @@ def preflight(settings: NodeSettings) -> Preflight:
     if len(silo.events) == 0:
         raise NodeSetupError(f"data: silo {silo_path} has no accepted events (see `fedretain data check {silo_path}`)")
     cfg = NodeConfig.for_silo(silo_path, settings.consent_db, settings.signing_key, settings.state)
-    size, head = _check_ledger(cfg.consent_db)
+    size, head = _check_ledger(cfg.consent_db, cfg.state_dir)
     fp = None
     if settings.auth_key is not None:
         try:
@@ -245,8 +245,9 @@ def preflight(settings: NodeSettings) -> Preflight:
     )
 
 
-def _check_ledger(path: Path) -> tuple[int, str]:
-    """Open and verify the consent ledger (signatures and hash chain); fail closed."""
+def _check_ledger(path: Path, state_dir: Path | None = None) -> tuple[int, str]:
+    """Open and verify the consent ledger (signatures and hash chain) under the node's pinned key; fail closed."""
+    from fedretain.consent.identity import require_pin
     from fedretain.consent.ledger import ConsentLedger
 
     if not Path(path).is_file():
@@ -255,7 +256,8 @@ def _check_ledger(path: Path) -> tuple[int, str]:
             f"merchant's consent records, or pass --consent-db)"
         )
     try:
-        with ConsentLedger.open(path) as ledger:
+        pin = require_pin(state_dir, path) if state_dir is not None else None
+        with ConsentLedger.open(path, pinned=pin) as ledger:
             result = ledger.verify()
             head = ledger.head()
     except Exception as exc:  # a corrupt file, a missing key, a schema mismatch: all mean "do not use"

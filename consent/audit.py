@@ -59,7 +59,7 @@ class VerifyResult:
     reason: str
     n_heads: int = 0
     key_fingerprint: str = ""
-    key_source: str = ""  # "node key" | "given public key" | "ledger (self-declared)"
+    key_source: str = ""  # "pinned node key" | "node key" | "given public key" | "ledger (self-declared)"
     root_hex: str = ""
 
     def describe(self) -> str:
@@ -92,13 +92,15 @@ class _Bad(Exception):
 
 
 def verify_ledger(ledger: ConsentLedger, public_key: Ed25519PublicKey | None = None) -> VerifyResult:
-    """Verify ``ledger`` against ``public_key`` (default: the node key it was opened with).
+    """Verify ``ledger`` against ``public_key`` (default: its pinned key, else the node key it was opened with).
 
     Without either, the public key recorded in the ledger itself is used and
     ``key_source`` says so: that detects edits but not a wholesale re-signing.
     """
     if public_key is not None:
         pub, source = public_key, "given public key"
+    elif ledger.pinned_key is not None:
+        pub, source = ledger.pinned_key, "pinned node key"
     elif ledger.has_signing_key:
         pub, source = ledger.public_key, "node key"
     else:

@@ -1,127 +1,76 @@
 """``fedretain consent``: the compliance officer's command line for a node's consent ledger.
 
-Every command opens the ledger given by ``--db``; commands that write sign with the node
-key given by ``--key`` (default: ``<db>.key.pem`` next to the ledger, created by ``init``).
+Which ledger: ``--silo SILO`` (a node's ledger ``SILO/.node/consent.db``, its key and its
+pinned identity), or ``--db FILE`` (commands that write sign with ``--key``, default
+``<db>.key.pem``). ``--silo/--db/--key`` are accepted before or after the subcommand.
+Trust: a node's ledger is verified against the node's pinned key (``node.json`` beside
+it, see :mod:`.identity`), else the node key or ``--public-key``; checking a ledger only
+against the key it declares about itself needs ``--trust-embedded-key`` and prints a WARNING.
 User errors print one clear message and exit 1 (never a traceback); ``verify`` exits 1
-when the ledger was tampered with and names the first bad record.
+when the ledger was tampered with or is not signed by the trusted key.
 """
 
-from __future__ import annotations
 
 import csv
-import functools
-import getpass
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from .cli_base import (EMBEDDED_WARNING, F, _TRUST_OPT, _Ctx, _console, _default_by, _friendly, _loc, _now, _open,
+                       _require_trust, _ts)
 from .vocab import PURPOSES, SCOPES
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass
-class _Ctx:
-    db: Path
-    key: Path
-    key_given: bool
-
-
-def _friendly(fn: F) -> F:
-    """Turn expected errors (bad input, missing files, tampering) into a clean message and exit 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .gate import ConsentError
-        from .importer import ConsentImportError
-        from .ledger import LedgerError
-        from .signing import KeyFileError
-
-        try:
-            return fn(*args, **kwargs)
-        except ConsentImportError as exc:
-            lines = [str(exc)]
-            if len(exc.errors) > 1:
-                lines.append("first problems:")
-                lines += [f"  row {r}, field {f!r}: {m}" for r, f, m in exc.errors[:10]]
-            raise click.ClickException("\n".join(lines)) from None
-        except (LedgerError, KeyFileError, ConsentError, ValueError, OSError) as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _open(ctx: _Ctx, *, write: bool = False) -> Any:
-    from .ledger import ConsentLedger
-
-    if write or ctx.key_given or ctx.key.exists():
-        return ConsentLedger.open(ctx.db, key_path=ctx.key)
-    return ConsentLedger.open(ctx.db)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # piped or captured: wide enough that ids and timestamps stay whole
-        console = Console(width=200)
-    return console
-
-
-def _ts(text: str | None) -> str:
-    """Canonical timestamp text, shortened for tables: ``2024-01-01 00:00:00`` (UTC)."""
-    if not text:
-        return ""
-    short = text.replace("T", " ").removesuffix("Z")
-    return short.removesuffix(".000000")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _default_by() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
-
-
 @click.group("consent")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default="consent-ledger.sqlite",
-              show_default=True, envvar="FEDRETAIN_CONSENT_DB", help="the node's consent ledger (SQLite file)")
+@click.option("--silo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="FEDRETAIN_SILO", help="a node's silo: use SILO/.node/consent.db, its node key and pinned key")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              envvar="FEDRETAIN_CONSENT_DB",
+              help="the consent ledger (SQLite file) [default: ./consent-ledger.sqlite; a node's is SILO/.node/consent.db]")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="FEDRETAIN_NODE_KEY",
-              help="the node's Ed25519 private key (PEM) [default: <db>.key.pem]")
+              help="the node's Ed25519 private key (PEM) [default: <db>.key.pem, or SILO/.node/node_key.pem]")
 @click.pass_context
-def consent(ctx: click.Context, db: Path, key: Path | None) -> None:
-    """Record, inspect, verify and report a node's consent ledger."""
-    ctx.obj = _Ctx(db=db, key=key if key is not None else db.with_suffix(".key.pem"), key_given=key is not None)
+def consent(ctx: click.Context, silo: Path | None, db: Path | None, key: Path | None) -> None:
+    """Record, inspect, verify and report a node's consent ledger.
+
+    --silo/--db/--key may also be given after the subcommand.
+    """
+    db_ = db if db is not None else Path(DEFAULT_DB)
+    ctx.obj = _Ctx(db=db_, key=key if key is not None else db_.with_suffix(".key.pem"), key_given=key is not None,
+                   db_given=db is not None, silo=silo)
 
 
-@consent.command()
-@click.option("--controller", required=True, help="the merchant id this node's ledger belongs to")
-@click.pass_obj
-@_friendly
-def init(obj: _Ctx, controller: str) -> None:
-    """Create a new ledger and (if missing) the node's signing key."""
-    from . import signing
-    from .ledger import ConsentLedger
+DEFAULT_DB = "consent-ledger.sqlite"
 
-    existed = obj.key.exists()
-    ledger = ConsentLedger.create(obj.db, controller=controller, key_path=obj.key)
-    pub = obj.key.with_name(obj.key.name + ".pub")
-    if not pub.exists():
-        pub.write_text(signing.public_key_pem(ledger.public_key))
-    click.echo(f"created consent ledger {obj.db} for controller {ledger.controller!r}")
-    click.echo(f"node key {obj.key} ({'existing' if existed else 'new, mode 0600'}), public key {pub}")
-    click.echo(f"key fingerprint {ledger.key_fingerprint}")
-    ledger.close()
+
+FeatureScopes = Callable[[], Mapping[str, Iterable[str]]]
+_feature_scopes: FeatureScopes | None = None
+
+
+def provide_feature_scopes(fn: FeatureScopes | None) -> None:
+    """Register where ``show`` learns which scopes each feature reads (None: unknown)."""
+    global _feature_scopes
+    _feature_scopes = fn
+
+
+def read_for_subject(feature_set: str, granted: set[str]) -> dict[str, Any]:
+    """What one use read of one subject: the subject's granted scopes that the use's features read.
+
+    A feature reads only the scopes it declares, and the gate passes only the subject's
+    granted ones, so the subject's data read = declared ∩ granted; a feature with no
+    granted scope read nothing of theirs and is not listed.
+    """
+    use, _, names = feature_set.partition(":") if ":" in feature_set else ("", "", feature_set)
+    features = [f for f in names.split(",") if f]
+    table = dict(_feature_scopes()) if _feature_scopes is not None else None
+    if table is None or not all(f in table for f in features):
+        return {"use": use, "scopes": sorted(granted), "features": features, "features_known": False}
+    read = {f: sorted(set(table[f]) & granted) for f in features}
+    return {"use": use, "scopes": sorted({s for v in read.values() for s in v}),
+            "features": [f for f in features if read[f]], "features_known": True}
 
 
 def _record_opts(fn: F) -> F:
@@ -143,6 +92,7 @@ def _record_opts(fn: F) -> F:
 @click.option("--expires", default=None, help="when the grant expires (ISO 8601, UTC)")
 @_record_opts
 @click.pass_obj
+@_loc
 @_friendly
 def grant(obj: _Ctx, user: str, purpose: str, scopes: str, expires: str | None, at: str | None, method: str,
           notice: str, jurisdiction: str, by: str | None) -> None:
@@ -163,15 +113,28 @@ def grant(obj: _Ctx, user: str, purpose: str, scopes: str, expires: str | None, 
 @click.argument("user")
 @click.option("--purpose", required=True, type=click.Choice(PURPOSES))
 @click.option("--scopes", default="", help="comma-separated scopes to withdraw [default: all of the purpose]")
+@click.option("--new-subject", is_flag=True,
+              help="record it even though the ledger has no record of USER (otherwise refused: a typo is permanent)")
 @_record_opts
 @click.pass_obj
+@_loc
 @_friendly
-def withdraw(obj: _Ctx, user: str, purpose: str, scopes: str, at: str | None, method: str, notice: str,
-             jurisdiction: str, by: str | None) -> None:
-    """Record that USER withdraws SCOPES (default: all) for PURPOSE."""
+def withdraw(obj: _Ctx, user: str, purpose: str, scopes: str, new_subject: bool, at: str | None, method: str,
+             notice: str, jurisdiction: str, by: str | None) -> None:
+    """Record that USER withdraws SCOPES (default: all) for PURPOSE.
+
+    A subject id the ledger has never seen is refused unless --new-subject: records are
+    permanent, so a mistyped id would stay forever while the real subject stays granted.
+    """
     from .records import ConsentRecord
 
     with _open(obj, write=True) as ledger:
+        known = ledger.connection.execute("SELECT 1 FROM records WHERE subject_id = ? LIMIT 1", (user,)).fetchone()
+        if known is None and not new_subject:
+            raise click.ClickException(
+                f"subject {user!r} has no consent record in {obj.db}; nothing was recorded. Check the id (a typo "
+                f"would be permanent: `fedretain consent show {user}`), or pass --new-subject to record a "
+                "withdrawal for a subject this ledger has not seen")
         rec = ConsentRecord.withdraw(user, ledger.controller, purpose, at or _now(), scopes=scopes,
                                      collection_method=method, notice_version=notice, jurisdiction=jurisdiction,
                                      recorded_by=by or _default_by())
@@ -185,6 +148,7 @@ def withdraw(obj: _Ctx, user: str, purpose: str, scopes: str, at: str | None, me
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--by", "by", default=None, help="recorded_by for rows that leave it empty [default: import:<file>]")
 @click.pass_obj
+@_loc
 @_friendly
 def import_(obj: _Ctx, file: Path, by: str | None) -> None:
     """Import a consent CSV/JSONL file (all rows or nothing)."""
@@ -199,6 +163,7 @@ def import_(obj: _Ctx, file: Path, by: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @click.option("--at", "at", default=None, help="evaluate the state at this time [default: now]")
 @click.pass_obj
+@_loc
 @_friendly
 def show(obj: _Ctx, user: str, as_json: bool, at: str | None) -> None:
     """USER's full consent history, state now, and which runs used their data."""
@@ -209,7 +174,10 @@ def show(obj: _Ctx, user: str, as_json: bool, at: str | None) -> None:
         hist = ledger.history(user)
         state = {p: [s for s, v in ledger.state_at(p, at_dt, subjects=[user]).iloc[0].items() if v]
                  for p in PURPOSES}
-        used = [u.to_dict() for u in ledger.usages(user)]
+        used = []
+        for u in ledger.usages(user):
+            granted = {sc for sc, v in ledger.state_at(u.purpose, u.at, subjects=[user]).iloc[0].items() if v}
+            used.append({**u.to_dict(), "read": read_for_subject(u.feature_set, granted)})
     if as_json:
         click.echo(json.dumps({"subject_id": user, "at": format_ts(at_dt), "state": state,
                                "history": hist.to_dict(orient="records"), "usage": used}, indent=2))
@@ -235,55 +203,39 @@ def show(obj: _Ctx, user: str, as_json: bool, at: str | None) -> None:
     console.print(s)
     if used:
         u = Table(title=f"runs that used {user}'s data")
-        for c in ("run", "round", "purpose", "features", "consent at", "ledger size", "recorded"):
+        for c in ("run", "round", "purpose", "use", "scopes read", "features read", "consent at", "ledger size",
+                  "recorded"):
             u.add_column(c, overflow="fold")
         for x in used:
-            u.add_row(x["run_id"], str(x["round"]), x["purpose"], x["feature_set"], _ts(x["at"]),
-                      str(x["ledger_size"]), _ts(x["recorded_at"]))
+            r = x["read"]
+            feats = ", ".join(r["features"]) if r["features_known"] else "(feature scopes not available here)"
+            u.add_row(x["run_id"], str(x["round"]), x["purpose"], r["use"], ", ".join(r["scopes"]) or "none",
+                      feats, _ts(x["at"]), str(x["ledger_size"]), _ts(x["recorded_at"]))
         console.print(u)
     else:
         console.print(f"no run has used {user}'s data")
 
 
 @consent.command()
-@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="verify against this public key PEM instead of the node key")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@click.pass_obj
-@_friendly
-def verify(obj: _Ctx, public_key: Path | None, as_json: bool) -> None:
-    """Check the hash chain, indexed columns, Merkle roots and signatures (exit 1 if tampered)."""
-    from .signing import load_public_key
-
-    pub = load_public_key(public_key) if public_key is not None else None
-    with _open(obj) as ledger:
-        res = ledger.verify(pub)
-    if as_json:
-        click.echo(json.dumps(res.to_dict(), indent=2))
-    else:
-        click.echo(res.describe())
-        if res.ok and res.key_source.startswith("ledger"):
-            click.echo("note: no node key or --public-key was given, so the signatures were checked against the "
-                       "key the ledger itself declares", err=True)
-    if not res.ok:
-        raise SystemExit(1)
-
-
-@consent.command()
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder for report.html and report.json")
 @click.option("--at", "at", default=None, help="report the state at this time [default: now]")
+@_TRUST_OPT
 @click.pass_obj
+@_loc
 @_friendly
-def report(obj: _Ctx, out: Path, at: str | None) -> None:
+def report(obj: _Ctx, out: Path, at: str | None, trust_embedded_key: bool) -> None:
     """Write an HTML + JSON compliance report (coverage, withdrawals, usage, verification)."""
     from .report import build_report
 
     with _open(obj) as ledger:
+        _require_trust(obj, ledger, False, trust_embedded_key)
         paths = build_report(ledger, out, at=at)
-        ok = ledger.verify().ok
+        res = ledger.verify()
     click.echo(f"wrote {paths['html']} and {paths['json']}")
-    if not ok:
+    if res.key_source.startswith("ledger"):
+        click.echo(f"WARNING: {EMBEDDED_WARNING}")
+    if not res.ok:
         click.echo("warning: the ledger FAILED verification; see the report", err=True)
 
 
@@ -291,6 +243,7 @@ def report(obj: _Ctx, out: Path, at: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), required=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_obj
+@_loc
 @_friendly
 def export(obj: _Ctx, fmt: str, out: Path) -> None:
     """Export every record (CSV in the import format, or JSON with the signed head)."""
@@ -324,3 +277,6 @@ def export(obj: _Ctx, fmt: str, out: Path) -> None:
         ledger.connection.execute("COMMIT")
         os.replace(tmp, out)
     click.echo(f"exported {n} record(s) to {out}")
+
+
+from . import cli_identity  # noqa: E402,F401  (registers init, pin, verify)

@@ -431,6 +431,21 @@ def _table(df: pd.DataFrame | pa.Table) -> pa.Table:
         raise ConsentImportError("frame", [(0, "file", f"columns must hold text: {exc}")]) from None
 
 
+MAX_CLOCK_SKEW_S = 300  # how far a record's effective time may be ahead of this node's clock
+
+
+def future_limit_us() -> int:
+    """Latest effective time accepted now: the node's clock plus :data:`MAX_CLOCK_SKEW_S`."""
+    return to_us(datetime.now(timezone.utc)) + MAX_CLOCK_SKEW_S * 1_000_000
+
+
+def future_message(text: str) -> str:
+    """Why a future effective time is refused (a fast clock elsewhere would silently delay e.g. a withdrawal)."""
+    return (f"effective time {text} is ahead of this node's clock ({datetime.now(timezone.utc).isoformat(timespec='seconds')}) "
+            f"by more than {MAX_CLOCK_SKEW_S // 60} minutes; a future effective time would silently delay the record "
+            "(e.g. a withdrawal). Check the clock of the system that wrote it, or record it when it takes effect")
+
+
 def prepare_table(
     df: pd.DataFrame | pa.Table,
     *,
@@ -506,6 +521,9 @@ def prepare_table(
     flag(eff_empty, "effective_at", "must not be empty")
     flag((eff == _NAT) & ~eff_empty, "effective_at", lambda i: f"not an ISO 8601 timestamp: {value(eff_raw, i)!r}")
     flag((eff != _NAT) & ((eff < 0) | (eff > _MAX_TS_US)), "effective_at", "timestamp outside 1970..9999")
+    limit_us = future_limit_us()
+    flag((eff != _NAT) & (eff >= 0) & (eff <= _MAX_TS_US) & (eff > limit_us), "effective_at",
+         lambda i: future_message(value(eff_raw, i)))
 
     exp_raw = col("expires_at")
     has_exp = ~np_bool(pc.equal(exp_raw, ""))
@@ -695,6 +713,10 @@ def _format_present(us: np.ndarray, present: np.ndarray) -> pa.Array:
 
 def prepare_records(records: list[ConsentRecord], *, controller: str) -> Batch:
     """A batch from record objects (already validated on construction)."""
+    limit_us = future_limit_us()
+    for i, r in enumerate(records):
+        if to_us(r.effective_at) > limit_us:
+            raise ConsentImportError("records", [(i + 1, "effective_at", future_message(r.to_dict()["effective_at"]))])
     for i, r in enumerate(records):
         if r.controller != controller:
             raise ConsentImportError("records", [(i + 1, "controller",

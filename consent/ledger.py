@@ -34,13 +34,15 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import signing
+from .gate import ConsentError
+from .identity import NodePin, check_pinned
 from .importer import Batch, ConsentImportError, layout_of, prepare_records, prepare_table, read_arrow
 from .merkle import EMPTY_ROOT, Frontier, consistency_proof, inclusion_proof
 from .records import ConsentRecord, format_ts, gc_paused, step, to_us
 from .usage import USAGE_SCHEMA, UsageRecord, record_usage, usages
 from .vocab import SCOPES, VOCAB_VERSION, UnknownTermError, check_purpose
 
-__all__ = ["ConsentLedger", "LedgerHead", "LedgerError", "checkpoint_text", "FORMAT", "replay_state"]
+__all__ = ["ConsentLedger", "LedgerHead", "LedgerError", "UsageWriteError", "checkpoint_text", "FORMAT", "replay_state"]
 
 FORMAT = "fedretain-consent-ledger/v1"
 ZERO_HASH = bytes(32)
@@ -104,6 +106,10 @@ class LedgerError(Exception):
     """The ledger cannot be opened, written or trusted; the message says why."""
 
 
+class UsageWriteError(LedgerError, ConsentError):
+    """A data use could not be recorded: a consent failure for the node (it must not reply)."""
+
+
 def checkpoint_text(controller: str, size: int, root_hex: str, timestamp: str) -> bytes:
     """The exact bytes a signed head signs (one field per line, no trailing newline)."""
     return f"{FORMAT}\n{controller}\n{size}\n{root_hex}\n{timestamp}".encode()
@@ -144,7 +150,8 @@ class ConsentLedger:
     (``key_path``); reading and verifying do not.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, key: Ed25519PrivateKey | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, key: Ed25519PrivateKey | None,
+                 pinned: NodePin | None = None) -> None:
         self._conn = conn
         self.path = path
         self._key = key
@@ -155,9 +162,13 @@ class ConsentLedger:
         self.key_fingerprint: str = meta["key_fingerprint"]
         self.public_key_pem: str = meta["public_key_pem"]
         self.created_at: str = meta.get("created_at", "")
+        self._pinned: Ed25519PublicKey | None = None  # open(pinned=...): the only key verify trusts
+        if pinned is not None:  # first: the pin names the file and both keys
+            check_pinned(path, self.key_fingerprint, self.controller, pinned)
+            self._pinned = pinned.public_key
         if key is not None and signing.fingerprint(key) != self.key_fingerprint:
             raise LedgerError(
-                f"the key {signing.fingerprint(key)} does not match this ledger's key {self.key_fingerprint}"
+                f"the key {signing.fingerprint(key)} does not match the key of ledger {path} ({self.key_fingerprint})"
             )
 
     # -- opening ------------------------------------------------------------------------
@@ -169,24 +180,34 @@ class ConsentLedger:
         key_path: str | os.PathLike[str] | None = None,
         create: bool = False,
         controller: str | None = None,
+        pinned: NodePin | None = None,
     ) -> ConsentLedger:
-        """Open the ledger at ``path``; with ``create=True`` make it (needs ``controller``, ``key_path``)."""
+        """Open the ledger at ``path``; with ``create=True`` make it (needs ``controller``, ``key_path``).
+
+        ``pinned`` (the node's pinned identity, :mod:`.identity`) makes the ledger trusted only
+        under that key: a ledger declaring any other key or merchant is refused here
+        (:class:`~.identity.PinError`), and :meth:`verify` checks every signature against the pin.
+        """
         path = Path(path)
         if not path.exists():
             if not create:
-                raise LedgerError(f"no consent ledger at {path} (create one with `fedretain consent init`)")
+                raise LedgerError(f"no consent ledger at {path}: a node's ledger is SILO/.node/consent.db (pass --silo SILO "
+                                  "or --db PATH); `fedretain consent init` is only for a node that has no ledger yet")
             if not controller:
                 raise LedgerError("creating a ledger needs the controller (merchant id)")
             if key_path is None:
                 raise LedgerError("creating a ledger needs a key path for the node's signing key")
             return cls.create(path, controller=controller, key_path=key_path)
         key = signing.load_private_key(key_path) if key_path is not None else None
-        conn = _connect(path)
+        try:
+            conn = _connect(path)
+        except sqlite3.DatabaseError as exc:
+            raise storage_error(exc, path, "open") from None
         try:
             names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"meta", "records", "heads"} <= names:
                 raise LedgerError(f"{path} is not a consent ledger (tables missing)")
-            ledger = cls(conn, path, key)
+            ledger = cls(conn, path, key, pinned)
             if controller is not None and controller.strip() != ledger.controller:
                 raise LedgerError(f"{path} is the ledger of controller {ledger.controller!r}, not {controller!r}")
             if key is not None and conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -195,7 +216,7 @@ class ConsentLedger:
                 conn.execute("ALTER TABLE records ADD COLUMN layout INTEGER")  # older files: older rows stay NULL
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise LedgerError(f"{path} is not a readable SQLite consent ledger: {exc}") from None
+            raise storage_error(exc, path, "open") from None
         except BaseException:
             conn.close()
             raise
@@ -270,10 +291,17 @@ class ConsentLedger:
 
     @property
     def public_key(self) -> Ed25519PublicKey:
-        """The node key: from the private key if opened with one, else as recorded in the ledger."""
+        """The node key: from the private key or the pin if opened with one, else as recorded in the ledger."""
         if self._key is not None:
             return self._key.public_key()
+        if self._pinned is not None:
+            return self._pinned
         return signing.load_public_key(self.public_key_pem)
+
+    @property
+    def pinned_key(self) -> Ed25519PublicKey | None:
+        """The node's pinned public key, if the ledger was opened with one."""
+        return self._pinned
 
     @property
     def has_signing_key(self) -> bool:
@@ -288,8 +316,8 @@ class ConsentLedger:
         """Append records in one transaction with one signed head; returns the new size."""
         if not records:
             return self.size
-        with gc_paused():
-            return self._insert(prepare_records(list(records), controller=self.controller), source="records")
+        with gc_paused(), storage_errors(self.path, "append consent records to"):
+            return self._insert(prepare_records(list(records), controller=self.controller), source="records")[0]
 
     def import_file(self, path: str | os.PathLike[str], *, recorded_by: str | None = None) -> int:
         """Import a CSV/JSONL consent file as one transaction; returns the number of records added.
@@ -299,7 +327,7 @@ class ConsentLedger:
         """
         self._require_key()
         path = Path(path)
-        with gc_paused():
+        with gc_paused(), storage_errors(self.path, f"import {path.name} into"):
             return self._import_file(path, recorded_by)
 
     def _import_file(self, path: Path, recorded_by: str | None) -> int:
@@ -310,16 +338,18 @@ class ConsentLedger:
         with step("validate+canonical"):
             batch = prepare_table(table, source=path.name, controller=self.controller,
                                   default_recorded_by=recorded_by if recorded_by is not None else f"import:{path.name}")
-        before = self.size
-        return self._insert(batch, source=path.name) - before
+        return self._insert(batch, source=path.name)[1]  # what this transaction inserted, not a size difference
 
     def _require_key(self) -> Ed25519PrivateKey:
         if self._key is None:
             raise LedgerError("the ledger was opened without the node key; writing needs it to sign heads")
         return self._key
 
-    def _insert(self, batch: Batch, *, source: str) -> int:
+    def _insert(self, batch: Batch, *, source: str) -> tuple[int, int]:
         """Hash, chain and insert a validated batch, then sign the new head; one transaction.
+
+        Returns ``(new size, records inserted)``: the count is this transaction's own, so a
+        writer appending between the caller's reads and this transaction does not inflate it.
 
         Work goes in slices of ``_SLICE`` rows (hash a slice, insert it) so that memory
         stays flat and each slice's bytes are still in cache when SQLite copies them. A bulk
@@ -375,12 +405,12 @@ class ConsentLedger:
                     _write_head(conn, key, self.controller, frontier, format_ts(datetime.now(timezone.utc)))
                     conn.execute("COMMIT")
             except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise self._duplicate_error(cols.record_ids(), batch.rows, source) from None  # diagnosed after rollback
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-        return frontier.size
+        return frontier.size, n
 
     @contextmanager
     def _bulk_journal(self, bulk: bool) -> Iterator[None]:
@@ -448,8 +478,13 @@ class ConsentLedger:
                      scope_counts: dict[str, int], n_users: int, ledger_size: int, ledger_root: str,
                      at: Any, subjects: Iterable[str]) -> int:
         """Log that ``subjects``' data was used by ``run_id``/``round`` (see :mod:`.usage`)."""
-        return record_usage(self._conn, run_id, round, purpose, feature_set, scope_counts, n_users,
-                            ledger_size, ledger_root, at, subjects)
+        try:
+            with storage_errors(self.path, "record a data use in"):
+                return record_usage(self._conn, run_id, round, purpose, feature_set, scope_counts, n_users,
+                                    ledger_size, ledger_root, at, subjects)
+        except LedgerError as exc:
+            raise UsageWriteError(f"{exc}; the use was not recorded, so the node must not send anything "
+                                  "from it (fail closed)") from None
 
     def usages(self, subject: str | None = None) -> list[UsageRecord]:
         """Usage entries, all or those that used ``subject``'s data."""
@@ -718,6 +753,51 @@ def _pylist(col: Any, *, distinct: bool = False) -> list[Any]:
         enc = pc.dictionary_encode(col)
         return np.array(enc.dictionary.to_pylist(), dtype=object)[enc.indices.to_numpy(zero_copy_only=False)].tolist()
     return col.to_pylist()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open (SQLite already rolled back after a full disk or I/O error;
+    a second ROLLBACK would replace the real error with "cannot rollback - no transaction is active")."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+def storage_error(exc: BaseException, path: Path, action: str) -> LedgerError:
+    """One clear sentence (what failed, that nothing was written, what to do) for an SQLite storage error."""
+    msg = str(exc)
+    low = msg.lower()
+    if "full" in low:
+        what = (f"the disk holding {path.parent} is full (SQLite: {msg}); nothing was written. Free disk space, "
+                "then retry")
+    elif "locked" in low or "busy" in low:
+        what = (f"the ledger is locked by another writer for longer than {_BUSY_MS // 1000} s (SQLite: {msg}); "
+                "nothing was written. Wait for the other `fedretain consent` command or node round to finish, "
+                "then retry")
+    elif "readonly" in low or "read-only" in low:
+        what = (f"the ledger file or its folder is read-only for this user (SQLite: {msg}); nothing was written. "
+                "Fix the permissions of the file, its -wal/-shm files and its folder, then retry")
+    elif "not a database" in low or "malformed" in low:
+        what = (f"the file is not a readable consent ledger (SQLite: {msg}). Restore it from a backup; "
+                "`fedretain consent verify` shows what is wrong")
+    else:
+        what = (f"SQLite reported: {msg}. Check that the disk is mounted and healthy and that the file, its "
+                "-wal/-shm files and its folder are readable and writable by this user, then retry")
+    verb = "cannot open" if action == "open" else f"could not {action}"
+    return LedgerError(f"{verb} consent ledger {path}: {what}")
+
+
+@contextmanager
+def storage_errors(path: Path, action: str) -> Iterator[None]:
+    """Turn SQLite storage errors (full disk, held lock, I/O) into one clear :class:`LedgerError`."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.DatabaseError as exc:  # OperationalError included
+        raise storage_error(exc, path, action) from None
 
 
 def _set_journal_mode(conn: sqlite3.Connection, mode: str) -> bool:

@@ -218,7 +218,10 @@ def build_report(ledger: ConsentLedger, out_dir: str | os.PathLike[str], *, at: 
             "head": head.to_dict(),
             "vocab_version": VOCAB_VERSION,
         },
-        "verify": verify.to_dict(),
+        "verify": {**verify.to_dict(), "warning": (
+            "checked against the key this ledger declares about itself, not a trusted key: a ledger rebuilt and "
+            "re-signed under another key would pass; verify with the node's pinned key (--silo SILO)"
+            if verify.key_source.startswith("ledger") else "")},
         "coverage_at": current,
         "coverage_over_time": {
             p: {"time": [format_ts(t) for t in cov.index.to_pydatetime()],
@@ -262,6 +265,8 @@ def _html(d: dict[str, Any], cov_png: str, wd_png: str, usage_png: str) -> str:
               + (f" — first bad record: seq {v['first_bad_seq']}" if v["first_bad_seq"] is not None else "")
               + (f" (record_id <code>{e(str(v['first_bad_record_id']))}</code>)" if v["first_bad_record_id"] else "")
               + "</p>")
+    if v.get("warning"):
+        status += f"<p class='bad'>⚠ WARNING: {e(v['warning'])}.</p>"
     cov_rows = [[p] + [c[s] for s in SCOPES] + [c["any_scope"]] for p, c in d["coverage_at"].items()]
     usage_rows = [[u["run_id"], u["round"], u["purpose"], u["feature_set"], u["n_users"],
                    ", ".join(f"{k}={n}" for k, n in sorted(u["scope_counts"].items()) if n),

@@ -65,7 +65,8 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         st = path.stat()
         data = path.read_bytes()
     except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist (create one with `fedretain consent init`)") from None
+        raise KeyFileError(f"key file {path} does not exist (a node's key is SILO/.node/node_key.pem: pass --silo SILO "
+                           "or --key PATH)") from None
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
     if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -137,7 +137,8 @@ def record_usage(
         )
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back after a full disk or I/O error
+            conn.execute("ROLLBACK")
         raise
     return usage_id
 

@@ -172,7 +172,7 @@ class FederatedTraining:
         s = self.settings
         return {
             "run-id": s.run_id, "purpose": s.purpose, "features": list(s.features),
-            "horizon-days": float(s.horizon_days), "cutoff": s.cutoff, "consent-at": s.consent_at,
+            "horizon-days": float(s.horizon_days), "cutoff": s.cutoff,
             "hidden": list(s.hidden), "dp-mode": s.dp_mode, "target-epsilon": float(s.target_epsilon),
             "target-delta": float(s.target_delta), "max-grad-norm": float(s.max_grad_norm),
             "total-rounds": int(s.rounds),

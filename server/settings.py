@@ -29,8 +29,7 @@ class RunSettings:
     learning_rate: float = 0.01
     purpose: str = "retention_modeling"
     horizon_days: float = 30.0
-    cutoff: str = ""
-    consent_at: str = ""
+    cutoff: str = ""  # feature cutoff (server's choice); consent is evaluated at each node's own clock
     features: tuple[str, ...] = DEFAULT_FEATURES
     hidden: tuple[int, ...] = (64, 32)
     min_nodes: int = 2
@@ -68,7 +67,7 @@ class RunSettings:
     _KEYS = {
         "num-server-rounds": "rounds", "strategy": "strategy", "proximal-mu": "proximal_mu",
         "local-epochs": "local_epochs", "batch-size": "batch_size", "learning-rate": "learning_rate",
-        "purpose": "purpose", "horizon-days": "horizon_days", "cutoff": "cutoff", "consent-at": "consent_at",
+        "purpose": "purpose", "horizon-days": "horizon_days", "cutoff": "cutoff",
         "features": "features", "hidden": "hidden", "min-nodes": "min_nodes", "fraction-train": "fraction_train",
         "round-timeout": "round_timeout", "node-wait-timeout": "node_wait_timeout",
         "round-retries": "round_retries", "out-dir": "out_dir", "run-id": "run_id", "resume": "resume",

@@ -4,7 +4,6 @@ pooled answer computed here, the friend-vs-organic gap, the budget ledger, refus
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +44,14 @@ def _end(nodes) -> str:
 
 @pytest.fixture(scope="module")
 def gated(nodes):
-    """Each node's consent decision and gated data for 'analytics' at CONSENT_AT (what the gate hands over)."""
-    at = datetime.fromisoformat(CONSENT_AT)
-    return [node.gate("analytics", at) for node in nodes]
+    """Each node's consent decision and gated data for 'analytics' now (nodes ignore a query's consent_at)."""
+    return [node.gate("analytics") for node in nodes]
 
 
 def exact_retention(gated, end: pd.Timestamp, cohorts: int, periods: int) -> tuple[dict, dict]:
     """Exact pooled retention by user loop (independent of fedretain.analytics): cohort cells and the curve.
 
-    Users counted: granted 'analytics' with purchase_history at CONSENT_AT (the gate decides consent).
+    Users counted: granted 'analytics' with purchase_history now (the gate decides consent; a query's consent_at is ignored).
     """
     month_starts = pd.date_range(end=end, periods=24, freq="MS")
     observed = [m for m in month_starts if m + pd.offsets.MonthBegin(1) + pd.Timedelta(days=30) <= end][-cohorts:]

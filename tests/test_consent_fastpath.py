@@ -59,7 +59,7 @@ nonempty = padded.filter(lambda s: s.strip())
 def event(draw, i: int):
     action = draw(st.sampled_from(ACTIONS))
     scopes = draw(st.sets(st.sampled_from(SCOPES), min_size=1 if action == "grant" else 0, max_size=3))
-    eff = draw(st.integers(0, 4_000_000_000_000_000))
+    eff = draw(st.integers(0, _NOW_US))  # the importer refuses effective times ahead of the node's clock
     exp = draw(st.one_of(st.none(), st.integers(1, 10**12))) if action == "grant" else None
     return {
         "record_id": draw(st.one_of(st.just(""), nonempty.map(lambda s: s + f"#{i}"))),
@@ -76,6 +76,9 @@ def event(draw, i: int):
         "recorded_by": draw(padded),
         "recorded_at": format_ts(from_us(draw(st.integers(0, 4_000_000_000_000_000)))),
     }
+
+
+_NOW_US = records.to_us(datetime.now(timezone.utc))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -14,7 +14,7 @@ import click
 # command name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, str] = {
     "data": "fedretain.cli.data:data",
-    "consent": "fedretain.consent.cli:consent",
+    "consent": "fedretain.cli.consent:consent",
     "simulate": "fedretain.cli.train:simulate",
     "score": "fedretain.cli.train:score",
     "demo": "fedretain.cli.demo:demo",

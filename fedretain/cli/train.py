@@ -64,10 +64,14 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
     """Give every silo a node state folder (key + consent ledger from its consent.csv) if it lacks one."""
     from fedretain.clients.node import simulation_silos
     from fedretain.clients.provision import provision_node
+    from fedretain.consent.identity import PinError
 
     silos = simulation_silos(str(data_dir))
     for silo in silos:
-        provision_node(silo, lifetime_budgets=lifetime_budgets)
+        try:
+            provision_node(silo, lifetime_budgets=lifetime_budgets)
+        except PinError as exc:  # an unpinned or re-keyed node: the operator decides, nothing starts
+            raise click.ClickException(str(exc)) from None
     return silos
 
 
