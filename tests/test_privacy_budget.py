@@ -202,3 +202,39 @@ def test_a_foreign_file_is_not_taken_for_a_ledger(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(PrivacyError, match="unreadable privacy ledger"):
         BudgetLedger.open(bad)
+
+
+_V1_TRIGGERS = "".join(
+    f"CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t} BEGIN SELECT RAISE(ABORT, 'append-only'); END;"
+    for t in ("budgets", "runs", "spends") for op in ("UPDATE", "DELETE"))
+
+
+def test_a_version_1_ledger_is_migrated_once_with_a_node_cap_equal_to_its_budgets(tmp_path):
+    """A file written by the per-purpose ledger (no user_version, no chain) opens as version 2."""
+    from fedretain.privacy.budget_store import _V1_SCHEMA, VERSION
+
+    from fedretain.consent import signing
+
+    signing.load_or_create_key(tmp_path / "node_key.pem")  # the node's key (made with its consent ledger)
+    path = ledger_path(tmp_path)
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA + _V1_TRIGGERS)
+    conn.execute("INSERT INTO meta VALUES ('format', 'fedretain-privacy-ledger/1')")
+    conn.execute("INSERT INTO budgets (purpose, epsilon, delta, set_at, note) VALUES "
+                 "('retention_modeling', 3.0, NULL, '2026-01-01T00:00:00+00:00', 'set at provisioning')")
+    conn.execute("INSERT INTO budgets (purpose, epsilon, delta, set_at, note) VALUES "
+                 "('analytics', 2.0, NULL, '2026-01-02T00:00:00+00:00', '')")
+    conn.execute("INSERT INTO runs VALUES ('old-run', 'retention_modeling', 'local', 'rdp', 2.5, 1e-5, 1.1, 0.1, "
+                 "10, 100, '2026-01-03T00:00:00+00:00')")
+    conn.commit()
+    conn.close()
+    with BudgetLedger.open(path) as ledger:
+        assert ledger.node_cap().epsilon == 5.0 and "migrated from per-purpose budgets" in ledger.node_cap().note
+        assert ledger.run("old-run", PURPOSE).epsilon == 2.5
+        assert ledger.remaining(PURPOSE) == (0.5, None)  # the old sub-limit still holds
+        assert ledger.remaining("analytics") == (2.0, None)
+        assert ledger.size == 4  # two budgets, one run, the node cap event: all chained and signed
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+    with BudgetLedger.open(path) as ledger:  # a second open does not migrate again
+        assert ledger.size == 4

@@ -200,6 +200,16 @@ class Store:
                 values = dict(zip(TABLE_COLUMNS[kind], row[1:]))
                 seq = self._append_log(kind, row_bytes(kind, values))
                 c.execute(f"UPDATE {kind} SET log_seq = ? WHERE rowid = ?", (seq, row[0]))
+        latest = c.execute("SELECT b.purpose, b.epsilon, b.delta FROM budgets b WHERE b.seq = "
+                           "(SELECT MAX(seq) FROM budgets WHERE purpose = b.purpose)").fetchall()
+        if latest:  # version 1 had one budget per purpose: the node cap that changes nothing is their sum
+            deltas = [r[2] for r in latest]
+            self.insert("budgets", self.sign_cap_event({
+                "seq": self.next_seq("budgets"), "purpose": NODE, "epsilon": float(sum(r[1] for r in latest)),
+                "delta": None if None in deltas else float(sum(deltas)), "set_at": now(),
+                "note": "migrated from per-purpose budgets (version 1): node cap = their sum "
+                        f"({', '.join(f'{r[0]} ε={r[1]:g}' for r in latest)})",
+                "previous_epsilon": None, "previous_delta": None}))
 
     # -- verifying -----------------------------------------------------------------------
     def verify(self) -> None:
