@@ -10,8 +10,14 @@ from click.testing import CliRunner
 
 from fedretain.privacy.accountant import calibrate, default_delta, independent_epsilon
 from fedretain.privacy.budget import BudgetLedger, RunPlan, ledger_path
-from fedretain.privacy.person import (PersonCapExceeded, check_person_cap, person_epsilon, person_history,
-                                      person_table, plan_events)
+from fedretain.privacy.person import (
+    PersonCapExceeded,
+    check_person_cap,
+    person_epsilon,
+    person_history,
+    person_table,
+    plan_events,
+)
 
 PURPOSE = "retention_modeling"
 

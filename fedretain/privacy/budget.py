@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,31 @@ from fedretain.consent import signing
 from fedretain.consent.ledger import LedgerHead
 from fedretain.consent.vocab import check_purpose
 from fedretain.privacy.accountant import Accountant, PrivacyError
+from fedretain.privacy.budget_records import (
+    Budget,
+    BudgetExceeded,
+    RunPlan,
+    Spend,
+    _raises,
+)
 from fedretain.privacy.budget_store import FORMAT, NODE, BudgetHead, Store, now
 
 LEDGER_FILE = "privacy.db"
 KEY_FILE = "node_key.pem"  # the node's signing key, beside the ledger (as NodeConfig.for_silo places it)
 EPS_SLACK = 1e-9  # float noise allowed when comparing ε sums
-__all__ = ["BudgetLedger", "Budget", "RunPlan", "Spend", "BudgetExceeded", "BudgetHead", "ledger_path", "NODE",
-           "FORMAT", "LEDGER_FILE", "EPS_SLACK"]
+__all__ = [
+    "EPS_SLACK",
+    "FORMAT",
+    "LEDGER_FILE",
+    "NODE",
+    "Budget",
+    "BudgetExceeded",
+    "BudgetHead",
+    "BudgetLedger",
+    "RunPlan",
+    "Spend",
+    "ledger_path",
+]
 
 
 def ledger_path(state_dir: str | Path) -> Path:
@@ -44,71 +62,6 @@ def ledger_path(state_dir: str | Path) -> Path:
 
 
 _now = now
-
-
-class BudgetExceeded(PrivacyError):
-    """A run would take the node past its lifetime cap or a purpose past its sub-limit (or no cap is set)."""
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A cap event: the node-wide cap (``purpose == NODE``) or a purpose's sub-limit, as set at ``set_at``."""
-
-    purpose: str
-    epsilon: float
-    delta: float | None
-    set_at: str
-    note: str = ""
-    previous_epsilon: float | None = None
-    previous_delta: float | None = None
-    key_fingerprint: str = ""
-    signature_hex: str = ""
-
-    @property
-    def kind(self) -> str:
-        """initial, raise (ε or δ up, or a δ limit removed), lower, or same."""
-        if self.previous_epsilon is None:
-            return "initial"
-        return "raise" if _raises(self.previous_epsilon, self.previous_delta, self.epsilon, self.delta) else (
-            "same" if (self.epsilon, self.delta) == (self.previous_epsilon, self.previous_delta) else "lower")
-
-
-def _raises(old_eps: float, old_delta: float | None, eps: float, delta: float | None) -> bool:
-    return eps > old_eps or (old_delta is not None and (delta is None or delta > old_delta))
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run reserves: its whole (ε, δ) and the mechanism that will spend it."""
-
-    run_id: str
-    purpose: str
-    mode: str  # "local" (DP-SGD on the node) or "aggregate" (noise on the securely summed gradients)
-    accountant: str
-    epsilon: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    planned_steps: int
-    n_records: int
-    reserved_at: str = ""
-
-    def same_mechanism(self, other: "RunPlan") -> bool:
-        keys = ("mode", "accountant", "epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-@dataclass(frozen=True)
-class Spend:
-    seq: int
-    run_id: str
-    purpose: str
-    round: int
-    steps: int
-    total_steps: int
-    epsilon: float
-    accountant_state: str
-    at: str
 
 
 _BUDGET_COLS = ("purpose, epsilon, delta, set_at, note, previous_epsilon, previous_delta, key_fingerprint, "
@@ -129,7 +82,7 @@ class BudgetLedger:
     # -- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, create: bool = False, key_path: str | Path | None = None,
-             controller: str | None = None) -> "BudgetLedger":
+             controller: str | None = None) -> BudgetLedger:
         """Open (``create``: or make) the ledger, verified against the node key; refuse anything that fails.
 
         ``key_path`` defaults to ``node_key.pem`` beside the ledger (``SILO/.node``); with ``create``
@@ -170,7 +123,7 @@ class BudgetLedger:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "BudgetLedger":
+    def __enter__(self) -> BudgetLedger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -344,7 +297,7 @@ class BudgetLedger:
                     f"ε={max(limit.epsilon - used, 0.0):g} of the {what} ε={limit.epsilon:g} remains "
                     f"({used:g} already committed by {n_runs} run(s)"
                     + (" of every purpose" if scope == NODE else "") + "); refused before any training, "
-                    f"nothing recorded"
+                    "nothing recorded"
                 )
             if limit.delta is not None and delta_used + delta > limit.delta * (1 + 1e-9):
                 raise BudgetExceeded(

@@ -31,7 +31,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedretain.consent import signing
 from fedretain.consent.ledger import LedgerHead
-from fedretain.consent.merkle import EMPTY_ROOT, Frontier, consistency_proof, leaf_hash, verify_consistency
+from fedretain.consent.merkle import (
+    EMPTY_ROOT,
+    Frontier,
+    consistency_proof,
+    leaf_hash,
+    verify_consistency,
+)
 from fedretain.consent.records import canonical_bytes
 from fedretain.privacy.accountant import PrivacyError
 

@@ -13,9 +13,10 @@ only the early, readable refusal for the operator of a simulation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedretain.privacy.accountant import PrivacyError
 from fedretain.privacy.budget import BudgetLedger, RunPlan, ledger_path
