@@ -165,3 +165,16 @@ def test_a_budget_head_is_not_a_consent_head(spent):
     assert head.verify(key)
     fields = {k: v for k, v in head.to_dict().items() if k != "format"}
     assert not LedgerHead(**fields).verify(key)
+
+
+def test_rows_deleted_while_the_ledger_is_open_refuse_the_next_reserve(tmp_path):
+    path = ledger_path(tmp_path)
+    with BudgetLedger.open(path, create=True) as ledger:
+        ledger.set_node_cap(4.0, reason="node policy")
+        ledger.reserve(_plan("run-1"))
+        ledger.reserve(_plan("run-2"))
+        _attack(path, "DELETE FROM runs WHERE run_id = 'run-1'")  # another process, mid-session
+        with pytest.raises(PrivacyError, match="signed record\\(s\\) are missing"):
+            ledger.reserve(_plan("run-3"))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE run_id = 'run-3'").fetchone()[0] == 0

@@ -308,12 +308,14 @@ class BudgetLedger:
     def reserve(self, plan: RunPlan) -> RunPlan:
         """Reserve ``plan``'s whole (ε, δ), or raise :class:`BudgetExceeded` having written nothing.
 
-        The whole ledger is verified first (a tampered ledger refuses every reservation).
+        The ledger was verified in full on open; here the tip, triggers and row count are rechecked
+        (any change by another writer triggers the full verification again), so a ledger tampered
+        with meanwhile refuses the reservation.
         Reserving the same run again (a node restart, a resumed run) returns the stored
         plan; a *different* mechanism under an existing run id is refused.
         """
         check_purpose(plan.purpose)
-        with self._store.write(full_check=True):
+        with self._store.write():
             existing = self.run(plan.run_id, plan.purpose)
             if existing is not None:
                 if not existing.same_mechanism(plan):

@@ -287,13 +287,16 @@ class Store:
         self.frontier, self.last_hash = frontier, prev
 
     def quick_check(self) -> None:
-        """Inside a write transaction: unchanged tip and triggers, else the full :meth:`verify`."""
+        """Inside a write transaction: unchanged tip, triggers and row count since the last full check
+        (every open verifies in full), else the full :meth:`verify`."""
         row = self.conn.execute("SELECT seq, entry_hash FROM log ORDER BY seq DESC LIMIT 1").fetchone()
         tip = (0, ZERO_HASH) if row is None else (row[0], bytes(row[1]))
         n_triggers = self.conn.execute(
             f"SELECT COUNT(*) FROM sqlite_master WHERE type='trigger' AND name IN ({','.join('?' * len(TRIGGERS))})",
             TRIGGERS).fetchone()[0]
-        if tip != (self.frontier.size, self.last_hash) or n_triggers != len(TRIGGERS):
+        rows = self.conn.execute("SELECT (SELECT COUNT(*) FROM budgets) + (SELECT COUNT(*) FROM runs) + "
+                                 "(SELECT COUNT(*) FROM spends)").fetchone()[0]
+        if tip != (self.frontier.size, self.last_hash) or n_triggers != len(TRIGGERS) or rows != tip[0]:
             self.verify()
 
     # -- writing -------------------------------------------------------------------------
