@@ -266,15 +266,16 @@ class Store:
         if not heads:
             raise PrivacyError(f"{where} has no signed head; refusing to use it")
         last = 0
-        for size, root_hex, sig, ts, fp in heads:
-            head = BudgetHead(size, root_hex, sig, ts, self.controller, fp)
+        for size, root_hex, _sig, _ts, _fp in heads:  # every head is a prefix of this one log...
             if size < last or size > len(log) or roots.get(size) != root_hex:
                 raise PrivacyError(f"{where}: the log ({len(log)} entries) does not match its signed head of size "
                                    f"{size} (rows removed or rewritten); refusing to use it")
-            if fp != self.fingerprint or not head.verify(self.key.public_key()):
-                raise PrivacyError(f"{where}: a head (size {size}) is not signed by this node's key "
-                                   f"{self.fingerprint}; refusing to use it")
             last = size
+        size, root_hex, sig, ts, fp = heads[-1]  # ...and the latest, covering all of it, is signed by the node
+        if fp != self.fingerprint or not BudgetHead(size, root_hex, sig, ts, self.controller, fp).verify(
+                self.key.public_key()):
+            raise PrivacyError(f"{where}: the latest head (size {size}) is not signed by this node's key "
+                               f"{self.fingerprint}; refusing to use it")
         if last != len(log):
             raise PrivacyError(f"{where}: {len(log) - last} log entries are not covered by a signed head; "
                                f"refusing to use it")
