@@ -178,3 +178,11 @@ def test_rows_deleted_while_the_ledger_is_open_refuse_the_next_reserve(tmp_path)
             ledger.reserve(_plan("run-3"))
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs WHERE run_id = 'run-3'").fetchone()[0] == 0
+
+
+def test_a_reset_version_marker_does_not_trigger_a_fresh_migration(spent):
+    conn = sqlite3.connect(spent)
+    conn.execute("PRAGMA user_version = 0")  # hoping the file is re-chained from its (edited) rows
+    conn.commit()
+    conn.close()
+    _refused_everywhere(spent, "version marker \\(user_version\\) was reset")

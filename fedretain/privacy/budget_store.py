@@ -167,6 +167,9 @@ class Store:
             fresh = "meta" not in tables
             if not fresh:
                 fmt = c.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+                if fmt is not None and fmt[0] == FORMAT:
+                    raise PrivacyError(f"{self.path}: a {FORMAT} ledger whose version marker (user_version) was "
+                                       f"reset to {version}: edited outside fedretain; refusing to use it")
                 if fmt is None or fmt[0] != OLD_FORMAT:
                     raise PrivacyError(f"{self.path}: not a privacy ledger (format {fmt[0] if fmt else None!r})")
             for t in PROTECTED:  # ours, from version 1: they would refuse the migration's own updates
