@@ -16,7 +16,7 @@ from fedretain.clients.node import NodeConfig
 from fedretain.consent import signing
 from fedretain.consent.identity import PinError, load_pin, require_pin, write_pin
 from fedretain.consent.ledger import ConsentLedger
-from fedretain.ingest import read_merchant
+from fedretain.ingest import IngestError, read_merchant
 
 
 def provision_node(
@@ -34,7 +34,12 @@ def provision_node(
         from fedretain.privacy.budget import BudgetLedger, ledger_path
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        with BudgetLedger.open(ledger_path(cfg.state_dir), create=True) as budget:
+        try:
+            controller = str(read_merchant(Path(silo) / "merchant.json")["merchant_id"])
+        except IngestError:
+            controller = None  # the ledger is then named by its key fingerprint
+        with BudgetLedger.open(ledger_path(cfg.state_dir), create=True, key_path=cfg.node_key,
+                               controller=controller) as budget:
             for purpose, epsilon in lifetime_budgets.items():
                 if budget.budget(purpose) is None:
                     budget.set_budget(purpose, float(epsilon), note="set at provisioning")

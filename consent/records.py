@@ -392,3 +392,13 @@ def _scopes(value: Any) -> tuple[str, ...]:
         except UnknownTermError as err:
             raise _unknown("scopes", err) from None
     return tuple(sorted(out))
+
+
+def canonical_bytes(values: dict[str, Any]) -> bytes:
+    """Canonical bytes of any JSON-able mapping, by the same definition as :func:`canonical_json`.
+
+    Sorted keys, compact separators, UTF-8, no NaN/Infinity. Other append-only logs (the
+    privacy-budget ledger) hash these bytes, so there is one canonical encoding in the project.
+    """
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")

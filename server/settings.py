@@ -45,6 +45,8 @@ class RunSettings:
     target_epsilon: float = 3.0
     target_delta: float = 0.0  # 0 → chosen per node below 1/n
     max_grad_norm: float = 10.0  # keeps log loss near the non-private model's (docs/PRIVACY.md)
+    max_merchants_per_person: int = 1  # the platform's declared bound k (person-level ε, privacy/person.py)
+    person_epsilon_cap: float = 0.0  # refuse a DP run whose person-level ε at k exceeds this; 0 = no cap
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,10 @@ class RunSettings:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.min_nodes < 1:
             raise ValueError(f"min-nodes must be >= 1, got {self.min_nodes}")
+        if self.max_merchants_per_person < 1:
+            raise ValueError(f"max-merchants-per-person must be >= 1, got {self.max_merchants_per_person}")
+        if not self.person_epsilon_cap >= 0:
+            raise ValueError(f"person-epsilon-cap must be >= 0 (0: no cap), got {self.person_epsilon_cap}")
         check_purpose(self.purpose)
         check_features(self.features)
 
@@ -73,6 +79,7 @@ class RunSettings:
         "round-retries": "round_retries", "out-dir": "out_dir", "run-id": "run_id", "resume": "resume",
         "seed": "seed", "dp-mode": "dp_mode", "target-epsilon": "target_epsilon",
         "target-delta": "target_delta", "max-grad-norm": "max_grad_norm",
+        "max-merchants-per-person": "max_merchants_per_person", "person-epsilon-cap": "person_epsilon_cap",
     }
 
     @classmethod
@@ -93,12 +100,13 @@ class RunSettings:
                 continue
             kwargs[name] = value
         kwargs["extra"] = extra
-        types = {f: type(getattr(cls(), f)) for f in ("rounds", "local_epochs", "batch_size", "min_nodes", "seed", "round_retries")}
+        types = {f: type(getattr(cls(), f)) for f in ("rounds", "local_epochs", "batch_size", "min_nodes", "seed", "round_retries",
+                                                          "max_merchants_per_person")}
         for name, typ in types.items():
             if name in kwargs:
                 kwargs[name] = typ(kwargs[name])
         for name in ("proximal_mu", "learning_rate", "horizon_days", "fraction_train", "round_timeout",
-                     "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm"):
+                     "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm", "person_epsilon_cap"):
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
         if "resume" in kwargs:

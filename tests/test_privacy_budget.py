@@ -108,17 +108,61 @@ def test_reserve_is_idempotent_per_run_and_refuses_a_changed_mechanism(tmp_path)
         assert ledger.committed(PURPOSE) == (3.0, 1e-5)
 
 
-def test_budget_delta_is_enforced_and_budgets_are_per_purpose(tmp_path):
+def test_one_node_cap_across_purposes_with_sub_limits(tmp_path):
+    """Issue 10 point 5: retention, ltv and analytics draw from ONE node-wide cap."""
     with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
-        ledger.set_budget(PURPOSE, 100.0, delta=1.5e-5)
-        ledger.reserve(_plan("a", eps=1.0))
-        with pytest.raises(BudgetExceeded, match="lifetime δ"):
-            ledger.reserve(_plan("b", eps=1.0))
-        with pytest.raises(BudgetExceeded, match="no lifetime privacy budget"):
-            ledger.reserve(_plan("c", purpose="ltv_modeling"))
-        ledger.set_budget("ltv_modeling", 2.0)
-        ledger.reserve(_plan("c", purpose="ltv_modeling", eps=2.0))
+        ledger.set_node_cap(5.0, reason="node policy: ε=5 over the node's lifetime")
+        ledger.set_budget(PURPOSE, 3.0, reason="retention sub-limit")
+        ledger.reserve(_plan("a", eps=3.0))
+        with pytest.raises(BudgetExceeded, match="sub-limit for purpose 'retention_modeling'"):
+            ledger.reserve(_plan("b", eps=0.5))
+        # another purpose training the same model has no separate budget: only what the node cap leaves
+        ledger.reserve(_plan("c", purpose="ltv_modeling", eps=1.5))
+        before = _dump(ledger_path(tmp_path))
+        with pytest.raises(BudgetExceeded, match=r"only ε=0.5 of the lifetime budget ε=5 remains .*every purpose"):
+            ledger.reserve(_plan("d", purpose="analytics", eps=1.0))
+        assert _dump(ledger_path(tmp_path)) == before
+        assert ledger.remaining("analytics") == (pytest.approx(0.5), None)
+        assert ledger.committed() == (4.5, pytest.approx(2e-5))
         assert [r["purpose"] for r in ledger.status()] == ["ltv_modeling", PURPOSE]
+        assert ledger.report()["node"]["remaining_epsilon"] == pytest.approx(0.5)
+
+
+def test_node_delta_cap_is_enforced(tmp_path):
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_budget(PURPOSE, 100.0, delta=1.5e-5)  # the first budget also becomes the node cap
+        assert ledger.node_cap().delta == 1.5e-5
+        ledger.reserve(_plan("a", eps=1.0))
+        with pytest.raises(BudgetExceeded, match="past the lifetime budget δ"):
+            ledger.reserve(_plan("b", eps=1.0, purpose="ltv_modeling"))
+
+
+def test_raising_a_cap_is_a_signed_reasoned_event(tmp_path):
+    from fedretain.consent import signing
+    from fedretain.privacy.budget_store import cap_event_bytes
+
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_node_cap(3.0, reason="initial policy")
+        with pytest.raises(PrivacyError, match="needs a reason"):
+            ledger.set_node_cap(8.0)
+        with pytest.raises(PrivacyError, match="needs a reason"):
+            ledger.set_node_cap(3.0, delta=1e-6)  # lowering δ is fine...
+            ledger.set_node_cap(3.0)  # ...removing the δ limit is a raise
+        ledger.set_node_cap(2.0, delta=1e-6)  # lowering needs no reason
+        ledger.set_node_cap(8.0, reason="DPO approved a second model family, ticket 42")
+        events = ledger.cap_events()
+    assert [(e["scope"], e["kind"], e["epsilon"]) for e in events] == [
+        ("node", "initial", 3.0), ("node", "lower", 3.0), ("node", "lower", 2.0), ("node", "raise", 8.0)]
+    raise_ = events[-1]
+    assert raise_["reason"] == "DPO approved a second model family, ticket 42" and raise_["previous_epsilon"] == 2.0
+    key = signing.load_private_key(tmp_path / "node_key.pem").public_key()
+    row = {"seq": 4, "purpose": "*", "epsilon": 8.0, "delta": None, "set_at": raise_["set_at"],
+           "note": raise_["reason"], "previous_epsilon": 2.0, "previous_delta": None,
+           "key_fingerprint": raise_["key_fingerprint"]}
+    row["previous_delta"] = 1e-6
+    assert signing.verify_signature(key, bytes.fromhex(raise_["signature"]), cap_event_bytes(row))
+    assert not signing.verify_signature(key, bytes.fromhex(raise_["signature"]),
+                                        cap_event_bytes({**row, "epsilon": 80.0}))
 
 
 def test_ledger_is_append_only(tmp_path):
@@ -158,3 +202,39 @@ def test_a_foreign_file_is_not_taken_for_a_ledger(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(PrivacyError, match="unreadable privacy ledger"):
         BudgetLedger.open(bad)
+
+
+_V1_TRIGGERS = "".join(
+    f"CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t} BEGIN SELECT RAISE(ABORT, 'append-only'); END;"
+    for t in ("budgets", "runs", "spends") for op in ("UPDATE", "DELETE"))
+
+
+def test_a_version_1_ledger_is_migrated_once_with_a_node_cap_equal_to_its_budgets(tmp_path):
+    """A file written by the per-purpose ledger (no user_version, no chain) opens as version 2."""
+    from fedretain.privacy.budget_store import _V1_SCHEMA, VERSION
+
+    from fedretain.consent import signing
+
+    signing.load_or_create_key(tmp_path / "node_key.pem")  # the node's key (made with its consent ledger)
+    path = ledger_path(tmp_path)
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA + _V1_TRIGGERS)
+    conn.execute("INSERT INTO meta VALUES ('format', 'fedretain-privacy-ledger/1')")
+    conn.execute("INSERT INTO budgets (purpose, epsilon, delta, set_at, note) VALUES "
+                 "('retention_modeling', 3.0, NULL, '2026-01-01T00:00:00+00:00', 'set at provisioning')")
+    conn.execute("INSERT INTO budgets (purpose, epsilon, delta, set_at, note) VALUES "
+                 "('analytics', 2.0, NULL, '2026-01-02T00:00:00+00:00', '')")
+    conn.execute("INSERT INTO runs VALUES ('old-run', 'retention_modeling', 'local', 'rdp', 2.5, 1e-5, 1.1, 0.1, "
+                 "10, 100, '2026-01-03T00:00:00+00:00')")
+    conn.commit()
+    conn.close()
+    with BudgetLedger.open(path) as ledger:
+        assert ledger.node_cap().epsilon == 5.0 and "migrated from per-purpose budgets" in ledger.node_cap().note
+        assert ledger.run("old-run", PURPOSE).epsilon == 2.5
+        assert ledger.remaining(PURPOSE) == (0.5, None)  # the old sub-limit still holds
+        assert ledger.remaining("analytics") == (2.0, None)
+        assert ledger.size == 4  # two budgets, one run, the node cap event: all chained and signed
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+    with BudgetLedger.open(path) as ledger:  # a second open does not migrate again
+        assert ledger.size == 4

@@ -27,7 +27,12 @@ class QueryRefused(PrivacyError):
 
 @dataclass(frozen=True)
 class BudgetState:
-    """What a node may tell the server about its analytics budget (no user data)."""
+    """What a node may tell the server about its analytics budget (no user data).
+
+    ``budget_*`` is the limit that binds analytics: the node-wide cap (shared with training) or
+    the analytics sub-limit; ``committed_*`` is what is already committed against that limit
+    (for the node cap: by every purpose), so ``budget - committed`` is what a query may still use.
+    """
 
     ledger_found: bool
     budget_epsilon: float | None
@@ -39,6 +44,10 @@ class BudgetState:
     def remaining_epsilon(self) -> float | None:
         return None if self.budget_epsilon is None else max(self.budget_epsilon - self.committed_epsilon, 0.0)
 
+    @property
+    def remaining_delta(self) -> float | None:
+        return None if self.budget_delta is None else max(self.budget_delta - self.committed_delta, 0.0)
+
     def refusal(self, epsilon: float, delta: float) -> str | None:
         """Why a query at (ε, δ) would be refused, or None if it fits."""
         if not self.ledger_found or self.budget_epsilon is None:
@@ -46,11 +55,11 @@ class BudgetState:
                     "`fedretain privacy set-budget --silo SILO --purpose analytics --epsilon E`)")
         rem = self.remaining_epsilon or 0.0
         if epsilon > rem + 1e-9:
-            return (f"the query needs ε={epsilon:g} but only ε={rem:g} of the analytics budget "
+            return (f"the query needs ε={epsilon:g} but only ε={rem:g} of the node's budget for analytics "
                     f"ε={self.budget_epsilon:g} remains ({self.committed_epsilon:g} already spent)")
-        if self.budget_delta is not None and self.committed_delta + delta > self.budget_delta * (1 + 1e-9):
-            return (f"the query's δ={delta:g} would take the analytics δ to {self.committed_delta + delta:.3g}, "
-                    f"past the budget δ={self.budget_delta:.3g}")
+        if self.remaining_delta is not None and delta > self.remaining_delta * (1 + 1e-9):
+            return (f"the query's δ={delta:g} is more than the δ={self.remaining_delta:.3g} left "
+                    f"of the node's budget for analytics")
         return None
 
 
@@ -58,9 +67,12 @@ def budget_state(ledger_file: Path) -> BudgetState:
     if not Path(ledger_file).is_file():
         return BudgetState(False, None, None, 0.0, 0.0)
     with BudgetLedger.open(ledger_file) as ledger:
-        budget = ledger.budget(PURPOSE)
-        eps, delta = ledger.committed(PURPOSE)
-    return BudgetState(True, budget.epsilon if budget else None, budget.delta if budget else None, eps, delta)
+        cap, sub = ledger.node_cap(), ledger.budget(PURPOSE)
+        if cap is None:
+            return BudgetState(True, None, None, *ledger.committed(PURPOSE))
+        scopes = [(cap, ledger.committed())] + ([(sub, ledger.committed(PURPOSE))] if sub is not None else [])
+    limit, (eps, delta) = min(scopes, key=lambda s: s[0].epsilon - s[1][0])  # the limit with less room binds
+    return BudgetState(True, limit.epsilon, limit.delta, eps, delta)
 
 
 def charge_query(ledger_file: Path, spec: QuerySpec, mechanism: GaussianMechanism, n_users: int) -> Spend:

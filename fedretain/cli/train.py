@@ -99,6 +99,10 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
 @click.option("--secure-aggregation", is_flag=True, help="SecAgg+ (required by --dp-mode aggregate).")
 @click.option("--aggregate-batch-size", default=4096, show_default=True, type=int, help="Aggregate mode: expected batch.")
 @click.option("--server-learning-rate", default=None, type=float, help="Aggregate mode: server step size.")
+@click.option("--max-merchants-per-person", default=1, show_default=True, type=click.IntRange(1),
+              help="The platform's declared bound k: person-level ε is reported (and capped) for it.")
+@click.option("--person-epsilon-cap", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Refuse a DP run whose ε for a person at up to k merchants exceeds this (0: no cap).")
 @click.option("--lifetime-epsilon", default=None, type=float,
               help="Set this lifetime budget for the purpose on nodes that have none yet (DP runs need one).")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(path_type=Path))
@@ -127,7 +131,10 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
         secure = wants_secure_aggregation(settings)  # dp-mode aggregate always runs under SecAgg+
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    ensure_nodes(data_dir, {settings.purpose: lifetime} if lifetime is not None else None)
+    silos = ensure_nodes(data_dir, {settings.purpose: lifetime} if lifetime is not None else None)
+    from fedretain.cli.preflight import check_or_exit
+
+    check_or_exit(settings, silos, console)  # budgets (and person-level ε) before Ray/Flower start (issue 13)
     observer = RichRoundObserver()
     progress.add_observer(observer)
     try:

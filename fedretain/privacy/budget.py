@@ -1,68 +1,59 @@
-"""The node's privacy-budget ledger: SQLite, append-only, beside the consent ledger.
+"""The node's privacy-budget ledger: one lifetime (ε, δ) cap per node, drawn by every purpose.
 
-Every DP run a merchant node takes part in *reserves* its whole (ε, δ) before the
-first training step and then appends one spend record per round (ε spent so far in
-the run and the accountant's history, so the accountant survives a node restart).
+Every DP run (training of any purpose) and every analytics query a merchant node answers
+*reserves* its whole (ε, δ) before the first step, then appends one spend record per round
+(ε spent so far and the accountant's history, so the accountant survives a node restart).
 
-Composition over runs is **basic composition**: the committed budget of a purpose
-is the sum of the ε (and of the δ) reserved by every run of that purpose. A run can
-never spend more than it reserved (``record_spend`` refuses), so the sum is a sound
-upper bound however the runs were accounted (RDP or PRV, local or aggregate mode).
-It is conservative: a run that stopped early still counts with its full
-reservation, because the node cannot know whether it will be resumed.
+Composition is **basic composition across purposes**: the node's committed budget is the sum
+of the ε (and of the δ) reserved by every run and query of every purpose, and it must stay
+within the **node-wide cap**. A purpose may also have a **sub-limit** (Σ of its own runs). A run
+can never spend more than it reserved (``record_spend`` refuses), so the sums are sound upper
+bounds however each run was accounted (RDP or PRV, local or aggregate mode). A run that
+stopped early still counts with its full reservation.
 
-A new run is refused, with nothing written, when the reservation would take the
-purpose past its lifetime budget or when no budget has been set (fail closed).
-Rows are never updated or deleted (SQLite triggers enforce it); a new budget is a
-new row, so the ledger keeps the history of budget changes too.
+A new run is refused, with nothing written, when the reservation would pass the node cap or
+its purpose's sub-limit, or when no cap is set (fail closed). Setting or changing a cap is an
+event row signed by the node key; raising one needs a reason. Tamper evidence (hash chain,
+signed Merkle heads, verification on open and on every reservation) is :mod:`.budget_store`.
 """
 
 from __future__ import annotations
 
 import math
 import sqlite3
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from fedretain.consent import signing
+from fedretain.consent.ledger import LedgerHead
 from fedretain.consent.vocab import check_purpose
 from fedretain.privacy.accountant import Accountant, PrivacyError
+from fedretain.privacy.budget_records import (
+    Budget,
+    BudgetExceeded,
+    RunPlan,
+    Spend,
+    _raises,
+)
+from fedretain.privacy.budget_store import FORMAT, NODE, BudgetHead, Store, now
 
 LEDGER_FILE = "privacy.db"
-FORMAT = "fedretain-privacy-ledger/1"
+KEY_FILE = "node_key.pem"  # the node's signing key, beside the ledger (as NodeConfig.for_silo places it)
 EPS_SLACK = 1e-9  # float noise allowed when comparing ε sums
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS budgets (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, purpose TEXT NOT NULL,
-    epsilon REAL NOT NULL CHECK (epsilon >= 0), delta REAL CHECK (delta IS NULL OR (delta > 0 AND delta < 1)),
-    set_at TEXT NOT NULL, note TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT NOT NULL, purpose TEXT NOT NULL, mode TEXT NOT NULL, accountant TEXT NOT NULL,
-    epsilon REAL NOT NULL CHECK (epsilon > 0), delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
-    noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, planned_steps INTEGER NOT NULL,
-    n_records INTEGER NOT NULL, reserved_at TEXT NOT NULL, PRIMARY KEY (run_id, purpose));
-CREATE TABLE IF NOT EXISTS spends (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, purpose TEXT NOT NULL,
-    round INTEGER NOT NULL, steps INTEGER NOT NULL, total_steps INTEGER NOT NULL,
-    epsilon REAL NOT NULL, accountant_state TEXT NOT NULL, at TEXT NOT NULL,
-    FOREIGN KEY (run_id, purpose) REFERENCES runs (run_id, purpose));
-"""
-_TABLES = ("budgets", "runs", "spends")
-
-
-def _append_only_triggers() -> str:
-    out = []
-    for table in _TABLES:
-        for op in ("UPDATE", "DELETE"):
-            out.append(
-                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: {op} on {table} refused'); END;"
-            )
-    return "\n".join(out)
+__all__ = [
+    "EPS_SLACK",
+    "FORMAT",
+    "LEDGER_FILE",
+    "NODE",
+    "Budget",
+    "BudgetExceeded",
+    "BudgetHead",
+    "BudgetLedger",
+    "RunPlan",
+    "Spend",
+    "ledger_path",
+]
 
 
 def ledger_path(state_dir: str | Path) -> Path:
@@ -70,68 +61,36 @@ def ledger_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / LEDGER_FILE
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+_now = now
 
 
-class BudgetExceeded(PrivacyError):
-    """A run would take a purpose past its lifetime budget (or no budget is set)."""
-
-
-@dataclass(frozen=True)
-class Budget:
-    purpose: str
-    epsilon: float
-    delta: float | None
-    set_at: str
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run reserves: its whole (ε, δ) and the mechanism that will spend it."""
-
-    run_id: str
-    purpose: str
-    mode: str  # "local" (DP-SGD on the node) or "aggregate" (noise on the securely summed gradients)
-    accountant: str
-    epsilon: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    planned_steps: int
-    n_records: int
-    reserved_at: str = ""
-
-    def same_mechanism(self, other: "RunPlan") -> bool:
-        keys = ("mode", "accountant", "epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-@dataclass(frozen=True)
-class Spend:
-    seq: int
-    run_id: str
-    purpose: str
-    round: int
-    steps: int
-    total_steps: int
-    epsilon: float
-    accountant_state: str
-    at: str
+_BUDGET_COLS = ("purpose, epsilon, delta, set_at, note, previous_epsilon, previous_delta, key_fingerprint, "
+                "signature_hex")
+_RUN_COLS = ("run_id, purpose, mode, accountant, epsilon, delta, noise_multiplier, sample_rate, planned_steps, "
+             "n_records, reserved_at")
+_SPEND_COLS = "seq, run_id, purpose, round, steps, total_steps, epsilon, accountant_state, at"
 
 
 class BudgetLedger:
     """One SQLite file per merchant node; see the module docstring for the rules."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, store: Store) -> None:
         self.path = path
-        self._conn = conn
+        self._store = store
+        self._conn = store.conn
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, *, create: bool = False) -> "BudgetLedger":
+    def open(cls, path: str | Path, *, create: bool = False, key_path: str | Path | None = None,
+             controller: str | None = None) -> BudgetLedger:
+        """Open (``create``: or make) the ledger, verified against the node key; refuse anything that fails.
+
+        ``key_path`` defaults to ``node_key.pem`` beside the ledger (``SILO/.node``); with ``create``
+        a missing key is generated there, as the consent ledger does. ``controller`` (the merchant
+        id) names the ledger in its signed heads; it is fixed when the file is created.
+        """
         path = Path(path)
+        key_file = Path(key_path) if key_path is not None else path.parent / KEY_FILE
         if not path.is_file():
             if not create:
                 raise PrivacyError(
@@ -142,75 +101,141 @@ class BudgetLedger:
         conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         conn.row_factory = sqlite3.Row
         try:
+            conn.execute("PRAGMA user_version").fetchone()  # a file that is not SQLite fails here
+            try:
+                key = signing.load_or_create_key(key_file)[0] if create else signing.load_private_key(key_file)
+            except signing.KeyFileError as exc:
+                raise PrivacyError(f"privacy ledger {path}: the node key is needed to verify and sign it: "
+                                   f"{exc}") from None
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.executescript(_SCHEMA + _append_only_triggers())
-            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-            elif row["value"] != FORMAT:
-                raise PrivacyError(f"{path}: not a {FORMAT} file (found {row['value']!r})")
+            conn.execute("PRAGMA synchronous = FULL")  # a reservation, once acknowledged, survives power loss
+            store = Store(path, conn, key)
+            store.init_or_migrate(controller)
+            store.verify()
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise PrivacyError(f"{path}: unreadable privacy ledger ({exc})") from exc
-        except PrivacyError:
+        except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        return cls(path, store)
 
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "BudgetLedger":
+    def __enter__(self) -> BudgetLedger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: the check and the append see the same ledger."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    @property
+    def controller(self) -> str:
+        return self._store.controller
 
-    # -- budgets -----------------------------------------------------------------------
-    def set_budget(self, purpose: str, epsilon: float, delta: float | None = None, note: str = "") -> Budget:
-        """Set the lifetime budget of ``purpose`` (a new row; earlier budgets stay in the history)."""
-        check_purpose(purpose)
+    # -- tamper evidence and witnessing (the consent ledger's interface) ------------------
+    def verify(self) -> None:
+        """Recheck the whole ledger against the node key; raise :class:`PrivacyError` if anything is off."""
+        self._store.verify()
+
+    @property
+    def size(self) -> int:
+        """Number of log entries (budget events, reservations, spends)."""
+        return self._store.frontier.size
+
+    def head(self) -> LedgerHead:
+        """The latest signed head (a :class:`BudgetHead`, whose ``verify`` checks the budget checkpoint)."""
+        return self._store.head()
+
+    def heads(self) -> list[LedgerHead]:
+        q = "SELECT size, root_hex, signature_hex, timestamp, key_fingerprint FROM heads ORDER BY head_id"
+        return [BudgetHead(r[0], r[1], r[2], r[3], self.controller, r[4]) for r in self._conn.execute(q)]
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[str]:
+        """Hex RFC 9162 consistency proof between two sizes of this ledger's log."""
+        return self._store.consistency_proof(old_size, new_size)
+
+    def check_against(self, kept: LedgerHead) -> None:
+        """Refuse unless this ledger extends a head signed earlier by this node (rollback/fork check)."""
+        self._store.check_against(kept)
+
+    # -- caps --------------------------------------------------------------------------
+    def set_node_cap(self, epsilon: float, delta: float | None = None, reason: str = "") -> Budget:
+        """Set the node-wide lifetime cap every purpose draws from (a signed event; raising needs a reason)."""
+        return self._set(NODE, epsilon, delta, reason)
+
+    def set_budget(self, purpose: str, epsilon: float, delta: float | None = None, note: str = "", *,
+                   reason: str = "") -> Budget:
+        """Set ``purpose``'s sub-limit (or the node cap, ``purpose="*"``); raising one needs a reason.
+
+        On a ledger with no node cap yet, the first budget set also becomes the node cap (its own
+        signed event), so every purpose set later draws from it.
+        """
+        if purpose != NODE:
+            check_purpose(purpose)
+        budget = self._set(purpose, epsilon, delta, reason or note)
+        return budget
+
+    def _set(self, purpose: str, epsilon: float, delta: float | None, reason: str) -> Budget:
         if not (epsilon >= 0 and math.isfinite(epsilon)):
             raise PrivacyError(f"lifetime ε must be a finite number >= 0, got {epsilon}")
         if delta is not None and not 0 < delta < 1:
             raise PrivacyError(f"lifetime δ must be in (0, 1), got {delta}")
-        budget = Budget(purpose, float(epsilon), None if delta is None else float(delta), _now(), note)
-        with self._write() as c:
-            c.execute("INSERT INTO budgets (purpose, epsilon, delta, set_at, note) VALUES (?, ?, ?, ?, ?)",
-                      (budget.purpose, budget.epsilon, budget.delta, budget.set_at, budget.note))
-        return budget
+        reason = (reason or "").strip()
+        with self._store.write(full_check=True):
+            events = []
+            if purpose != NODE and self.node_cap() is None:
+                events.append((NODE, f"node cap initialised from the first budget set ({purpose})"
+                               + (f": {reason}" if reason else "")))
+            events.append((purpose, reason))
+            for scope, why in events:
+                old = self.budget(scope)
+                if old is not None and _raises(old.epsilon, old.delta, epsilon, delta) and not why:
+                    what = "the node-wide cap" if scope == NODE else f"the {scope} budget"
+                    raise PrivacyError(
+                        f"raising {what} from ε={old.epsilon:g} to ε={epsilon:g} needs a reason "
+                        f"(kept in the signed ledger and shown in `fedretain privacy status`); nothing changed")
+                values = self._store.sign_cap_event({
+                    "seq": self._store.next_seq("budgets"), "purpose": scope, "epsilon": float(epsilon),
+                    "delta": None if delta is None else float(delta), "set_at": _now(),
+                    "note": why or "initial budget",
+                    "previous_epsilon": None if old is None else old.epsilon,
+                    "previous_delta": None if old is None else old.delta})
+                self._store.insert("budgets", values)
+        return self.budget(purpose)  # type: ignore[return-value]
+
+    def node_cap(self) -> Budget | None:
+        """The node-wide lifetime cap in force (None: not set, every run is refused)."""
+        return self.budget(NODE)
 
     def budget(self, purpose: str) -> Budget | None:
-        row = self._conn.execute(
-            "SELECT purpose, epsilon, delta, set_at, note FROM budgets WHERE purpose = ? ORDER BY seq DESC LIMIT 1",
-            (purpose,),
-        ).fetchone()
+        """The latest cap event of ``purpose`` (its sub-limit; ``"*"``: the node cap)."""
+        row = self._conn.execute(f"SELECT {_BUDGET_COLS} FROM budgets WHERE purpose = ? ORDER BY seq DESC LIMIT 1",
+                                 (purpose,)).fetchone()
         return Budget(**dict(row)) if row else None
 
     def budget_history(self, purpose: str | None = None) -> list[Budget]:
-        sql = "SELECT purpose, epsilon, delta, set_at, note FROM budgets"
+        """Every cap event (sub-limits; the node cap's events have purpose ``"*"``), oldest first."""
+        sql = f"SELECT {_BUDGET_COLS} FROM budgets"
         rows = self._conn.execute(sql + (" WHERE purpose = ?" if purpose else "") + " ORDER BY seq",
                                   (purpose,) if purpose else ()).fetchall()
         return [Budget(**dict(r)) for r in rows]
 
+    def cap_events(self) -> list[dict[str, Any]]:
+        """Cap events as data for ``privacy status`` and the officer's report (signatures verified on open)."""
+        return [{"scope": "node" if b.purpose == NODE else b.purpose, "kind": b.kind, "epsilon": b.epsilon,
+                 "delta": b.delta, "previous_epsilon": b.previous_epsilon, "previous_delta": b.previous_delta,
+                 "set_at": b.set_at, "reason": b.note, "key_fingerprint": b.key_fingerprint,
+                 "signature": b.signature_hex} for b in self.budget_history()]
+
     # -- runs and spends ---------------------------------------------------------------
     def runs(self, purpose: str | None = None) -> list[RunPlan]:
-        sql = "SELECT * FROM runs" + (" WHERE purpose = ?" if purpose else "") + " ORDER BY reserved_at, run_id"
+        sql = f"SELECT {_RUN_COLS} FROM runs" + (" WHERE purpose = ?" if purpose else "") + " ORDER BY reserved_at, run_id"
         return [RunPlan(**dict(r)) for r in self._conn.execute(sql, (purpose,) if purpose else ()).fetchall()]
 
     def run(self, run_id: str, purpose: str) -> RunPlan | None:
-        row = self._conn.execute("SELECT * FROM runs WHERE run_id = ? AND purpose = ?", (run_id, purpose)).fetchone()
+        row = self._conn.execute(f"SELECT {_RUN_COLS} FROM runs WHERE run_id = ? AND purpose = ?",
+                                 (run_id, purpose)).fetchone()
         return RunPlan(**dict(row)) if row else None
 
     def spends(self, run_id: str | None = None, purpose: str | None = None) -> list[Spend]:
@@ -221,48 +246,76 @@ class BudgetLedger:
         if purpose is not None:
             where.append("purpose = ?")
             args.append(purpose)
-        sql = "SELECT * FROM spends" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        sql = f"SELECT {_SPEND_COLS} FROM spends" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
         return [Spend(**dict(r)) for r in self._conn.execute(sql, args).fetchall()]
 
-    def committed(self, purpose: str) -> tuple[float, float]:
-        """(Σ ε, Σ δ) reserved by all runs of ``purpose`` — basic composition."""
+    def committed(self, purpose: str | None = None) -> tuple[float, float]:
+        """(Σ ε, Σ δ) reserved by all runs of ``purpose`` (None or ``"*"``: of every purpose) — basic composition."""
+        every = purpose in (None, NODE)
         row = self._conn.execute(
-            "SELECT COALESCE(SUM(epsilon), 0.0) AS e, COALESCE(SUM(delta), 0.0) AS d FROM runs WHERE purpose = ?",
-            (purpose,),
-        ).fetchone()
+            "SELECT COALESCE(SUM(epsilon), 0.0) AS e, COALESCE(SUM(delta), 0.0) AS d FROM runs"
+            + ("" if every else " WHERE purpose = ?"), () if every else (purpose,)).fetchone()
         return float(row["e"]), float(row["d"])
 
+    def remaining(self, purpose: str) -> tuple[float | None, float | None]:
+        """(ε, δ) a new run of ``purpose`` may still reserve: the tighter of node cap and sub-limit.
+
+        ``(None, None)`` when no node cap is set; δ is None when neither limits it.
+        """
+        cap = self.node_cap()
+        if cap is None:
+            return None, None
+        eps_all, delta_all = self.committed()
+        eps = cap.epsilon - eps_all
+        delta = None if cap.delta is None else cap.delta - delta_all
+        sub = self.budget(purpose)
+        if sub is not None:
+            eps_p, delta_p = self.committed(purpose)
+            eps = min(eps, sub.epsilon - eps_p)
+            if sub.delta is not None:
+                delta = sub.delta - delta_p if delta is None else min(delta, sub.delta - delta_p)
+        return max(eps, 0.0), None if delta is None else max(delta, 0.0)
+
     def check_room(self, run_id: str, purpose: str, epsilon: float, delta: float) -> None:
-        """Raise :class:`BudgetExceeded` unless a new run of (ε, δ) fits the purpose's lifetime budget."""
-        budget = self.budget(purpose)
-        if budget is None:
+        """Raise :class:`BudgetExceeded` unless a new run of (ε, δ) fits the node cap and the purpose's sub-limit."""
+        cap = self.node_cap()
+        if cap is None:
             raise BudgetExceeded(
-                f"no lifetime privacy budget is set for purpose {purpose!r} on this node ({self.path}); "
-                f"refusing DP run {run_id!r} before any training "
-                f"(set one with `fedretain privacy set-budget --purpose {purpose} --epsilon E`)"
+                f"no lifetime privacy budget is set on this node ({self.path}); "
+                f"refusing DP run {run_id!r} for purpose {purpose!r} before any training "
+                f"(set one with `fedretain privacy set-budget --epsilon E --reason TEXT`)"
             )
-        eps_used, delta_used = self.committed(purpose)
-        if eps_used + epsilon > budget.epsilon + EPS_SLACK:
-            raise BudgetExceeded(
-                f"run {run_id!r} would spend ε={epsilon:g} for purpose {purpose!r}, but only "
-                f"ε={max(budget.epsilon - eps_used, 0.0):g} of the lifetime budget ε={budget.epsilon:g} remains "
-                f"({eps_used:g} already committed by {len(self.runs(purpose))} run(s)); "
-                f"refused before any training, nothing recorded"
-            )
-        if budget.delta is not None and delta_used + delta > budget.delta * (1 + 1e-9):
-            raise BudgetExceeded(
-                f"run {run_id!r} would take δ for purpose {purpose!r} to {delta_used + delta:.3g}, "
-                f"past the lifetime δ={budget.delta:.3g}; refused before any training, nothing recorded"
-            )
+        for scope, limit in ((NODE, cap), (purpose, self.budget(purpose))):
+            if limit is None:
+                continue
+            used, delta_used = self.committed(scope)
+            what = "lifetime budget" if scope == NODE else f"sub-limit for purpose {purpose!r}"
+            n_runs = len(self.runs(None if scope == NODE else scope))
+            if used + epsilon > limit.epsilon + EPS_SLACK:
+                raise BudgetExceeded(
+                    f"run {run_id!r} would spend ε={epsilon:g} for purpose {purpose!r}, but only "
+                    f"ε={max(limit.epsilon - used, 0.0):g} of the {what} ε={limit.epsilon:g} remains "
+                    f"({used:g} already committed by {n_runs} run(s)"
+                    + (" of every purpose" if scope == NODE else "") + "); refused before any training, "
+                    "nothing recorded"
+                )
+            if limit.delta is not None and delta_used + delta > limit.delta * (1 + 1e-9):
+                raise BudgetExceeded(
+                    f"run {run_id!r} would take δ to {delta_used + delta:.3g}, past the {what} "
+                    f"δ={limit.delta:.3g}; refused before any training, nothing recorded"
+                )
 
     def reserve(self, plan: RunPlan) -> RunPlan:
         """Reserve ``plan``'s whole (ε, δ), or raise :class:`BudgetExceeded` having written nothing.
 
+        The ledger was verified in full on open; here the tip, triggers and row count are rechecked
+        (any change by another writer triggers the full verification again), so a ledger tampered
+        with meanwhile refuses the reservation.
         Reserving the same run again (a node restart, a resumed run) returns the stored
         plan; a *different* mechanism under an existing run id is refused.
         """
         check_purpose(plan.purpose)
-        with self._write() as c:
+        with self._store.write():
             existing = self.run(plan.run_id, plan.purpose)
             if existing is not None:
                 if not existing.same_mechanism(plan):
@@ -274,11 +327,7 @@ class BudgetLedger:
                 return existing
             self.check_room(plan.run_id, plan.purpose, plan.epsilon, plan.delta)
             stored = RunPlan(**{**asdict(plan), "reserved_at": _now()})
-            c.execute(
-                "INSERT INTO runs VALUES (:run_id, :purpose, :mode, :accountant, :epsilon, :delta, "
-                ":noise_multiplier, :sample_rate, :planned_steps, :n_records, :reserved_at)",
-                asdict(stored),
-            )
+            self._store.insert("runs", asdict(stored))
         return stored
 
     def accountant_for(self, run_id: str, purpose: str) -> Accountant:
@@ -302,19 +351,16 @@ class BudgetLedger:
         eps = accountant.epsilon(plan.delta)
         if eps > plan.epsilon + EPS_SLACK:
             raise BudgetExceeded(f"run {run_id!r} spent ε={eps:.4f}, more than its reservation ε={plan.epsilon:g}")
-        row = (run_id, purpose, int(server_round), int(steps), accountant.steps, eps, accountant.to_json(), _now())
-        with self._write() as c:
-            cur = c.execute(
-                "INSERT INTO spends (run_id, purpose, round, steps, total_steps, epsilon, accountant_state, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-        return Spend(int(cur.lastrowid), *row)
+        with self._store.write():
+            spend = Spend(self._store.next_seq("spends"), run_id, purpose, int(server_round), int(steps),
+                          accountant.steps, float(eps), accountant.to_json(), _now())
+            self._store.insert("spends", asdict(spend))
+        return spend
 
     # -- reporting ---------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
         """Per purpose: budget, committed, remaining, and per run: reserved vs spent so far."""
-        purposes = sorted({b.purpose for b in self.budget_history()} | {r.purpose for r in self.runs()})
+        purposes = sorted(({b.purpose for b in self.budget_history()} - {NODE}) | {r.purpose for r in self.runs()})
         out = []
         for purpose in purposes:
             budget = self.budget(purpose)
@@ -336,7 +382,19 @@ class BudgetLedger:
                 "budget_delta": budget.delta if budget else None,
                 "committed_epsilon": eps, "committed_delta": delta,
                 "spent_epsilon": sum(r["spent_epsilon"] for r in runs),
-                "remaining_epsilon": max(budget.epsilon - eps, 0.0) if budget else None,
+                "remaining_epsilon": self.remaining(purpose)[0],
                 "runs": runs,
             })
         return out
+
+    def report(self) -> dict[str, Any]:
+        """Everything ``privacy status --json`` and the officer's report show: node cap, purposes, events, head."""
+        cap = self.node_cap()
+        eps, delta = self.committed()
+        return {
+            "ledger": str(self.path), "controller": self.controller,
+            "node": {"cap_epsilon": cap.epsilon if cap else None, "cap_delta": cap.delta if cap else None,
+                     "committed_epsilon": eps, "committed_delta": delta,
+                     "remaining_epsilon": max(cap.epsilon - eps, 0.0) if cap else None},
+            "purposes": self.status(), "cap_events": self.cap_events(), "head": self.head().to_dict(),
+        }

@@ -48,64 +48,91 @@ def privacy() -> None:
 @_with_where
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(silo: Path | None, state_dir: Path | None, as_json: bool) -> None:
-    """Show the lifetime budget, committed and remaining ε per purpose, and every run's spend."""
+    """Show the node cap, committed and remaining ε per purpose, every run's spend and every cap change."""
     path = _ledger_file(silo, state_dir)
     try:
         with BudgetLedger.open(path) as ledger:
-            rows = ledger.status()
+            report = ledger.report()
     except PrivacyError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"ledger": str(path), "purposes": rows}, indent=2))
+        click.echo(json.dumps(report, indent=2))
         return
     console = Console()
-    if not rows:
-        console.print(f"{path}: no budgets set and no DP runs recorded")
-        return
-    summary = Table(title=f"Privacy budget ({path})", box=box.SIMPLE_HEAVY)
-    for col in ("purpose", "lifetime ε", "lifetime δ", "committed ε", "spent ε", "remaining ε", "runs"):
-        summary.add_column(col, justify="left" if col == "purpose" else "right", overflow="fold")
-    for r in rows:
-        summary.add_row(
-            r["purpose"], _num(r["budget_epsilon"], "not set"), _num(r["budget_delta"], "—", ".1e"),
-            _num(r["committed_epsilon"]), _num(r["spent_epsilon"]), _num(r["remaining_epsilon"], "—"),
-            str(len(r["runs"])),
-        )
-    console.print(summary)
-    for r in rows:  # one table per purpose keeps it readable in 80 columns; σ and q are in --json
+    node, rows, head = report["node"], report["purposes"], report["head"]
+    console.print(f"Privacy ledger {path}", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"  {head['size']} entries, verified; signed head {head['root_hex'][:16]}… "
+                  f"by {head['key_fingerprint'][:23]}…", soft_wrap=True, markup=False, highlight=False)
+    if node["cap_epsilon"] is None:
+        console.print("no node-wide budget set: every DP run and analytics query is refused "
+                      "(`fedretain privacy set-budget --epsilon E --reason TEXT`)", soft_wrap=True)
+    else:
+        console.print(f"Node cap (all purposes): ε={node['cap_epsilon']:.3f}"
+                      + (f", δ={node['cap_delta']:.1e}" if node["cap_delta"] is not None else "")
+                      + f"; committed {node['committed_epsilon']:.3f}, remaining {node['remaining_epsilon']:.3f}",
+                      soft_wrap=True)
+    if rows:
+        summary = Table(title="Per purpose (sub-limit optional; ε unless marked δ)", box=box.SIMPLE_HEAD,
+                        pad_edge=False, title_justify="left")
+        for col in ("purpose", "limit", "limit δ", "committed", "spent", "left", "runs"):
+            summary.add_column(col, justify="left" if col == "purpose" else "right", no_wrap=True)
+        for r in rows:
+            summary.add_row(
+                r["purpose"], _num(r["budget_epsilon"], "—"), _num(r["budget_delta"], "—", ".1e"),
+                _num(r["committed_epsilon"]), _num(r["spent_epsilon"]), _num(r["remaining_epsilon"], "—"),
+                str(len(r["runs"])),
+            )
+        console.print(summary)
+    for r in rows:  # plain lines, not a table: run ids are copied into other commands, never wrapped (issue 13)
         if not r["runs"]:
             continue
-        runs = Table(title=f"{r['purpose']}: runs (committed = Σ reserved ε, basic composition)", box=box.SIMPLE)
-        for col in ("run", "mode", "reserved ε", "spent ε", "δ", "rounds", "steps"):
-            runs.add_column(col, justify="left" if col in ("run", "mode") else "right", overflow="fold")
+        console.print(f"{r['purpose']} runs (committed = Σ reserved ε; σ, q in --json):",
+                      soft_wrap=True, markup=False, highlight=False)
         for run in r["runs"]:
-            runs.add_row(
-                run["run_id"], f"{run['mode']} ({run['accountant']})", _num(run["reserved_epsilon"]),
-                _num(run["spent_epsilon"]), _num(run["delta"], fmt=".1e"), str(run["rounds"]),
-                f"{run['steps']}/{run['planned_steps']}",
-            )
-        console.print(runs)
+            console.print(f"  {run['run_id']}", soft_wrap=True, markup=False, highlight=False)
+            console.print(f"    {run['mode']} ({run['accountant']})  ε reserved {run['reserved_epsilon']:.3f} "
+                          f"spent {run['spent_epsilon']:.3f}  δ={run['delta']:.1e}  rounds {run['rounds']}  "
+                          f"steps {run['steps']}/{run['planned_steps']}", soft_wrap=True, markup=False,
+                          highlight=False)
+    if report["cap_events"]:
+        console.print("Budget changes (each signed by the node key):")
+        for e in report["cap_events"]:
+            before = "" if e["previous_epsilon"] is None else f" (was ε={e['previous_epsilon']:g})"
+            console.print(f"  {e['set_at'][:19]}  {e['scope']}: {e['kind']} ε={e['epsilon']:g}"
+                          + (f" δ={e['delta']:g}" if e["delta"] is not None else "") + before
+                          , soft_wrap=True, markup=False, highlight=False)
+            console.print(f"    reason: {e['reason']}", soft_wrap=True, markup=False, highlight=False)
 
 
 @privacy.command("set-budget")
 @_with_where
-@click.option("--purpose", required=True, help="Consent purpose the budget applies to (e.g. retention_modeling).")
-@click.option("--epsilon", type=float, required=True, help="Lifetime ε for this purpose on this node.")
+@click.option("--purpose", default=None,
+              help="Set this purpose's sub-limit (e.g. analytics); without it: the node-wide cap of all purposes.")
+@click.option("--epsilon", type=float, required=True, help="Lifetime ε.")
 @click.option("--delta", type=float, default=None, help="Optional lifetime δ (Σ δ of all runs must stay below it).")
-@click.option("--note", default="", help="Why the budget was set or changed (kept in the ledger).")
-def set_budget(silo: Path | None, state_dir: Path | None, purpose: str, epsilon: float, delta: float | None,
-               note: str) -> None:
-    """Set the lifetime privacy budget of a purpose (creates the ledger if needed; history is kept)."""
+@click.option("--reason", default="", help="Why the budget is set or changed (required to raise one; signed and kept).")
+@click.option("--note", default="", hidden=True, help="Old name of --reason.")
+def set_budget(silo: Path | None, state_dir: Path | None, purpose: str | None, epsilon: float, delta: float | None,
+               reason: str, note: str) -> None:
+    """Set the node-wide lifetime cap, or a purpose's sub-limit (creates the ledger if needed; history is kept)."""
     path = _ledger_file(silo, state_dir)
+    reason = reason or note
     try:
         with BudgetLedger.open(path, create=True) as ledger:
-            budget = ledger.set_budget(purpose, epsilon, delta, note)
+            if purpose is None:
+                budget = ledger.set_node_cap(epsilon, delta, reason=reason)
+            else:
+                budget = ledger.set_budget(purpose, epsilon, delta, reason=reason)
             committed, _ = ledger.committed(purpose)
+            cap = ledger.node_cap()
     except (PrivacyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{path}: lifetime budget for {purpose} set to ε={budget.epsilon:g}"
+    what = "node-wide lifetime cap" if purpose is None else f"lifetime sub-limit for {purpose}"
+    click.echo(f"{path}: {what} set to ε={budget.epsilon:g}"
                + (f", δ={budget.delta:g}" if budget.delta is not None else "")
-               + f" (committed so far: ε={committed:g})")
+               + f" (committed so far: ε={committed:g}; signed event: {budget.kind})")
+    if purpose is not None and cap is not None and budget.epsilon > cap.epsilon:
+        click.echo(f"note: the node-wide cap ε={cap.epsilon:g} is lower and still applies", err=True)
     if committed > budget.epsilon:
         click.echo("warning: more than this budget is already committed; every new DP run will be refused", err=True)
 
