@@ -223,12 +223,14 @@ def _targets(name: str) -> list[str]:
 
 def _row_lists(main: Ledger, live: np.ndarray, gid: np.ndarray, n_out: int, limit: int = 5) -> list[str]:
     """'orders.csv rows 2, 5, 9' per output row (the first ``limit`` rows), for the merchant to trace it."""
-    out = [""] * n_out
-    rows = main.rows(live)
-    order = np.argsort(gid, kind="stable")
-    bounds = np.searchsorted(gid[order], np.arange(n_out + 1))
-    for g in range(n_out):
-        mine = rows[order[bounds[g]:bounds[g + 1]]]
-        more = f" (+{len(mine) - limit} more)" if len(mine) > limit else ""
-        out[g] = f"{main.source.file} row{'s' if len(mine) > 1 else ''} {', '.join(map(str, mine[:limit]))}{more}"
-    return out
+    df = pd.DataFrame({"g": gid, "r": main.rows(live)}).sort_values(["g", "r"], kind="stable")
+    nth = df.groupby("g").cumcount().to_numpy()
+    size = np.bincount(df["g"].to_numpy(), minlength=n_out)
+    text = pd.Series("", index=range(n_out), dtype="string")
+    for k in range(limit):
+        part = df[nth == k]
+        sep = "" if k == 0 else ", "
+        text.loc[part["g"].to_numpy()] = text.loc[part["g"].to_numpy()].to_numpy() + sep + part["r"].astype(str).to_numpy()
+    more = pd.Series(np.where(size > limit, [f" (+{m} more)" for m in size - limit], ""), dtype="string")
+    label = pd.Series(np.where(size > 1, f"{main.source.file} rows ", f"{main.source.file} row "), dtype="string")
+    return (label + text + more).tolist()

@@ -24,6 +24,7 @@ from fedretain.ingest import IngestReport, Silo, read_events, read_users, write_
 from fedretain.schema import canonical_users, empty_users
 
 MAX_EXAMPLES = 20
+_TRACE = ("source_ref", "source_rows")  # columns of the mapped tables that trace rows back to the files
 
 
 @dataclass
@@ -101,12 +102,14 @@ def run_export(folder: Path, spec: MappingV2, *, now=None, quarantine_dir: Path 
     events, ev_report = read_events(ev_path, now=now, quarantine_path=qdir / "events.rejected.csv",
                                     chunksize=chunksize)
     _settle(built_events, ev_report, ledgers, spec.events.source)
+    ev_report.ignored_columns = [c for c in ev_report.ignored_columns if c not in _TRACE]
     users, us_report = empty_users(), None
     if spec.users is not None:
         built_users = build_table(spec, spec.users, ledgers)
         us_path = write_table(built_users.frame, mapped / "users.parquet")
         users, us_report = read_users(us_path, quarantine_path=qdir / "users.rejected.csv", chunksize=chunksize)
         _settle(built_users, us_report, ledgers, spec.users.source)
+        us_report.ignored_columns = [c for c in us_report.ignored_columns if c not in _TRACE]
         if built_users.unmapped:
             export.unmapped_values["users"] = built_users.unmapped
         main = ledgers[spec.users.source]
