@@ -69,6 +69,8 @@ def export_silo(folder: Path, merchant: dict, mapping: Any, *, now=None, quarant
         data = mapping
     else:
         return None
+    if isinstance(data, dict) and data.get("version", 1) not in (1, 2):
+        raise MappingError(f"{where}: 'version' must be 1 or 2, got {data.get('version')!r}")
     if not is_v2(data):
         return None
     spec = parse_spec(data, where)

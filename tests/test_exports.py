@@ -1,0 +1,258 @@
+"""Real export shapes in by mapping alone: raw files -> load_silo -> features, rows accounted for, truth recovered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedretain.consent.vocab import SCOPES
+from fedretain.datasets.cdnow import read_cdnow, to_events, zero_value_rows
+from fedretain.exports import MappingError, example_mapping
+from fedretain.exports.runner import ExportSilo
+from fedretain.features import compute_features
+from fedretain.ingest import load_silo
+from fedretain.synth_exports import generate_exports
+
+NOW = "2027-01-01"
+CDNOW_MASTER = Path("/work/shared/data/cdnow/CDNOW_master.txt")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {shape: generate_exports(root / shape, shape, n_merchants=1, n_users=600, seed=3)[0]
+            for shape in ("orderlines", "marketplace")}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("quarantine"))
+    return dst
+
+
+def _conserved(silo: ExportSilo) -> None:
+    for s in silo.export_report.sources:
+        assert s.rows_read == s.rows_accepted + s.rows_skipped + s.rows_quarantined, s.to_dict()
+        assert s.conserved
+        n_lines = len(pd.read_csv(silo.path / s.file, dtype=str, keep_default_na=False))
+        assert s.rows_read == n_lines, s.file
+
+
+def _features(silo) -> pd.DataFrame:
+    ids = pd.Index(sorted(silo.users["user_id"]), name="user_id").astype("string")
+    gated = SimpleNamespace(events=silo.events, users=silo.users,
+                            grants=pd.DataFrame(True, index=ids, columns=list(SCOPES)))
+    return compute_features(gated, pd.Timestamp(silo.merchant["data_end"]) + pd.Timedelta(days=1),
+                            ["frequency", "monetary_total", "refund_rate", "member_tier_level"])
+
+
+def _check_truth(silo, truth: pd.DataFrame, refunds: bool) -> None:
+    truth = truth.assign(user_id=truth["user_id"].astype(str)).set_index("user_id")
+    ev = silo.events
+    buys = ev[ev["event"] == "purchase"].groupby("user_id", observed=True)["amount"].agg(["size", "sum"])
+    buys.index = buys.index.astype(str)
+    got = buys.reindex(truth.index).fillna(0)
+    np.testing.assert_array_equal(got["size"].to_numpy(), truth["purchases"].to_numpy())
+    np.testing.assert_allclose(got["sum"].to_numpy(), truth["spend"].to_numpy(), rtol=0, atol=1e-6)
+    assert len(buys) == (truth["purchases"] > 0).sum()  # nobody extra (fees, guests) became a buyer
+    f = _features(silo)
+    f.index = f.index.astype(str)
+    np.testing.assert_allclose(f.loc[truth.index, "frequency"], np.log1p(truth["purchases"]), atol=1e-9)
+    np.testing.assert_allclose(f.loc[truth.index, "monetary_total"], np.log1p(truth["spend"]), atol=1e-6)
+    n_refunds = int((ev["event"] == "refund").sum())
+    if refunds:
+        assert n_refunds == truth["refunds"].sum() > 0
+        np.testing.assert_allclose(ev.loc[ev["event"] == "refund", "amount"].sum(), truth["refunded"].sum(), atol=1e-6)
+    else:
+        assert n_refunds == 0
+
+
+def test_orderlines_export_through_mapping_alone(exports):
+    silo = load_silo(exports["orderlines"], now=NOW)
+    assert isinstance(silo, ExportSilo)
+    assert silo.report.rows_rejected == 0
+    _conserved(silo)
+    lines = silo.export_report.sources[0]
+    raw = pd.read_csv(silo.path / "order_lines.csv", dtype=str, keep_default_na=False)
+    assert lines.skipped_by_rule["fee_lines"] == raw["StockCode"].isin(["POST", "M", "BANK CHARGES"]).sum()
+    assert lines.skipped_by_rule["guest_checkout"] == (raw["CustomerID"] == "").sum() > 0
+    assert lines.rows_quarantined == 0
+    # customer ids printed as floats became the shop's ids, the ones the consent file uses
+    assert raw["CustomerID"].str.endswith(".0").any()
+    assert not silo.events["user_id"].str.contains(".", regex=False).any()
+    _check_truth(silo, pd.read_csv(silo.path / "truth.csv"), refunds=True)
+    # value maps: the shop's tier names, an unknown one becomes missing (the user row is kept)
+    customers = pd.read_csv(silo.path / "customers.csv", dtype=str).set_index("CustomerID")
+    users = silo.users.set_index("user_id")
+    gold = customers.index[customers["Tier"] == "VIP Gold"]
+    assert (users.loc[gold, "member_tier"] == "gold").all() and len(gold)
+    staff = customers.index[customers["Tier"] == "Staff"]
+    assert len(staff) and users.loc[staff, "member_tier"].isna().all()
+    assert silo.export_report.unmapped_values["users"]["member_tier"] == {"Staff": len(staff)}
+    assert silo.users_report.rows_rejected == 0 and len(silo.users) >= len(customers)
+
+
+def test_marketplace_export_through_mapping_alone(exports):
+    silo = load_silo(exports["marketplace"], now=NOW)
+    _conserved(silo)
+    by_file = {s.file: s for s in silo.export_report.sources}
+    orders = pd.read_csv(silo.path / "orders.csv", dtype=str)
+    cancelled = orders.loc[orders["order_status"].isin(["canceled", "unavailable"]), "order_id"]
+    assert by_file["orders.csv"].skipped_by_rule == {"not_completed": len(cancelled)} and len(cancelled)
+    for name in ("order_items.csv", "order_payments.csv"):  # their lines follow the order
+        rows = pd.read_csv(silo.path / name, dtype=str)
+        assert by_file[name].skipped_by_rule == {"not_completed": int(rows["order_id"].isin(cancelled).sum())}
+        assert by_file[name].rows_quarantined == 0
+    assert silo.report.rows_rejected == 0
+    # one person, many per-order customer ids: events are keyed by the person id
+    _check_truth(silo, pd.read_csv(silo.path / "truth.csv"), refunds=False)
+
+
+def test_cdnow_raw_file_through_mapping_alone(tmp_path):
+    if not CDNOW_MASTER.is_file():
+        pytest.skip("CDNOW data not available")
+    silo_dir = tmp_path / "cdnow"
+    silo_dir.mkdir()
+    (silo_dir / CDNOW_MASTER.name).symlink_to(CDNOW_MASTER)
+    (silo_dir / "mapping.json").write_text(json.dumps(example_mapping("cdnow")))
+    (silo_dir / "merchant.json").write_text(json.dumps({"merchant_id": "cdnow", "data_end": "1998-06-30"}))
+    silo = load_silo(silo_dir, now=NOW)
+    raw = read_cdnow(CDNOW_MASTER)
+    events, _ = to_events(raw)
+    (src,) = silo.export_report.sources
+    assert src.rows_read == len(raw) == src.rows_accepted + src.rows_skipped
+    assert src.skipped_by_rule == {"zero_value": len(zero_value_rows(raw))}
+    assert len(silo.events) == len(events) and silo.report.rows_rejected == 0
+    ours = silo.events.groupby("user_id")["amount"].sum().sort_index()
+    theirs = events.groupby("user_id")["amount"].sum().sort_index()
+    pd.testing.assert_index_equal(ours.index.astype(str), theirs.index.astype(str))
+    np.testing.assert_allclose(ours.to_numpy(), theirs.to_numpy(), atol=1e-9)
+
+
+def test_bad_lines_are_quarantined_by_line_and_the_rest_counted(exports, tmp_path):
+    silo_dir = _copy(exports["orderlines"], tmp_path / "ol")
+    path = silo_dir / "order_lines.csv"
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    base = raw.iloc[0].to_dict()
+    bad = [dict(base, InvoiceNo="900001", Quantity="two"),  # not a number
+           dict(base, InvoiceNo="900002", InvoiceDate="31/31/2026 10:00"),  # not the declared format
+           dict(base, InvoiceNo="900003", InvoiceDate="01/05/2031 10:00"),  # in the future: rejected by validation
+           dict(base, InvoiceNo="900003", StockCode="22423", InvoiceDate="01/05/2031 10:00")]
+    pd.concat([raw, pd.DataFrame(bad)], ignore_index=True).to_csv(path, index=False)
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    lines = silo.export_report.sources[0]
+    n = len(raw)
+    assert lines.quarantined_by_reason["not a number"] == 1
+    assert sum(v for k, v in lines.quarantined_by_reason.items() if k.startswith("unparseable timestamp")) == 1
+    future = [k for k in lines.quarantined_by_reason if k.startswith("future timestamp")]
+    assert future and lines.quarantined_by_reason[future[0]] == 2  # both lines of the rejected invoice
+    by_row = {e["row"]: e for e in lines.examples}
+    assert by_row[n + 2]["field"] == "Quantity" and by_row[n + 2]["value"] == "two"  # header is row 1
+    assert by_row[n + 3]["field"] == "InvoiceDate"
+    q = pd.read_csv(lines.quarantine_path, dtype=str)
+    assert sorted(q["_row"].astype(int)) == [n + 2, n + 3, n + 4, n + 5]
+    assert silo.report.rows_rejected == 1  # the future invoice, one event made of two lines
+
+
+def test_marketplace_orphans_and_missing_customers_are_quarantined(exports, tmp_path):
+    silo_dir = _copy(exports["marketplace"], tmp_path / "mp")
+    pay = pd.read_csv(silo_dir / "order_payments.csv", dtype=str)
+    orphan = dict(pay.iloc[0].to_dict(), order_id="ffff" * 8)
+    pd.concat([pay, pd.DataFrame([orphan])]).to_csv(silo_dir / "order_payments.csv", index=False)
+    orders = pd.read_csv(silo_dir / "orders.csv", dtype=str, keep_default_na=False)
+    live = orders.index[orders["order_status"] == "delivered"][0]
+    lost_order = orders.loc[live, "order_id"]
+    orders.loc[live, "customer_id"] = "not-a-customer"
+    orders.to_csv(silo_dir / "orders.csv", index=False)
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    by_file = {s.file: s for s in silo.export_report.sources}
+    assert by_file["order_payments.csv"].quarantined_by_reason["no row in orders.csv with this order_id"] == 1
+    assert by_file["orders.csv"].quarantined_by_reason == {"no row in customers.csv with this customer_id": 1}
+    items = pd.read_csv(silo_dir / "order_items.csv", dtype=str)
+    assert by_file["order_items.csv"].rows_quarantined == int((items["order_id"] == lost_order).sum()) > 0
+
+
+def test_user_attribute_reject_rule_keeps_the_user(exports, tmp_path):
+    silo_dir = _copy(exports["orderlines"], tmp_path / "ol")
+    mapping = json.loads((silo_dir / "mapping.json").read_text())
+    mapping["users"]["values"]["member_tier"]["unknown"] = "reject"
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    silo = load_silo(silo_dir, now=NOW)
+    customers = pd.read_csv(silo_dir / "customers.csv", dtype=str)
+    staff = customers[customers["Tier"] == "Staff"]
+    assert len(silo.export_report.rejected_values) == len(staff) > 0
+    assert {r["value"] for r in silo.export_report.rejected_values} == {"Staff"}
+    assert not silo.export_report.ok
+    users = silo.users.set_index("user_id")
+    assert users.loc[staff["CustomerID"], "member_tier"].isna().all()  # rows kept, value missing
+    assert silo.users_report.rows_rejected == 0
+
+
+def test_toml_mapping_and_mapped_file_names(exports, tmp_path):
+    silo_dir = _copy(exports["orderlines"], tmp_path / "ol")
+    (silo_dir / "order_lines.csv").rename(silo_dir / "Online Retail.csv")
+    (silo_dir / "mapping.json").unlink()
+    (silo_dir / "mapping.toml").write_text(
+        'version = 2\ntimestamp_format = "%m/%d/%Y %H:%M"\n'
+        '[sources.lines]\nfile = "Online Retail.csv"\n'
+        '[events]\nfrom = "lines"\n'
+        '[events.skip]\nguests = "is_empty(CustomerID)"\nfees = "StockCode in (\'POST\', \'M\', \'BANK CHARGES\')"\n'
+        '[events.derive]\nline = "`Quantity` * `UnitPrice`"\n'
+        '[events.fields]\nuser_id = "CustomerID"\nts = "InvoiceDate"\namount = "line"\n'
+        'event = "\'refund\' if matches(InvoiceNo, \'C[0-9]+\') else \'purchase\'"\n'
+        '[events.group]\nby = ["InvoiceNo"]\nsum = ["amount"]\n')
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    _check_truth(silo, pd.read_csv(silo_dir / "truth.csv"), refunds=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["events"]["join"][0].update(on="ordr_id"),
+     "events.join[0].on: unknown column 'ordr_id'"),
+    (lambda m: m["events"]["join"][0].update(right_on="cust"),
+     "events.join[0].right_on: unknown column 'cust' in customers.csv"),
+    (lambda m: m["events"]["aggregate"][0]["sum"].update(paid="paymnt_value"),
+     "events.aggregate[0].sum.paid: unknown column 'paymnt_value'"),
+    (lambda m: m["events"]["fields"].update(amount="__import__('os').system('true')"),
+     "events.fields.amount: in"),
+    (lambda m: m["events"]["skip"].update(x="open('/etc/passwd')"), "events.skip.x: in"),
+    (lambda m: m["events"]["fields"].update(colour="'red'"), "events.fields.colour: not a events field"),
+    (lambda m: m["events"].update(groop={}), "events.groop: unknown key"),
+    (lambda m: m["sources"]["orders"].update(file="../orders.csv"), "sources.orders.file: must be a file name"),
+    (lambda m: m["sources"]["orders"].update(file="ordrs.csv"), "sources.orders.file: 'ordrs.csv' not found"),
+    (lambda m: m["events"]["fields"].pop("ts"), "events.fields: missing 'ts'"),
+    (lambda m: m["events"].update(values={"channel": {"map": {"App": "tv"}}}),
+     "events.values.channel.map.App: maps to 'tv'"),
+    (lambda m: m["events"]["aggregate"][1].update(source="orders"), "events.aggregate[1]: source 'orders' already"),
+    (lambda m: m.update(version=3), "'version' must be 1 or 2"),
+])
+def test_mapping_errors_name_the_key(exports, tmp_path, change, message):
+    silo_dir = _copy(exports["marketplace"], tmp_path / "mp")
+    mapping = json.loads((silo_dir / "mapping.json").read_text())
+    change(mapping)
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    with pytest.raises(Exception) as info:
+        load_silo(silo_dir, now=NOW)
+    assert info.type.__name__ in ("MappingError", "IngestError")
+    assert message in str(info.value), str(info.value)
+    assert str(silo_dir / "mapping.json") in str(info.value)
+
+
+def test_v2_mapping_refused_for_a_single_file(exports):
+    from fedretain.ingest import read_events
+
+    with pytest.raises(Exception, match="version 2 mapping describes a whole silo"):
+        read_events(exports["orderlines"] / "order_lines.csv", mapping=example_mapping("orderlines"))
+    with pytest.raises(ValueError, match="unknown example mapping"):
+        example_mapping("nope")
+    with pytest.raises(MappingError, match="version: must be 2"):
+        from fedretain.exports import parse_spec
+
+        parse_spec({"version": 1, "sources": {}, "events": {}})
