@@ -137,13 +137,20 @@ def _print_export(console: Console, export: ExportReport) -> None:
     """Per source file: read = accepted + skipped (by rule) + quarantined (by reason)."""
     table = Table(title=f"Source files (mapping {Path(export.mapping).name})", title_justify="left",
                   box=box.SIMPLE_HEAD, caption="read = accepted + skipped + quarantined", caption_justify="left")
-    for col in ("file", "read", "accepted", "skipped", "quarantined", "skipped by rule"):
-        table.add_column(col, overflow="fold", justify="left" if col in ("file", "skipped by rule") else "right")
+    for col in ("file", "read", "accepted", "skipped", "quarantined"):
+        table.add_column(col, overflow="fold", no_wrap=col == "file", justify="left" if col == "file" else "right")
+    rules = Table(title="Skipped by rule (declared in the mapping)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("file", "rule", "rows"):
+        rules.add_column(col, overflow="fold", justify="right" if col == "rows" else "left")
     for s in export.sources:
-        rules = "\n".join(f"{k}: {v:,}" for k, v in s.skipped_by_rule.items())
         table.add_row(s.file, f"{s.rows_read:,}", f"{s.rows_accepted:,}", f"{s.rows_skipped:,}",
-                      f"[red]{s.rows_quarantined:,}[/red]" if s.rows_quarantined else "0", rules)
+                      f"[red]{s.rows_quarantined:,}[/red]" if s.rows_quarantined else "0")
+        for rule, n in s.skipped_by_rule.items():
+            rules.add_row(s.file, rule, f"{n:,}")
     console.print(table)
+    if rules.row_count:
+        console.print(rules)
     for s in export.sources:
         if not s.rows_quarantined:
             continue
