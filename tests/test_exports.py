@@ -256,3 +256,30 @@ def test_v2_mapping_refused_for_a_single_file(exports):
         from fedretain.exports import parse_spec
 
         parse_spec({"version": 1, "sources": {}, "events": {}})
+
+
+def test_blank_ragged_and_duplicate_lines(exports, tmp_path):
+    silo_dir = _copy(exports["orderlines"], tmp_path / "ol")
+    path = silo_dir / "order_lines.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1], "", lines[1], *lines[2:]]) + "\n")
+    mapping = json.loads((silo_dir / "mapping.json").read_text())
+    mapping["sources"]["lines"]["skip_duplicate_rows"] = True
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    silo = load_silo(silo_dir, now=NOW)
+    src = silo.export_report.sources[0]
+    assert src.rows_read == len(lines) + 1 and src.conserved
+    assert src.skipped_by_rule["blank_row"] == 1 and src.skipped_by_rule["duplicate_row"] == 1
+    _check_truth(silo, pd.read_csv(silo_dir / "truth.csv"), refunds=True)  # the copy was not summed in
+    path.write_text("\n".join([*lines, lines[1] + ",extra"]) + "\n")
+    with pytest.raises(MappingError, match=r"order_lines.csv: malformed file: .*Expected 7 fields in line"):
+        load_silo(silo_dir, now=NOW)
+
+
+def test_expression_failing_on_data_is_a_mapping_error(exports, tmp_path):
+    silo_dir = _copy(exports["orderlines"], tmp_path / "ol")
+    mapping = json.loads((silo_dir / "mapping.json").read_text())
+    mapping["events"]["derive"]["line_amount"] = "Quantity * 'many'"
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    with pytest.raises(MappingError, match=r"events: an expression cannot be evaluated: in \"Quantity \* 'many'\""):
+        load_silo(silo_dir, now=NOW)

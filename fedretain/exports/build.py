@@ -32,6 +32,13 @@ class Ledger:
         self.why = np.full(n, "", dtype=object)
         self.field = np.full(n, "", dtype=object)
         self.value = np.full(n, "", dtype=object)
+        if n and len(frame.columns):
+            blank = np.ones(n, dtype=bool)
+            for col in frame.columns:
+                blank &= frame[col].astype("string").fillna("").str.strip().eq("").to_numpy(dtype=bool)
+            self.decide(blank, SKIPPED, "blank_row")
+        if source.skip_duplicate_rows and n:
+            self.decide(frame.duplicated(keep="first").to_numpy(), SKIPPED, "duplicate_row")
 
     def decide(self, mask: np.ndarray, state: int, why: str | np.ndarray, fld: str = "",
                values: pd.Series | np.ndarray | None = None) -> np.ndarray:

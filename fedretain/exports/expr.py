@@ -132,7 +132,12 @@ Resolver = Callable[[str | None, str], pd.Series]
 def evaluate(expr: Expr, resolve: Resolver, index: pd.Index) -> Result:
     """Evaluate over a table; ``resolve(source, column)`` returns a column as text."""
     ev = _Eval(resolve, index)
-    out = ev.run(expr.tree)
+    try:
+        out = ev.run(expr.tree)
+    except ExprError as exc:
+        raise ExprError(f"in {expr.text!r}: {exc}") from None
+    except ZeroDivisionError:
+        raise ExprError(f"in {expr.text!r}: division by a constant zero") from None
     if not isinstance(out, pd.Series):
         out = pd.Series([out] * len(index), index=index)
     return Result(out, ev.errors)

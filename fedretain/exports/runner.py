@@ -19,7 +19,8 @@ import pandas as pd
 
 from fedretain.exports.build import ACCEPTED, PENDING, QUARANTINED, SKIPPED, Built, Ledger, build_table
 from fedretain.exports.sources import check_all_columns, first_row, read_header, read_source
-from fedretain.exports.spec import MappingV2
+from fedretain.exports.expr import ExprError
+from fedretain.exports.spec import MappingError, MappingV2
 from fedretain.ingest import IngestReport, Silo, read_events, read_users, write_table
 from fedretain.schema import canonical_users, empty_users
 
@@ -97,7 +98,7 @@ def run_export(folder: Path, spec: MappingV2, *, now=None, quarantine_dir: Path 
     mapped = qdir / "mapped"
     export = ExportReport(spec.where, [])
 
-    built_events = build_table(spec, spec.events, ledgers)
+    built_events = _build(spec, spec.events, ledgers)
     ev_path = write_table(built_events.frame, mapped / "events.parquet")
     events, ev_report = read_events(ev_path, now=now, quarantine_path=qdir / "events.rejected.csv",
                                     chunksize=chunksize)
@@ -105,7 +106,7 @@ def run_export(folder: Path, spec: MappingV2, *, now=None, quarantine_dir: Path 
     ev_report.ignored_columns = [c for c in ev_report.ignored_columns if c not in _TRACE]
     users, us_report = empty_users(), None
     if spec.users is not None:
-        built_users = build_table(spec, spec.users, ledgers)
+        built_users = _build(spec, spec.users, ledgers)
         us_path = write_table(built_users.frame, mapped / "users.parquet")
         users, us_report = read_users(us_path, quarantine_path=qdir / "users.rejected.csv", chunksize=chunksize)
         _settle(built_users, us_report, ledgers, spec.users.source)
@@ -123,6 +124,14 @@ def run_export(folder: Path, spec: MappingV2, *, now=None, quarantine_dir: Path 
         ledger.decide(np.ones(len(ledger.state), dtype=bool), ACCEPTED, "")  # lookup-only rows were read fine
         export.sources.append(_source_report(ledger, qdir))
     return events, users, ev_report, us_report, export
+
+
+def _build(spec: MappingV2, table, ledgers: dict[str, Ledger]) -> Built:
+    """``build_table`` with an expression that fails on the data (``'a' * 2``) reported as a mapping error."""
+    try:
+        return build_table(spec, table, ledgers)
+    except (ExprError, ZeroDivisionError, TypeError) as exc:
+        raise MappingError(f"{spec.where}: {table.kind}: an expression cannot be evaluated: {exc}") from None
 
 
 def _settle(built: Built, report: IngestReport, ledgers: dict[str, Ledger], main_name: str) -> None:

@@ -8,6 +8,7 @@ joins and grouping need all rows, and a few hundred thousand order lines are a f
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -61,16 +62,21 @@ def read_header(folder: Path, src: Source, where: str) -> list[str]:
 
 
 def read_source(folder: Path, src: Source) -> pd.DataFrame:
-    """The whole file as a frame of stripped-later text (missing values are '')."""
+    """The whole file as a frame of text (missing values are ''); blank lines stay rows, so row numbers match."""
     path = source_path(folder, src)
     if src.format == "parquet":
         return _read_parquet(path)
     header = None if src.columns is not None else 0
     sep = r"\s+" if src.format == "whitespace" else src.delimiter
     try:
-        df = pd.read_csv(path, dtype=str, na_filter=False, keep_default_na=False, sep=sep, header=header,
-                         names=list(src.columns) if src.columns else None, index_col=False, encoding="utf-8-sig",
-                         engine="c" if src.format == "whitespace" or len(sep) == 1 else "python", skip_blank_lines=True)
+        with warnings.catch_warnings():  # a row with more fields than the header must not lose values silently
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, na_filter=False, keep_default_na=False, sep=sep, header=header,
+                             names=list(src.columns) if src.columns else None, index_col=False,
+                             encoding="utf-8-sig", engine="c", skip_blank_lines=False)
+    except pd.errors.ParserWarning as exc:
+        raise MappingError(f"{path}: malformed file: a row has more fields than the header ({exc}); "
+                           "quote values that contain the delimiter") from None
     except UnicodeDecodeError as exc:
         raise MappingError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except (pd.errors.ParserError, ValueError, OSError) as exc:

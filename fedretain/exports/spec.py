@@ -11,7 +11,8 @@ The JSON form (every key other than ``version``, ``sources`` and ``events`` is o
     {"version": 2,
      "ids": {"trim": true, "integer_floats": true, "case": "keep", "strip_leading_zeros": false},
      "timestamp_format": "%m/%d/%Y %H:%M", "timestamp_unit": "s",
-     "sources": {"lines": {"file": "Online Retail.csv", "format": "csv", "delimiter": ","}},
+     "sources": {"lines": {"file": "Online Retail.csv", "format": "csv", "delimiter": ",",
+                           "skip_duplicate_rows": false}},
      "events": {
         "from": "lines",
         "join": [{"source": "orders", "on": "order_id", "right_on": "id", "unmatched": "quarantine"}],
@@ -66,6 +67,7 @@ class Source:
     format: str = "csv"
     delimiter: str = ","
     columns: tuple[str, ...] | None = None  # names for a file without a header row
+    skip_duplicate_rows: bool = False  # rows equal to an earlier row are skipped (rule 'duplicate_row')
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def parse_spec(data: Any, where: str = "mapping.json") -> MappingV2:
 def _source(p: "_P", name: str, raw: Any) -> Source:
     key = f"sources.{name}"
     raw = p.obj(raw, key)
-    p.keys(raw, ("file", "format", "delimiter", "columns"), key)
+    p.keys(raw, ("file", "format", "delimiter", "columns", "skip_duplicate_rows"), key)
     file = raw.get("file")
     if not isinstance(file, str) or not file.strip():
         p.fail(f"{key}.file", f"must name a file in the silo folder, got {file!r}")
@@ -197,7 +199,10 @@ def _source(p: "_P", name: str, raw: Any) -> Source:
     if cols is not None and (not isinstance(cols, list) or not cols or not all(isinstance(c, str) and c for c in cols)
                              or len(set(cols)) != len(cols)):
         p.fail(f"{key}.columns", "must be a list of distinct column names (for a file without a header row)")
-    return Source(name, file, fmt, delim, tuple(cols) if cols else None)
+    dups = raw.get("skip_duplicate_rows", False)
+    if not isinstance(dups, bool):
+        p.fail(f"{key}.skip_duplicate_rows", f"must be true or false, got {dups!r}")
+    return Source(name, file, fmt, delim, tuple(cols) if cols else None, dups)
 
 
 def _table(p: "_P", kind: str, raw: Any, sources: dict[str, Source]) -> TableSpec:
