@@ -74,6 +74,9 @@ def parse(text: str) -> Expr:
 
 
 def _check(node: ast.AST, text: str, cols: list) -> None:
+    for name in (getattr(node, "id", None), getattr(node, "attr", None)):
+        if isinstance(name, str) and name.startswith("__"):  # never meaningful as a column; refuse outright
+            raise ExprError(f"in {text!r}: name {name!r} is not allowed")
     if isinstance(node, ast.Name):
         cols.append((None, node.id))
         return
