@@ -87,7 +87,7 @@ def _orderlines(silo: SyntheticSilo, rng: np.random.Generator) -> tuple[dict, pd
     for uid, ts, event, amount in zip(ev["user_id"].astype(str), ev["ts"], ev["event"].astype(str), ev["amount"]):
         cid = person[uid]
         when = ts.strftime("%m/%d/%Y %H:%M")
-        cents = max(int(round(float(amount) * 100)), 1)
+        cents = max(round(float(amount) * 100), 1)
         t = truth.setdefault(cid, [0, 0.0, 0, 0.0])
         if event == "refund":
             rows.append((f"C{cinv}", f"{rng.integers(20000, 90000)}", -1, _money(cents), f"{cid}.0", when, country))
@@ -153,7 +153,7 @@ def _marketplace(silo: SyntheticSilo, rng: np.random.Generator) -> tuple[dict, p
     orders, items, payments = [], [], []
     truth: dict[str, list[float]] = {}
     for i in range(len(uid)):
-        cents = max(int(round(amount[i] * 100)), 2)
+        cents = max(round(float(amount[i]) * 100), 2)
         when = ts.iloc[i]
         orders.append((order_ids[i], cust_ids[i], status[i], when.strftime("%Y-%m-%d %H:%M:%S"),
                        (when + pd.Timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S"),

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-
 from fedretain.consent.vocab import SCOPES
+
 from fedretain.datasets.cdnow import read_cdnow, to_events, zero_value_rows
 from fedretain.exports import MappingError, example_mapping
 from fedretain.exports.runner import ExportSilo

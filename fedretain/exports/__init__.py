@@ -9,10 +9,11 @@ format and ``examples/`` for tested mappings (order-line export, marketplace exp
 from __future__ import annotations
 
 import json
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedretain.exports.spec import MappingError, MappingV2, is_v2, parse_spec
 

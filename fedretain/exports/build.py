@@ -125,8 +125,8 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         child = ledgers[a.source]
         keys = normalise_ids(run(a.left), spec.ids)
         dup_parent = keys.duplicated(keep="first").to_numpy() & keys.ne("").to_numpy()
-        pending.append((dup_parent, QUARANTINED, f"duplicate {a.left.text} (aggregating {child.source.file} needs "
-                        "one row per key)", a.left.text, keys))
+        why_dup = f"duplicate {a.left.text} (aggregating {child.source.file} needs one row per key)"
+        pending.append((dup_parent, QUARANTINED, why_dup, a.left.text, keys))
         ckeys = normalise_ids(child.frame[a.right], spec.ids)
         cidx = pd.RangeIndex(len(ckeys))
         parent = pd.Index(keys.where(~dup_parent & keys.ne("").to_numpy(), "\x00dup").to_numpy()).get_indexer(
@@ -138,7 +138,7 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         values: dict[str, pd.Series] = {}
         bad_child = np.zeros(len(ckeys), dtype=bool)
         for name, e in {**a.sums, **a.firsts}.items():
-            res = evaluate(e, lambda s, c, f=child.frame: f[c], cidx)
+            res = evaluate(e, _frame_resolver(child.frame), cidx)
             for col, bad in res.errors.items():
                 child.decide(bad & (parent >= 0), QUARANTINED, "not a number", col, child.frame[col])
                 bad_child |= bad
@@ -163,12 +163,11 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         local[name] = run(e)
 
     for name, e in t.skip.items():
-        mask = evaluate(e, resolve, index).values
-        main.decide(mask.fillna(False).astype(bool).to_numpy() if mask.dtype != bool else mask.to_numpy(),
-                    SKIPPED, name)
+        hit = evaluate(e, resolve, index).values
+        main.decide(hit.fillna(False).astype(bool).to_numpy() if hit.dtype != bool else hit.to_numpy(), SKIPPED, name)
     fields = {name: run(e) for name, e in t.fields.items()}
-    for mask, state, why, fld, values in pending:
-        main.decide(mask, state, why, fld, values)
+    for mask, state, why, fld, shown in pending:
+        main.decide(mask, state, why, fld, shown)
 
     out = pd.DataFrame(index=index)
     for name, values in fields.items():
@@ -220,6 +219,14 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
     grouped["source_rows"] = _row_lists(main, live, gid, len(grouped))
     built.frame = grouped
     return built
+
+
+def _frame_resolver(frame: pd.DataFrame):
+    """Columns of one file (an aggregated file's expressions read only its own columns)."""
+    def resolve(source: str | None, column: str) -> pd.Series:
+        return frame[column]
+
+    return resolve
 
 
 def _targets(name: str) -> list[str]:

@@ -159,7 +159,7 @@ class _Eval:
         if isinstance(node, ast.Name):
             return self._col(None, node.id)
         if isinstance(node, ast.Attribute):
-            return self._col(node.value.id, node.attr)  # type: ignore[union-attr]
+            return self._col(node.value.id, node.attr)  # type: ignore[attr-defined]
         if isinstance(node, ast.BinOp):
             return _ARITH[type(node.op)](self.num(self.run(node.left)), self.num(self.run(node.right)))
         if isinstance(node, ast.UnaryOp):
@@ -245,7 +245,7 @@ class _Eval:
         return pd.Series(out, index=self.index).fillna(False).astype(bool)
 
     def call(self, node: ast.Call):
-        name = node.func.id  # type: ignore[union-attr]
+        name = node.func.id  # type: ignore[attr-defined]
         if name == "col":
             return self._col(None, node.args[0].value)  # type: ignore[attr-defined]
         args = [self.run(a) for a in node.args]

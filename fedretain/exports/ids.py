@@ -69,7 +69,8 @@ def compare_ids(users: pd.Series, subjects: pd.Series) -> Overlap:
     u = pd.Index(users.astype("string").dropna().unique())
     s = pd.Index(subjects.astype("string").dropna().unique())
     both = u.intersection(s)
-    hint, examples = None, ()
+    hint: str | None = None
+    examples: tuple[tuple[str, str], ...] = ()
     missing = len(u) - len(both)
     if missing:
         for label, rules, setting in _CANDIDATES:
@@ -77,7 +78,7 @@ def compare_ids(users: pd.Series, subjects: pd.Series) -> Overlap:
             ns = pd.Series(normalise_ids(pd.Series(s, dtype="string"), rules).to_numpy(), index=s)
             gained = pd.Index(nu.unique()).intersection(pd.Index(ns.unique()))
             if len(gained) - len(both) >= max(1, missing // 10):
-                pairs = []
+                pairs: list[tuple[str, str]] = []
                 by_norm = pd.Series(ns.index, index=ns.to_numpy())
                 for raw, norm in nu.items():
                     if raw in both or norm not in by_norm.index:

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from fedretain.exports.build import ACCEPTED, PENDING, QUARANTINED, SKIPPED, Built, Ledger, build_table
-from fedretain.exports.sources import check_all_columns, first_row, read_header, read_source
 from fedretain.exports.expr import ExprError
+from fedretain.exports.sources import check_all_columns, first_row, read_header, read_source
 from fedretain.exports.spec import MappingError, MappingV2
 from fedretain.ingest import IngestReport, Silo, read_events, read_users, write_table
 from fedretain.schema import canonical_users, empty_users
@@ -201,7 +201,7 @@ def load_export_silo(folder: Path, spec: MappingV2, merchant: dict, *, now=None,
                                                              chunksize=chunksize)
     event_users = pd.Index(events["user_id"].unique()).dropna()
     missing = event_users.difference(pd.Index(users["user_id"]))
-    report.n_users_without_attributes = int(len(missing))
+    report.n_users_without_attributes = len(missing)
     if len(missing):
         extra = canonical_users(pd.DataFrame({"user_id": pd.Series(missing, dtype="string")}))
         users = pd.concat([users, extra], ignore_index=True) if len(users) else extra

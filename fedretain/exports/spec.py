@@ -30,7 +30,7 @@ The JSON form (every key other than ``version``, ``sources`` and ``events`` is o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from fedretain.exports.expr import Expr, ExprError, parse
 from fedretain.mapping import TIMESTAMP_UNITS, IngestError
@@ -179,7 +179,7 @@ def parse_spec(data: Any, where: str = "mapping.json") -> MappingV2:
     return MappingV2(where, sources, events, users, ids, fmt, unit)
 
 
-def _source(p: "_P", name: str, raw: Any) -> Source:
+def _source(p: _P, name: str, raw: Any) -> Source:
     key = f"sources.{name}"
     raw = p.obj(raw, key)
     p.keys(raw, ("file", "format", "delimiter", "columns", "skip_duplicate_rows"), key)
@@ -205,7 +205,7 @@ def _source(p: "_P", name: str, raw: Any) -> Source:
     return Source(name, file, fmt, delim, tuple(cols) if cols else None, dups)
 
 
-def _table(p: "_P", kind: str, raw: Any, sources: dict[str, Source]) -> TableSpec:
+def _table(p: _P, kind: str, raw: Any, sources: dict[str, Source]) -> TableSpec:
     raw = p.obj(raw, kind)
     p.keys(raw, _TABLE, kind)
     src = raw.get("from")
@@ -260,14 +260,14 @@ def _table(p: "_P", kind: str, raw: Any, sources: dict[str, Source]) -> TableSpe
     return TableSpec(kind, src, joins, aggs, derive, skip, fields, group_by, group_sum, values)
 
 
-def _join(p: "_P", key: str, raw: Any, sources: dict[str, Source]) -> Join:
+def _join(p: _P, key: str, raw: Any, sources: dict[str, Source]) -> Join:
     raw = p.obj(raw, key)
     p.keys(raw, ("source", "on", "right_on", "unmatched"), key)
     src, left, right, unmatched = _link(p, key, raw, sources)
     return Join(src, left, right, unmatched, key)
 
 
-def _aggregate(p: "_P", key: str, raw: Any, sources: dict[str, Source]) -> Aggregate:
+def _aggregate(p: _P, key: str, raw: Any, sources: dict[str, Source]) -> Aggregate:
     raw = p.obj(raw, key)
     p.keys(raw, ("source", "on", "right_on", "unmatched", "sum", "first", "count"), key)
     src, left, right, unmatched = _link(p, key, raw, sources)
@@ -282,7 +282,7 @@ def _aggregate(p: "_P", key: str, raw: Any, sources: dict[str, Source]) -> Aggre
     return Aggregate(src, left, right, sums, firsts, count, unmatched, key)
 
 
-def _link(p: "_P", key: str, raw: dict, sources: dict[str, Source]) -> tuple[str, Expr, str, str]:
+def _link(p: _P, key: str, raw: dict, sources: dict[str, Source]) -> tuple[str, Expr, str, str]:
     src = raw.get("source")
     if src not in sources:
         p.fail(f"{key}.source", f"must name one of the sources ({', '.join(sorted(sources))}), got {src!r}")
@@ -304,7 +304,7 @@ class _P:
     def __init__(self, where: str):
         self.where = where
 
-    def fail(self, key: str, why: str) -> None:
+    def fail(self, key: str, why: str) -> NoReturn:
         raise MappingError(f"{self.where}: {key}: {why}" if key else f"{self.where}: {why}")
 
     def obj(self, v: Any, key: str) -> dict:
@@ -327,4 +327,3 @@ class _P:
             return parse(v)
         except ExprError as exc:
             self.fail(key, str(exc))
-            raise  # unreachable
