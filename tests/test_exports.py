@@ -158,6 +158,8 @@ def test_bad_lines_are_quarantined_by_line_and_the_rest_counted(exports, tmp_pat
     q = pd.read_csv(lines.quarantine_path, dtype=str)
     assert sorted(q["_row"].astype(int)) == [n + 2, n + 3, n + 4, n + 5]
     assert silo.report.rows_rejected == 1  # the future invoice, one event made of two lines
+    traced = pd.read_csv(silo.report.quarantine_path, dtype=str)
+    assert traced["source_rows"].tolist() == [f"order_lines.csv rows {n + 4}, {n + 5}"]
 
 
 def test_marketplace_orphans_and_missing_customers_are_quarantined(exports, tmp_path):

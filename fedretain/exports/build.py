@@ -237,14 +237,16 @@ def _targets(name: str) -> list[str]:
 
 def _row_lists(main: Ledger, live: np.ndarray, gid: np.ndarray, n_out: int, limit: int = 5) -> list[str]:
     """'orders.csv rows 2, 5, 9' per output row (the first ``limit`` rows), for the merchant to trace it."""
-    df = pd.DataFrame({"g": gid, "r": main.rows(live)}).sort_values(["g", "r"], kind="stable")
-    nth = df.groupby("g").cumcount().to_numpy()
-    size = np.bincount(df["g"].to_numpy(), minlength=n_out)
-    text = pd.Series("", index=range(n_out), dtype="string")
+    order = np.lexsort((live, gid))
+    g = gid[order]
+    rows = main.rows(live)[order].astype(str).astype(object)
+    start = np.searchsorted(g, np.arange(n_out))
+    nth = np.arange(len(g)) - start[g]
+    size = np.bincount(g, minlength=n_out)
+    out = np.where(size > 1, f"{main.source.file} rows ", f"{main.source.file} row ").astype(object)
     for k in range(limit):
-        part = df[nth == k]
-        sep = "" if k == 0 else ", "
-        text.loc[part["g"].to_numpy()] = text.loc[part["g"].to_numpy()].to_numpy() + sep + part["r"].astype(str).to_numpy()
-    more = pd.Series(np.where(size > limit, [f" (+{m} more)" for m in size - limit], ""), dtype="string")
-    label = pd.Series(np.where(size > 1, f"{main.source.file} rows ", f"{main.source.file} row "), dtype="string")
-    return (label + text + more).tolist()
+        sel = nth == k
+        out[g[sel]] = out[g[sel]] + ("" if k == 0 else ", ") + rows[sel]
+    more = size > limit
+    out[more] = out[more] + np.array([f" (+{m} more)" for m in size[more] - limit], dtype=object)
+    return out.tolist()
