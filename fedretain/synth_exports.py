@@ -173,7 +173,7 @@ def _marketplace(silo: SyntheticSilo, rng: np.random.Generator) -> tuple[dict, p
     order_df = order_df.iloc[rng.permutation(len(order_df))].reset_index(drop=True)
     customers = pd.DataFrame({"customer_id": cust_ids, "customer_unique_id": [person[u] for u in uid],
                               "customer_zip_code_prefix": rng.integers(1000, 99999, len(uid)).astype(str),
-                              "customer_state": rng.choice(["SP", "RJ", "MG", "RS"], len(uid))})
+                              "customer_state": rng.choice(["SP", "RJ", "MG", "RS", "BA"], len(uid))})
     tables = {"orders.csv": order_df,
               "order_items.csv": pd.DataFrame(items, columns=["order_id", "order_item_id", "product_id", "seller_id",
                                                               "price", "freight_value"]),

@@ -111,6 +111,40 @@ def test_marketplace_export_through_mapping_alone(exports):
     assert silo.report.rows_rejected == 0
     # one person, many per-order customer ids: events are keyed by the person id
     _check_truth(silo, pd.read_csv(silo.path / "truth.csv"), refunds=False)
+    # users: one row per person from the per-order customer rows, the state mapped to a city tier
+    customers = pd.read_csv(silo.path / "customers.csv", dtype=str)
+    assert by_file["customers.csv"].rows_accepted == len(customers)
+    assert silo.users_report.rows_rejected == 0
+    assert silo.users_report.rows_read == customers["customer_unique_id"].nunique()
+    first = customers.groupby("customer_unique_id", sort=False)["customer_state"].first()
+    users = silo.users.set_index("user_id")["city_tier"]
+    sp = first.index[first == "SP"]
+    assert len(sp) and (users.loc[sp] == 1).all()
+    ba = first.index[first == "BA"]
+    assert len(ba) and users.loc[ba].isna().all()
+    assert silo.export_report.unmapped_values["users"]["city_tier"] == {"BA": int((customers["customer_state"] == "BA").sum())}
+
+
+def test_join_unmatched_skip_and_keep_rules(exports, tmp_path):
+    silo_dir = _copy(exports["marketplace"], tmp_path / "mp")
+    orders = pd.read_csv(silo_dir / "orders.csv", dtype=str, keep_default_na=False)
+    live = orders.index[orders["order_status"] == "delivered"][:2]
+    orders.loc[live, "customer_id"] = "guest"
+    orders.to_csv(silo_dir / "orders.csv", index=False)
+    mapping = json.loads((silo_dir / "mapping.json").read_text())
+    mapping["events"]["join"][0]["unmatched"] = "skip"
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    by_file = {s.file: s for s in silo.export_report.sources}
+    assert by_file["orders.csv"].skipped_by_rule["unmatched customers"] == 2
+    assert by_file["orders.csv"].rows_quarantined == 0
+    mapping["events"]["join"][0]["unmatched"] = "keep"  # kept: the user id is then empty -> rejected by validation
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    reasons = {s.file: s.quarantined_by_reason for s in silo.export_report.sources}
+    assert sum(v for k, v in reasons["orders.csv"].items() if k.startswith("empty user_id")) == 2
 
 
 def test_cdnow_raw_file_through_mapping_alone(tmp_path):
