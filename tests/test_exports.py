@@ -319,3 +319,16 @@ def test_expression_failing_on_data_is_a_mapping_error(exports, tmp_path):
     (silo_dir / "mapping.json").write_text(json.dumps(mapping))
     with pytest.raises(MappingError, match=r"events: an expression cannot be evaluated: in \"Quantity \* 'many'\""):
         load_silo(silo_dir, now=NOW)
+
+
+def test_empty_files_and_an_empty_lookup(exports, tmp_path):
+    silo_dir = _copy(exports["marketplace"], tmp_path / "mp")
+    for name in ("order_items.csv", "order_payments.csv", "customers.csv"):
+        header = (silo_dir / name).read_text().splitlines()[0]
+        (silo_dir / name).write_text(header + "\n")
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    orders = {s.file: s for s in silo.export_report.sources}["orders.csv"]
+    assert orders.rows_accepted == 0 and orders.rows_read == orders.rows_skipped + orders.rows_quarantined
+    assert orders.quarantined_by_reason == {"no row in customers.csv with this customer_id": orders.rows_quarantined}
+    assert len(silo.events) == 0 and len(silo.users) == 0

@@ -176,6 +176,13 @@ def _print_export(console: Console, export: ExportReport) -> None:
         console.print(f"[red]... {len(export.rejected_values) - EXAMPLES_SHOWN:,} more rejected value(s)[/red]")
 
 
+def _label(silo: Silo | None, report: IngestReport) -> str:
+    """A file's name; for tables built by a v2 mapping, what they are (their files are under quarantine/mapped)."""
+    if getattr(silo, "export_report", None) is not None:
+        return f"{report.kind} (mapped)"
+    return Path(report.file).name
+
+
 def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[IngestReport]) -> None:
     title = f"[bold]{path}[/bold]"
     if silo is not None:
@@ -186,10 +193,11 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
 
     files = Table(title="Files", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("file", "read", "accepted", "rejected", "users", "date range"):
-        files.add_column(col, overflow="fold", no_wrap=True,
-                         justify="left" if col in ("file", "date range") else "right")
+        numeric = col not in ("file", "date range")  # numbers never wrap or crop; names and dates may fold
+        files.add_column(col, overflow="fold", no_wrap=numeric, min_width=None if not numeric else len(col),
+                         justify="right" if numeric else "left")
     for r in reports:
-        files.add_row(Path(r.file).name, f"{r.rows_read:,}", f"{r.rows_accepted:,}",
+        files.add_row(_label(silo, r), f"{r.rows_read:,}", f"{r.rows_accepted:,}",
                       f"[red]{r.rows_rejected:,}[/red]" if r.rows_rejected else "0", f"{r.n_users:,}",
                       _date_range(r))
     console.print(files)
@@ -227,7 +235,17 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
         console.print(f"{events.n_users_without_attributes:,} user(s) in events have no users-file row "
                       "(kept, with unknown attributes)")
     rejected = sum(r.rows_rejected for r in reports)
-    if rejected:
+    export = getattr(silo, "export_report", None)
+    if export is not None:  # a v2 mapping: count in the files' own rows
+        quarantined = sum(s.rows_quarantined for s in export.sources)
+        if quarantined or export.rejected_values:
+            console.print(f"[red]{quarantined:,} source row(s) quarantined, {len(export.rejected_values):,} "
+                          f"value(s) rejected[/red] (exit status {EXIT_REJECTED})")
+        else:
+            read = sum(s.rows_read for s in export.sources)
+            skipped = sum(s.rows_skipped for s in export.sources)
+            console.print(f"[green]OK[/green]: all {read:,} source rows accepted or skipped by rule ({skipped:,} skipped)")
+    elif rejected:
         console.print(f"[red]{rejected:,} row(s) rejected[/red] (exit status {EXIT_REJECTED})")
     else:
         console.print(f"[green]OK[/green]: all {sum(r.rows_read for r in reports):,} rows accepted")

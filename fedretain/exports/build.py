@@ -106,9 +106,13 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         other.decide(dup, QUARANTINED, f"duplicate join key in {other.source.file}", j.right, other.frame[j.right])
         ok_right = right[~dup & right.ne("").to_numpy()]
         pos = pd.Index(ok_right.to_numpy()).get_indexer(left.to_numpy())
-        hit_rows = np.where(pos >= 0, ok_right.index.to_numpy()[np.maximum(pos, 0)], -1)
-        matched = other.frame.iloc[np.maximum(hit_rows, 0)].reset_index(drop=True)
-        matched = matched.where(np.broadcast_to((hit_rows >= 0)[:, None], matched.shape), "")
+        hit_rows = np.full(n, -1, dtype=np.int64)
+        hit_rows[pos >= 0] = ok_right.index.to_numpy()[pos[pos >= 0]]
+        if len(other.frame):
+            matched = other.frame.iloc[np.maximum(hit_rows, 0)].reset_index(drop=True)
+            matched = matched.where(np.broadcast_to((hit_rows >= 0)[:, None], matched.shape), "")
+        else:  # an empty lookup file: nothing matches
+            matched = pd.DataFrame("", index=index, columns=other.frame.columns)
         joined[j.source] = matched
         ambiguous = left.isin(set(right[dup])).to_numpy()
         unmatched = hit_rows < 0

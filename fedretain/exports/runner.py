@@ -21,7 +21,7 @@ from fedretain.exports.build import ACCEPTED, PENDING, QUARANTINED, SKIPPED, Bui
 from fedretain.exports.expr import ExprError
 from fedretain.exports.sources import check_all_columns, first_row, read_header, read_source
 from fedretain.exports.spec import MappingError, MappingV2
-from fedretain.ingest import IngestReport, Silo, read_events, read_users, write_table
+from fedretain.ingest import IngestError, IngestReport, Silo, read_events, read_users, write_table
 from fedretain.schema import canonical_users, empty_users
 
 MAX_EXAMPLES = 20
@@ -139,10 +139,12 @@ def _settle(built: Built, report: IngestReport, ledgers: dict[str, Ledger], main
     main = ledgers[main_name]
     rejected: dict[int, str] = {}
     if report.quarantine_path is not None and report.rows_rejected:
-        q = pd.read_csv(report.quarantine_path, dtype=str, keep_default_na=False, usecols=["source_ref", "_reason"])
-        rejected = {int(r): why for r, why in zip(q["source_ref"], q["_reason"])}
-    if len(rejected) != report.rows_rejected:
-        raise RuntimeError(f"{report.file}: {report.rows_rejected} rows rejected but {len(rejected)} in quarantine")
+        q = pd.read_csv(report.quarantine_path, dtype=str, keep_default_na=False)  # rejected rows, values unchanged
+        reasons = q["_reason"] if "_reason" in q else pd.Series("rejected by validation", index=q.index)
+        rejected = {int(r): why for r, why in zip(q["source_ref"], reasons)}
+    if len(rejected) != report.rows_rejected:  # every rejected row must be traced back to its source rows
+        raise IngestError(f"{report.file}: {report.rows_rejected} row(s) rejected but {len(rejected)} found in "
+                          f"{report.quarantine_path}; the quarantine file was changed while it was read, run again")
     out = built.main_out
     has_out = out >= 0
     if rejected:
