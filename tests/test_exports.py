@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,8 @@ from fedretain.ingest import load_silo
 from fedretain.synth_exports import generate_exports
 
 NOW = "2027-01-01"
-CDNOW_MASTER = Path("/work/shared/data/cdnow/CDNOW_master.txt")
+CDNOW_DIR = Path(os.environ.get("FEDRETAIN_CDNOW_DIR") or Path(__file__).resolve().parents[2] / "shared/data/cdnow")
+CDNOW_MASTER = CDNOW_DIR / "CDNOW_master.txt"
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def test_join_unmatched_skip_and_keep_rules(exports, tmp_path):
 
 def test_cdnow_raw_file_through_mapping_alone(tmp_path):
     if not CDNOW_MASTER.is_file():
-        pytest.skip("CDNOW data not available")
+        pytest.skip(f"CDNOW master file not found at {CDNOW_MASTER} (set FEDRETAIN_CDNOW_DIR)")
     silo_dir = tmp_path / "cdnow"
     silo_dir.mkdir()
     (silo_dir / CDNOW_MASTER.name).symlink_to(CDNOW_MASTER)
