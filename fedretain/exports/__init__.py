@@ -13,8 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from fedretain.exports.spec import MappingError, MappingV2, is_v2, parse_spec
 
 __all__ = ["MappingError", "MappingV2", "example_mapping", "export_silo", "is_v2", "parse_spec", "read_mapping_file"]
@@ -32,12 +30,19 @@ def read_mapping_file(path: str | Path) -> Any:
         raise MappingError(f"{path}: mapping file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MappingError(f"{path}: cannot read mapping file: {exc}") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib  # Python 3.11+
+        except ImportError:
+            raise MappingError(f"{path}: TOML mappings need Python 3.11 or later; use mapping.json") from None
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise MappingError(f"{path}: invalid TOML: {exc}") from None
     try:
-        return tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise MappingError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MappingError(f"{path}: invalid TOML: {exc}") from None
 
 
 def example_mapping(name: str) -> dict:
