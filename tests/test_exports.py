@@ -371,3 +371,39 @@ def test_any_corruption_keeps_every_row_accounted_for(tiny_orderlines, tmp_path_
         assert (ev["ts"] <= pd.Timestamp(NOW)).all()
 
     check()
+
+
+ONLINE_RETAIL_ROWS = """InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country
+536365,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,12/1/2010 8:26,2.55,17850.0,United Kingdom
+536365,71053,WHITE METAL LANTERN,6,12/1/2010 8:26,3.39,17850.0,United Kingdom
+536370,22728,"ALARM CLOCK BAKELIKE PINK, SMALL",24,12/1/2010 8:45,3.75,12583.0,France
+536370,POST,POSTAGE,3,12/1/2010 8:45,18,12583.0,France
+C536379,D,Discount,-1,12/1/2010 9:41,27.5,14527.0,United Kingdom
+C536391,22556,PLASTERS IN TIN CIRCUS PARADE ,-12,12/1/2010 10:24,1.65,17548.0,United Kingdom
+C536391,21984,PACK OF 12 PINK PAISLEY TISSUES ,-24,12/1/2010 10:24,0.29,17548.0,United Kingdom
+536414,22139,,56,12/1/2010 11:52,0,,United Kingdom
+536544,21773,DECORATIVE ROSE BATHROOM BOTTLE,1,12/1/2010 14:32,2.51,,United Kingdom
+536365,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,12/1/2010 8:26,2.55,17850.0,United Kingdom
+"""
+
+
+def test_online_retail_shaped_rows_with_the_shipped_mapping(tmp_path):
+    """Rows as the public Online Retail export prints them (quoted commas, unpadded dates, float ids)."""
+    silo_dir = tmp_path / "retail"
+    silo_dir.mkdir()
+    (silo_dir / "order_lines.csv").write_text(ONLINE_RETAIL_ROWS)
+    mapping = example_mapping("orderlines")
+    del mapping["users"], mapping["sources"]["customers"]
+    mapping["sources"]["lines"]["skip_duplicate_rows"] = True
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    (silo_dir / "merchant.json").write_text(json.dumps({"merchant_id": "retail", "data_end": "2011-12-09"}))
+    silo = load_silo(silo_dir, now=NOW)
+    (src,) = silo.export_report.sources
+    assert (src.rows_read, src.rows_accepted, src.rows_quarantined) == (10, 5, 0)
+    assert src.skipped_by_rule == {"guest_checkout": 2, "fee_lines": 2, "duplicate_row": 1}
+    ev = silo.events.sort_values(["ts", "user_id"]).reset_index(drop=True)
+    assert ev["user_id"].tolist() == ["17850", "12583", "17548"]
+    assert ev["event"].astype(str).tolist() == ["purchase", "purchase", "refund"]
+    np.testing.assert_allclose(ev["amount"], [6 * 2.55 + 6 * 3.39, 24 * 3.75, 12 * 1.65 + 24 * 0.29])
+    assert ev["ts"].tolist() == [pd.Timestamp("2010-12-01 08:26"), pd.Timestamp("2010-12-01 08:45"),
+                                 pd.Timestamp("2010-12-01 10:24")]
