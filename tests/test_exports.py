@@ -209,13 +209,21 @@ def test_marketplace_orphans_and_missing_customers_are_quarantined(exports, tmp_
     lost_order = orders.loc[live, "order_id"]
     orders.loc[live, "customer_id"] = "not-a-customer"
     orders.to_csv(silo_dir / "orders.csv", index=False)
+    customers = pd.read_csv(silo_dir / "customers.csv", dtype=str)
+    other = orders.index[orders["order_status"] == "delivered"][1]
+    twice = dict(customers.set_index("customer_id").loc[orders.loc[other, "customer_id"]].to_dict(),
+                 customer_id=orders.loc[other, "customer_id"], customer_unique_id="someone-else")
+    pd.concat([customers, pd.DataFrame([twice])]).to_csv(silo_dir / "customers.csv", index=False)
     silo = load_silo(silo_dir, now=NOW)
     _conserved(silo)
     by_file = {s.file: s for s in silo.export_report.sources}
     assert by_file["order_payments.csv"].quarantined_by_reason["no row in orders.csv with this order_id"] == 1
-    assert by_file["orders.csv"].quarantined_by_reason == {"no row in customers.csv with this customer_id": 1}
+    assert by_file["orders.csv"].quarantined_by_reason == {"no row in customers.csv with this customer_id": 1,
+                                                           "several rows of customers.csv have this customer_id": 1}
+    assert by_file["customers.csv"].quarantined_by_reason == {"duplicate join key in customers.csv": 2}
     items = pd.read_csv(silo_dir / "order_items.csv", dtype=str)
-    assert by_file["order_items.csv"].rows_quarantined == int((items["order_id"] == lost_order).sum()) > 0
+    lost = items["order_id"].isin([lost_order, orders.loc[other, "order_id"]])
+    assert by_file["order_items.csv"].rows_quarantined == int(lost.sum()) > 1
 
 
 def test_user_attribute_reject_rule_keeps_the_user(exports, tmp_path):
