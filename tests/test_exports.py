@@ -415,3 +415,54 @@ def test_online_retail_shaped_rows_with_the_shipped_mapping(tmp_path):
     np.testing.assert_allclose(ev["amount"], [6 * 2.55 + 6 * 3.39, 24 * 3.75, 12 * 1.65 + 24 * 0.29])
     assert ev["ts"].tolist() == [pd.Timestamp("2010-12-01 08:26"), pd.Timestamp("2010-12-01 08:45"),
                                  pd.Timestamp("2010-12-01 10:24")]
+
+
+def test_european_export_decimal_commas_and_windows_encoding(tmp_path):
+    silo_dir = tmp_path / "shop"
+    silo_dir.mkdir()
+    rows = ("Beleg;Artikel;Menge;Preis;Kunde;Datum\n"
+            "1001;Tasse grün;2;1.234,50;K-7;01.12.2010 08:26\n"
+            "1001;Löffel;3;0,99;K-7;01.12.2010 08:26\n"
+            "1002;Teller;1;12,5;k-8;02.12.2010 09:00\n"
+            "1003;Topf;1;1.2.3;K-9;02.12.2010 10:00\n"
+            "1004;Deckel;;4,00;K-9;02.12.2010 11:00\n")
+    (silo_dir / "Umsätze.csv").write_bytes(rows.encode("cp1252"))
+    mapping = {
+        "version": 2, "ids": {"case": "upper"}, "numbers": {"decimal": ",", "thousands": "."},
+        "timestamp_format": "%d.%m.%Y %H:%M",
+        "sources": {"lines": {"file": "Umsätze.csv", "delimiter": ";", "encoding": "cp1252"}},
+        "events": {"from": "lines", "derive": {"line": "Menge * Preis"},
+                   "fields": {"user_id": "Kunde", "ts": "Datum", "event": "'purchase'", "amount": "line",
+                              "item_id": "Artikel"},
+                   "group": {"by": ["Beleg"], "sum": ["amount"]}}}
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    (silo_dir / "merchant.json").write_text(json.dumps({"merchant_id": "de", "data_end": "2010-12-31"}))
+    silo = load_silo(silo_dir, now=NOW)
+    (src,) = silo.export_report.sources
+    assert src.conserved and src.rows_accepted == 3
+    assert src.quarantined_by_reason == {"not a number": 1, "missing value for amount": 1}
+    by_row = {e["row"]: e for e in src.examples}
+    assert by_row[5]["field"] == "Preis" and by_row[5]["value"] == "1.2.3"
+    ev = silo.events.set_index("user_id")["amount"]
+    np.testing.assert_allclose(ev.loc["K-7"], 2 * 1234.5 + 3 * 0.99)
+    np.testing.assert_allclose(ev.loc["K-8"], 12.5)
+    assert silo.events["item_id"].tolist()[0] == "Tasse grün"
+    mapping["sources"]["lines"]["encoding"] = "utf-8"
+    (silo_dir / "mapping.json").write_text(json.dumps(mapping))
+    with pytest.raises(MappingError, match=r"not utf-8 text .*set sources.lines.encoding"):
+        load_silo(silo_dir, now=NOW)
+
+
+def test_empty_value_in_a_summed_column_quarantines_the_order(exports, tmp_path):
+    silo_dir = _copy(exports["marketplace"], tmp_path / "mp")
+    pay = pd.read_csv(silo_dir / "order_payments.csv", dtype=str, keep_default_na=False)
+    orders = pd.read_csv(silo_dir / "orders.csv", dtype=str, keep_default_na=False)
+    order = orders.loc[orders["order_status"] == "delivered", "order_id"].iloc[0]
+    pay.loc[pay["order_id"] == order, "payment_value"] = ""
+    pay.to_csv(silo_dir / "order_payments.csv", index=False)
+    silo = load_silo(silo_dir, now=NOW)
+    _conserved(silo)
+    by_file = {s.file: s for s in silo.export_report.sources}
+    assert by_file["order_payments.csv"].quarantined_by_reason == {
+        "missing value for paid": int((pay["order_id"] == order).sum())}
+    assert by_file["orders.csv"].quarantined_by_reason == {"a row of order_payments.csv for this key was rejected": 1}

@@ -18,6 +18,7 @@ from fedretain.exports.spec import MappingV2, Source, TableSpec
 from fedretain.mapping import parse_timestamps
 
 PENDING, ACCEPTED, SKIPPED, QUARANTINED = 0, 1, 2, 3
+NUMERIC_FIELDS = ("amount", "watch_seconds")  # read as numbers here, so a bad value names the shop's column
 
 
 class Ledger:
@@ -85,8 +86,8 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         owners = [s for s, f in joined.items() if column in f.columns]
         return joined[owners[0]][column]
 
-    def run(expr: Expr) -> pd.Series:
-        res: Result = evaluate(expr, resolve, index)
+    def run(expr: Expr, as_number: bool = False) -> pd.Series:
+        res: Result = evaluate(expr, resolve, index, spec.numbers, as_number=as_number)
         for col, bad in res.errors.items():
             pending.append((bad, QUARANTINED, "not a number", col, resolve_or_none(col)))
         return res.values
@@ -142,10 +143,14 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         values: dict[str, pd.Series] = {}
         bad_child = np.zeros(len(ckeys), dtype=bool)
         for name, e in {**a.sums, **a.firsts}.items():
-            res = evaluate(e, _frame_resolver(child.frame), cidx)
+            res = evaluate(e, _frame_resolver(child.frame), cidx, spec.numbers, as_number=name in a.sums)
             for col, bad in res.errors.items():
                 child.decide(bad & (parent >= 0), QUARANTINED, "not a number", col, child.frame[col])
                 bad_child |= bad
+            if name in a.sums:  # an empty value in a summed column is not a zero: the sum would be wrong
+                empty = res.values.isna().to_numpy() & ~bad_child
+                child.decide(empty & (parent >= 0), QUARANTINED, f"missing value for {name}", e.text)
+                bad_child |= empty
             values[name] = res.values
         bad_parent = np.zeros(n, dtype=bool)
         bad_parent[parent[bad_child & (parent >= 0)]] = True
@@ -154,8 +159,8 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         live = (parent >= 0) & ~bad_child
         grp = pd.Series(parent[live])
         for name in a.sums:
-            v = pd.Series(pd.to_numeric(values[name], errors="coerce")).to_numpy(dtype="float64")[live]
-            local[name] = pd.Series(np.bincount(grp, weights=np.nan_to_num(v), minlength=n)[:n], index=index)
+            v = values[name].to_numpy(dtype="float64", na_value=np.nan)[live]
+            local[name] = pd.Series(np.bincount(grp, weights=v, minlength=n)[:n], index=index)
         for name in a.firsts:
             first = pd.Series(values[name].to_numpy()[live]).groupby(grp.to_numpy()).first()
             local[name] = pd.Series(first.reindex(range(n)).fillna("").to_numpy(), index=index).astype("string")
@@ -167,11 +172,13 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
         local[name] = run(e)
 
     for name, e in t.skip.items():
-        hit = evaluate(e, resolve, index).values
+        hit = evaluate(e, resolve, index, spec.numbers).values
         main.decide(hit.fillna(False).astype(bool).to_numpy() if hit.dtype != bool else hit.to_numpy(), SKIPPED, name)
-    fields = {name: run(e) for name, e in t.fields.items()}
+    fields = {name: run(e, as_number=name in NUMERIC_FIELDS) for name, e in t.fields.items()}
     for mask, state, why, fld, shown in pending:
         main.decide(mask, state, why, fld, shown)
+    for name in t.group_sum:  # a line without a value would silently lower the group's sum
+        main.decide(fields[name].isna().to_numpy(), QUARANTINED, f"missing value for {name}", t.fields[name].text)
 
     out = pd.DataFrame(index=index)
     for name, values in fields.items():
@@ -204,7 +211,7 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
     live = np.flatnonzero(main.state == PENDING)
     out = out.iloc[live].reset_index(drop=True)
     if t.group_by:
-        keys = [normalise_ids(evaluate(e, resolve, index).values.iloc[live].reset_index(drop=True).astype("string"),
+        keys = [normalise_ids(evaluate(e, resolve, index, spec.numbers).values.iloc[live].reset_index(drop=True).astype("string"),
                               spec.ids) for e in t.group_by]
         keys += [out[c].astype("string") for c in ("user_id", "event") if c in out]
         gid = pd.DataFrame({f"k{i}": k for i, k in enumerate(keys)}).groupby(

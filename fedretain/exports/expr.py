@@ -132,11 +132,39 @@ class Result:
 Resolver = Callable[[str | None, str], pd.Series]
 
 
-def evaluate(expr: Expr, resolve: Resolver, index: pd.Index) -> Result:
-    """Evaluate over a table; ``resolve(source, column)`` returns a column as text."""
-    ev = _Eval(resolve, index)
+@dataclass(frozen=True)
+class NumberFormat:
+    """How the shop writes numbers: ``decimal`` '.' or ',', optional ``thousands`` separator ('1.234,56')."""
+
+    decimal: str = "."
+    thousands: str = ""
+
+    def normalise(self, text: pd.Series) -> pd.Series:
+        """Plain decimal notation; a value using the thousands separator out of place becomes invalid."""
+        if self.thousands:
+            grouped = (rf"^[+-]?\d{{1,3}}({re.escape(self.thousands)}\d{{3}})+"
+                       rf"({re.escape(self.decimal)}\d*)?([eE][+-]?\d+)?$")
+            has = text.str.contains(self.thousands, regex=False).fillna(False).astype(bool)
+            ok = text.str.fullmatch(grouped).fillna(False).astype(bool)
+            text = text.where(~has | ok, "\x00").str.replace(self.thousands, "", regex=False)
+        if self.decimal != ".":
+            text = text.where(~text.str.contains(".", regex=False).fillna(False).astype(bool), "\x00")
+            text = text.str.replace(self.decimal, ".", regex=False)
+        return text
+
+
+def evaluate(expr: Expr, resolve: Resolver, index: pd.Index, numbers: NumberFormat | None = None, *,
+             as_number: bool = False) -> Result:
+    """Evaluate over a table; ``resolve(source, column)`` returns a column as text.
+
+    ``as_number`` converts the result to numbers (recording the rows where it is not one), for
+    fields and sums that must be numbers.
+    """
+    ev = _Eval(resolve, index, numbers or NumberFormat())
     try:
         out = ev.run(expr.tree)
+        if as_number:
+            out = ev.series(ev.num(out))
     except ExprError as exc:
         raise ExprError(f"in {expr.text!r}: {exc}") from None
     except ZeroDivisionError:
@@ -147,9 +175,10 @@ def evaluate(expr: Expr, resolve: Resolver, index: pd.Index) -> Result:
 
 
 class _Eval:
-    def __init__(self, resolve: Resolver, index: pd.Index):
+    def __init__(self, resolve: Resolver, index: pd.Index, numbers: NumberFormat):
         self.resolve = resolve
         self.index = index
+        self.numbers = numbers
         self.errors: dict[str, np.ndarray] = {}
         self._origin: dict[int, str] = {}  # id(series) -> column it came from, for error messages
 
@@ -208,7 +237,7 @@ class _Eval:
         if _is_num(v):
             return v.astype("float64")
         text = v.astype("string").fillna("").str.strip()
-        values, ok = parse_numbers(text)
+        values, ok = parse_numbers(self.numbers.normalise(text) if self.numbers != NumberFormat() else text)
         bad = ~ok & text.ne("").to_numpy(dtype=bool)
         name = self._origin.get(id(v))
         if bad.any() and name is not None:

@@ -7,6 +7,7 @@ joins and grouping need all rows, and a few hundred thousand order lines are a f
 
 from __future__ import annotations
 
+import codecs
 import csv
 import warnings
 from pathlib import Path
@@ -45,10 +46,11 @@ def read_header(folder: Path, src: Source, where: str) -> list[str]:
         names = list(src.columns)
     else:
         try:
-            with path.open(newline="", encoding="utf-8-sig") as fh:
+            with path.open(newline="", encoding=_encoding(src)) as fh:
                 line = fh.readline()
         except UnicodeDecodeError as exc:
-            raise MappingError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise MappingError(f"{path}: not {src.encoding} text ({exc.reason} at byte {exc.start}); "
+                               f"set sources.{src.name}.encoding (e.g. \"cp1252\")") from None
         if src.format == "whitespace":
             names = line.split()
         else:
@@ -73,16 +75,22 @@ def read_source(folder: Path, src: Source) -> pd.DataFrame:
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(path, dtype=str, na_filter=False, keep_default_na=False, sep=sep, header=header,
                              names=list(src.columns) if src.columns else None, index_col=False,
-                             encoding="utf-8-sig", engine="c", skip_blank_lines=False)
+                             encoding=_encoding(src), engine="c", skip_blank_lines=False)
     except pd.errors.ParserWarning as exc:
         raise MappingError(f"{path}: malformed file: a row has more fields than the header ({exc}); "
                            "quote values that contain the delimiter") from None
     except UnicodeDecodeError as exc:
-        raise MappingError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise MappingError(f"{path}: not {src.encoding} text ({exc.reason} at byte {exc.start}); "
+                           f"set sources.{src.name}.encoding (e.g. \"cp1252\")") from None
     except (pd.errors.ParserError, ValueError, OSError) as exc:
         raise MappingError(f"{path}: malformed file: {str(exc).strip()}") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df.reset_index(drop=True)
+
+
+def _encoding(src: Source) -> str:
+    """utf-8 files may start with a byte-order mark (spreadsheets write one)."""
+    return "utf-8-sig" if codecs.lookup(src.encoding).name == "utf-8" else src.encoding
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

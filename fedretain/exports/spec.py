@@ -10,6 +10,7 @@ The JSON form (every key other than ``version``, ``sources`` and ``events`` is o
 
     {"version": 2,
      "ids": {"trim": true, "integer_floats": true, "case": "keep", "strip_leading_zeros": false},
+     "numbers": {"decimal": ",", "thousands": "."},
      "timestamp_format": "%m/%d/%Y %H:%M", "timestamp_unit": "s",
      "sources": {"lines": {"file": "Online Retail.csv", "format": "csv", "delimiter": ",",
                            "skip_duplicate_rows": false}},
@@ -29,10 +30,11 @@ The JSON form (every key other than ``version``, ``sources`` and ``events`` is o
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from fedretain.exports.expr import Expr, ExprError, parse
+from fedretain.exports.expr import Expr, ExprError, NumberFormat, parse
 from fedretain.mapping import TIMESTAMP_UNITS, IngestError
 from fedretain.schema import CHANNELS, EVENT_COLUMN_NAMES, EVENT_TYPES, MEMBER_TIERS, REFERRALS, USER_COLUMN_NAMES
 
@@ -68,6 +70,7 @@ class Source:
     delimiter: str = ","
     columns: tuple[str, ...] | None = None  # names for a file without a header row
     skip_duplicate_rows: bool = False  # rows equal to an earlier row are skipped (rule 'duplicate_row')
+    encoding: str = "utf-8"  # e.g. "cp1252" for a spreadsheet saved on Windows
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,11 @@ class MappingV2:
     ids: IdRules = IdRules()
     timestamp_format: str | None = None
     timestamp_unit: str = "s"
+    numbers: NumberFormat = NumberFormat()
 
 
-_TOP = ("version", "ids", "timestamp_format", "timestamp_unit", "sources", "events", "users")
+_TOP = ("version", "ids", "numbers", "timestamp_format", "timestamp_unit", "sources", "events", "users")
+_THOUSANDS = ("", ",", ".", " ", "'", "\u00a0")
 _TABLE = ("from", "join", "aggregate", "derive", "skip", "fields", "group", "values")
 
 
@@ -154,6 +159,16 @@ def parse_spec(data: Any, where: str = "mapping.json") -> MappingV2:
         if raw.get("case", "keep") not in CASES:
             p.fail("ids.case", f"must be one of {', '.join(CASES)}, got {raw.get('case')!r}")
         ids = IdRules(**raw)
+    numbers = NumberFormat()
+    if "numbers" in obj:
+        raw = p.obj(obj["numbers"], "numbers")
+        p.keys(raw, ("decimal", "thousands"), "numbers")
+        dec, th = raw.get("decimal", "."), raw.get("thousands", "")
+        if dec not in (".", ","):
+            p.fail("numbers.decimal", f"must be '.' or ',', got {dec!r}")
+        if th not in _THOUSANDS or th == dec:
+            p.fail("numbers.thousands", f"must be one of {_THOUSANDS} and differ from the decimal mark, got {th!r}")
+        numbers = NumberFormat(dec, th)
     fmt = obj.get("timestamp_format")
     if fmt is not None and (not isinstance(fmt, str) or not fmt):
         p.fail("timestamp_format", f"must be a non-empty strftime string, got {fmt!r}")
@@ -176,13 +191,13 @@ def parse_spec(data: Any, where: str = "mapping.json") -> MappingV2:
                 p.fail(key, f"source {src!r} already feeds {primary[src]}; a file can feed one table "
                             "(use it as a 'join' lookup elsewhere)")
             primary[src] = key
-    return MappingV2(where, sources, events, users, ids, fmt, unit)
+    return MappingV2(where, sources, events, users, ids, fmt, unit, numbers)
 
 
 def _source(p: _P, name: str, raw: Any) -> Source:
     key = f"sources.{name}"
     raw = p.obj(raw, key)
-    p.keys(raw, ("file", "format", "delimiter", "columns", "skip_duplicate_rows"), key)
+    p.keys(raw, ("file", "format", "delimiter", "columns", "skip_duplicate_rows", "encoding"), key)
     file = raw.get("file")
     if not isinstance(file, str) or not file.strip():
         p.fail(f"{key}.file", f"must name a file in the silo folder, got {file!r}")
@@ -202,7 +217,14 @@ def _source(p: _P, name: str, raw: Any) -> Source:
     dups = raw.get("skip_duplicate_rows", False)
     if not isinstance(dups, bool):
         p.fail(f"{key}.skip_duplicate_rows", f"must be true or false, got {dups!r}")
-    return Source(name, file, fmt, delim, tuple(cols) if cols else None, dups)
+    enc = raw.get("encoding", "utf-8")
+    try:
+        if not isinstance(enc, str):
+            raise LookupError
+        codecs.lookup(enc)
+    except LookupError:
+        p.fail(f"{key}.encoding", f"unknown text encoding {enc!r} (e.g. utf-8, cp1252, latin-1)")
+    return Source(name, file, fmt, delim, tuple(cols) if cols else None, dups, enc)
 
 
 def _table(p: _P, kind: str, raw: Any, sources: dict[str, Source]) -> TableSpec:
