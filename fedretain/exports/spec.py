@@ -129,7 +129,7 @@ class MappingV2:
     ids: IdRules = IdRules()
     timestamp_format: str | None = None
     timestamp_unit: str = "s"
-    numbers: NumberFormat = NumberFormat()
+    numbers: NumberFormat = field(default_factory=NumberFormat)
 
 
 _TOP = ("version", "ids", "numbers", "timestamp_format", "timestamp_unit", "sources", "events", "users")
@@ -219,10 +219,10 @@ def _source(p: _P, name: str, raw: Any) -> Source:
         p.fail(f"{key}.skip_duplicate_rows", f"must be true or false, got {dups!r}")
     enc = raw.get("encoding", "utf-8")
     try:
-        if not isinstance(enc, str):
-            raise LookupError
-        codecs.lookup(enc)
+        known = isinstance(enc, str) and bool(codecs.lookup(enc))
     except LookupError:
+        known = False
+    if not known:
         p.fail(f"{key}.encoding", f"unknown text encoding {enc!r} (e.g. utf-8, cp1252, latin-1)")
     return Source(name, file, fmt, delim, tuple(cols) if cols else None, dups, enc)
 
