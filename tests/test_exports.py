@@ -466,3 +466,17 @@ def test_empty_value_in_a_summed_column_quarantines_the_order(exports, tmp_path)
     assert by_file["order_payments.csv"].quarantined_by_reason == {
         "missing value for paid": int((pay["order_id"] == order).sum())}
     assert by_file["orders.csv"].quarantined_by_reason == {"a row of order_payments.csv for this key was rejected": 1}
+
+
+def test_node_trains_on_an_export_silo_through_the_consent_gate(exports, tmp_path):
+    """The merchant node reads the export through its mapping; consent ids match the mapped user ids."""
+    from fedretain.clients.node import MerchantNode, NodeConfig
+    from fedretain.clients.provision import provision_node
+
+    silo_dir = _copy(exports["orderlines"], tmp_path / "ol")
+    provision_node(silo_dir)  # imports consent.csv (ids like 12471) into the node's ledger
+    prep = MerchantNode(NodeConfig.for_silo(silo_dir)).prepare(
+        "retention_modeling", ["recency_days", "frequency", "monetary_total"], 30)
+    truth = pd.read_csv(silo_dir / "truth.csv", dtype={"user_id": str})
+    assert prep.n_train + prep.n_test > 0.5 * (truth["purchases"] > 0).sum()
+    assert np.isfinite(prep.x_train).all() and prep.x_train[:, 1].max() > 0  # frequency seen
