@@ -10,8 +10,8 @@ A silo may hold a ``mapping.json`` (or one is passed explicitly)::
      "timestamp_unit": "s"}
 
 Every key is optional. A mapping with ``"version": 2`` (several files, joins, derived fields,
-row rules, grouping, value maps) is read by ``fedretain.exports`` instead. Labels that are already canonical pass through unchanged, so a mapping
-only has to list what differs. The mapping itself is validated strictly (unknown keys, targets
+row rules, grouping, value maps) is read by ``fedretain.exports`` instead. Labels that are
+already canonical pass through unchanged, so a mapping only has to list what differs. The mapping itself is validated strictly (unknown keys, targets
 outside the schema vocabulary): a typo in it must fail loudly, not reject half the rows.
 """
 
