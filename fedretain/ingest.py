@@ -235,6 +235,11 @@ def load_silo(
     if not folder.is_dir():
         raise IngestError(f"{folder}: silo folder not found" if not folder.exists() else f"{folder}: not a folder")
     merchant = read_merchant(folder / "merchant.json")
+    from fedretain.exports import export_silo  # mapping v2 (a shop's own export files); imports this module
+
+    exported = export_silo(folder, merchant, mapping, now=now, quarantine_dir=quarantine_dir, chunksize=chunksize)
+    if exported is not None:
+        return exported
     events_path = find_table(folder, "events")
     if events_path is None:
         raise IngestError(f"{folder}: no events file (expected events.csv or events.parquet)")

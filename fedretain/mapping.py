@@ -2,14 +2,16 @@
 
 A silo may hold a ``mapping.json`` (or one is passed explicitly)::
 
-    {"columns": {"their_name": "our_name"},
+    {"version": 1,
+     "columns": {"their_name": "our_name"},
      "events": {"their_label": "our_event"},
      "channels": {"their_label": "our_channel"},
      "timestamp_format": "%d/%m/%Y %H:%M",
      "timestamp_unit": "s"}
 
-Every key is optional. Labels that are already canonical pass through unchanged, so a mapping
-only has to list what differs. The mapping itself is validated strictly (unknown keys, targets
+Every key is optional. A mapping with ``"version": 2`` (several files, joins, derived fields,
+row rules, grouping, value maps) is read by ``fedretain.exports`` instead. Labels that are
+already canonical pass through unchanged, so a mapping only has to list what differs. The mapping itself is validated strictly (unknown keys, targets
 outside the schema vocabulary): a typo in it must fail loudly, not reject half the rows.
 """
 
@@ -54,6 +56,12 @@ class ColumnMapping:
         where = str(source) if source is not None else "mapping"
         if not isinstance(data, dict):
             raise IngestError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if data.get("version") == 2:
+            raise IngestError(f"{where}: a version 2 mapping describes a whole silo (several files); "
+                              "use it on the silo folder, not on a single file")
+        if data.get("version", 1) != 1:
+            raise IngestError(f"{where}: 'version' must be 1 or 2, got {data.get('version')!r}")
+        data = {k: v for k, v in data.items() if k != "version"}
         unknown = sorted(set(data) - set(_KEYS))
         if unknown:
             raise IngestError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(_KEYS)}")

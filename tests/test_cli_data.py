@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -126,3 +127,112 @@ def test_import_cdnow_rejects_unknown_split(tmp_path):
     result = CliRunner().invoke(main, ["data", "import-cdnow", str(tmp_path), "--out", str(tmp_path / "o"),
                                        "--split", "random"])
     assert result.exit_code == 2 and "random" in result.output
+
+
+# --------------------------------------------------------------------------- export shapes and consent ids
+
+
+LATER = "2027-01-01T00:00:00"  # after the synthetic exports' data_end
+
+
+@pytest.fixture(scope="module")
+def orderlines_silo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-exports") / "ol"
+    result = run("synth", "--shape", "orderlines", "--merchants", "1", "--users", "400", "--seed", "5",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "orderlines exports" in result.output
+    (silo,) = [p for p in out.iterdir() if p.is_dir()]
+    return silo
+
+
+def _copy_silo(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("quarantine"))
+    return dst
+
+
+def test_synth_marketplace_shape_checks_clean(tmp_path):
+    out = tmp_path / "mp"
+    result = run("synth", "--shape", "marketplace", "--merchants", "1", "--users", "300", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    (silo,) = [p for p in out.iterdir() if p.is_dir()]
+    for name in ("orders.csv", "order_items.csv", "order_payments.csv", "customers.csv", "mapping.json"):
+        assert (silo / name).is_file()
+    check = run("check", str(silo), "--now", LATER)
+    assert check.exit_code == 0, check.output
+    assert "not_completed" in check.output and "order_payments.csv" in check.output
+
+
+def test_check_orderlines_export_shows_every_file_and_consent(orderlines_silo):
+    result = run("check", str(orderlines_silo), "--now", LATER)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "order_lines.csv" in out and "customers.csv" in out
+    assert "fee_lines" in out and "guest_checkout" in out and "read = accepted + skipped + quarantined" in out
+    assert "'Staff'" in out  # the shop's tier that the value map does not know
+    assert "Consent file:" in out and "hint:" not in out
+    doc = json.loads(run("check", str(orderlines_silo), "--now", LATER, "--json").output)
+    assert all(s["conserved"] for s in doc["export"]["sources"])
+    lines = doc["export"]["sources"][0]
+    assert lines["rows_read"] == lines["rows_accepted"] + lines["rows_skipped"] + lines["rows_quarantined"]
+    assert doc["consent"]["in_both"] > 0.9 * doc["consent"]["users"] and doc["consent"]["hint"] is None
+
+
+def test_check_quarantined_export_lines_exit_1(orderlines_silo, tmp_path):
+    silo = _copy_silo(orderlines_silo, tmp_path / "ol")
+    path = silo / "order_lines.csv"
+    text = path.read_text().splitlines()
+    first = text[1].split(",")
+    first[2] = "lots"  # Quantity
+    path.write_text("\n".join([*text, ",".join(first)]) + "\n")
+    result = run("check", str(silo), "--now", LATER)
+    assert result.exit_code == 1, result.output
+    assert "Quarantined rows of order_lines.csv" in result.output
+    assert f"row {len(text) + 1}, 'Quantity' = 'lots'" in result.output
+    assert (silo / "quarantine" / "order_lines.csv.rejected.csv").is_file()
+
+
+def test_check_reports_float_printed_ids_against_consent(orderlines_silo, tmp_path):
+    """The issue's case: events say 12471.0, the consent file says 12471 -> every customer looks unconsented."""
+    silo = _copy_silo(orderlines_silo, tmp_path / "ol")
+    mapping = json.loads((silo / "mapping.json").read_text())
+    mapping["ids"]["integer_floats"] = False
+    (silo / "mapping.json").write_text(json.dumps(mapping))
+    result = run("check", str(silo), "--now", LATER)
+    out = result.output
+    assert "hint:" in out
+    assert "float-printed ids" in out and '"integer_floats": true' in out
+    assert ".0' vs '" in out
+    doc = json.loads(run("check", str(silo), "--now", LATER, "--json").output)
+    consent = doc["consent"]
+    assert consent["in_both"] == 0 and consent["users_without_consent"] == consent["users"] > 0
+    assert all(a == b + ".0" for a, b in consent["examples"])
+
+
+@pytest.mark.parametrize("subjects, what, setting", [
+    (["U1", "U2"], "letter case", '"case"'),
+    ([" u1", "u2 "], "whitespace", '"trim": true'),
+])
+def test_check_reports_differently_formatted_consent_ids(tmp_path, subjects, what, setting):
+    silo = make_silo(tmp_path / "shop_a")
+    pd.DataFrame({"subject_id": subjects, "purpose": "retention_model"}).to_csv(silo / "consent.csv", index=False)
+    result = run("check", str(silo), "--now", NOW)
+    assert result.exit_code == 0, result.output  # a consent mismatch is reported, the data is still valid
+    assert "0 of 2 user(s) with events appear in it" in result.output
+    assert "hint:" in result.output and what in result.output and setting in result.output
+
+
+def test_check_zero_padded_ids_and_partial_overlap(tmp_path):
+    silo = make_silo(tmp_path / "shop_a")
+    events = (silo / "events.csv").read_text().replace("u1,", "42,").replace("u2,", "7,")
+    (silo / "events.csv").write_text(events)
+    pd.DataFrame({"subject_id": ["00042", "00007", "00099"]}).to_csv(silo / "consent.csv", index=False)
+    doc = json.loads(run("check", str(silo), "--now", NOW, "--json").output)
+    assert doc["consent"]["in_both"] == 0 and doc["consent"]["subjects_without_events"] == 3
+    assert "zero padding" in doc["consent"]["hint"] and "strip_leading_zeros" in doc["consent"]["hint"]
+    pd.DataFrame({"subject_id": ["42", "8"]}).to_csv(silo / "consent.csv", index=False)
+    doc = json.loads(run("check", str(silo), "--now", NOW, "--json").output)
+    assert doc["consent"]["in_both"] == 1 and doc["consent"]["users_without_consent"] == 1
+    assert doc["consent"]["hint"] is None  # '7' vs '8' is a different person, not a format

@@ -1,5 +1,10 @@
 """``fedretain data``: check a merchant silo, generate synthetic silos, import CDNOW.
 
+``data check`` also compares the user ids of the events with the subject ids of ``consent.csv``
+(overlap, users without consent, and a hint when the ids differ only in format such as
+``12471.0`` vs ``12471``). A silo read through a version 2 mapping also shows, per source file,
+rows read = accepted + skipped by rule + quarantined.
+
 ``data check`` exit status (so scripts and CI can gate on it):
 
 * 0 — every row was accepted;
@@ -17,6 +22,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from fedretain.exports.ids import Overlap, compare_ids
+from fedretain.exports.runner import ExportReport
 from fedretain.ingest import IngestError, IngestReport, Silo, load_silo, read_events, read_users
 
 EXIT_OK, EXIT_REJECTED, EXIT_FILE_ERROR = 0, 1, 2
@@ -40,6 +47,10 @@ def data() -> None:
 def check(path: Path, mapping_path: Path | None, quarantine_dir: Path | None, now: str | None, as_json: bool) -> None:
     """Validate a silo folder or a single events/users file and summarise what was accepted.
 
+    A silo read through a version 2 mapping (the shop's own export files, see docs/MAPPING.md)
+    shows per file: read = accepted + skipped by rule + quarantined. The silo's consent.csv is
+    compared with the events' user ids (overlap, users without consent, id format hints).
+
     Exit status: 0 if every row was accepted, 1 if some rows were rejected (see the quarantine
     file), 2 on a file-level error (missing file or column, corrupt file, bad merchant.json).
     """
@@ -51,17 +62,26 @@ def check(path: Path, mapping_path: Path | None, quarantine_dir: Path | None, no
         else:
             click.echo(f"error: {exc}", err=True)
         click.get_current_context().exit(EXIT_FILE_ERROR)
-    code = EXIT_OK if all(r.ok for r in reports) else EXIT_REJECTED
+    export = getattr(silo, "export_report", None)
+    overlap = consent_overlap(silo) if silo is not None else None
+    code = EXIT_OK if all(r.ok for r in reports) and (export is None or export.ok) else EXIT_REJECTED
     if as_json:
         click.echo(json.dumps({
             "ok": code == EXIT_OK,
             "path": str(path),
             "merchant": None if silo is None else silo.merchant,
             "reports": [r.to_dict() for r in reports],
+            "export": None if export is None else export.to_dict(),
+            "consent": overlap.to_dict() if isinstance(overlap, Overlap) else overlap,
             "exit_code": code,
         }, indent=2, default=str))
     else:
-        _print_check(Console(), path, silo, reports)
+        console = Console()
+        if export is not None:
+            _print_export(console, export)
+        _print_check(console, path, silo, reports)
+        if overlap is not None:
+            _print_consent(console, overlap)
     click.get_current_context().exit(code)
 
 
@@ -89,6 +109,84 @@ def _check(path: Path, mapping_path: Path | None, quarantine_dir: Path | None,
     return None, [report]
 
 
+def consent_overlap(silo: Silo) -> Overlap | str | None:
+    """Event user ids against ``consent.csv`` subject ids; a message string when the file is unusable."""
+    path = silo.consent_path
+    if path is None:
+        return None
+    try:
+        subjects = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=["subject_id"])["subject_id"]
+    except ValueError:
+        return f"{path}: no 'subject_id' column; cannot compare consent with the events"
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        return f"{path}: cannot read: {exc}"
+    return compare_ids(silo.events["user_id"], subjects)
+
+
+def _print_consent(console: Console, overlap: Overlap | str) -> None:
+    if isinstance(overlap, str):
+        console.print(f"[yellow]consent:[/yellow] {overlap}", soft_wrap=True)
+        return
+    o = overlap
+    share = o.n_both / o.n_users if o.n_users else 1.0
+    line = (f"Consent file: {o.n_subjects:,} subject(s); {o.n_both:,} of {o.n_users:,} user(s) with events "
+            f"appear in it ({share:.0%}); {o.users_without_consent:,} user(s) without any consent record "
+            f"(the consent gate drops their data)")
+    console.print(line if share >= 0.5 else f"[yellow]{line}[/yellow]", soft_wrap=True)
+    if o.hint:
+        console.print(f"[yellow]hint:[/yellow] {o.hint}", soft_wrap=True)
+
+
+def _print_export(console: Console, export: ExportReport) -> None:
+    """Per source file: read = accepted + skipped (by rule) + quarantined (by reason)."""
+    table = Table(title=f"Source files (mapping {Path(export.mapping).name})", title_justify="left",
+                  box=box.SIMPLE_HEAD, caption="read = accepted + skipped + quarantined", caption_justify="left")
+    for col in ("file", "read", "accepted", "skipped", "quarantined"):
+        table.add_column(col, overflow="fold", no_wrap=col == "file", justify="left" if col == "file" else "right")
+    rules = Table(title="Skipped by rule (declared in the mapping)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col in ("file", "rule", "rows"):
+        rules.add_column(col, overflow="fold", justify="right" if col == "rows" else "left")
+    for s in export.sources:
+        table.add_row(s.file, f"{s.rows_read:,}", f"{s.rows_accepted:,}", f"{s.rows_skipped:,}",
+                      f"[red]{s.rows_quarantined:,}[/red]" if s.rows_quarantined else "0")
+        for rule, n in s.skipped_by_rule.items():
+            rules.add_row(s.file, rule, f"{n:,}")
+    console.print(table)
+    if rules.row_count:
+        console.print(rules)
+    for s in export.sources:
+        if not s.rows_quarantined:
+            continue
+        rej = Table(title=f"Quarantined rows of {s.file}", title_justify="left")
+        rej.add_column("reason", overflow="fold")
+        rej.add_column("rows", justify="right")
+        rej.add_column("examples (row, field, value)", overflow="fold")
+        for reason, n in sorted(s.quarantined_by_reason.items(), key=lambda kv: -kv[1]):
+            ex = [e for e in s.examples if e["reason"] == reason][:EXAMPLES_SHOWN]
+            rej.add_row(reason, f"{n:,}", "\n".join(f"row {e['row']}, {e['field']!r}"
+                                                    + (f" = {e['value']!r}" if e["value"] else "") for e in ex))
+        console.print(rej)
+        console.print(f"quarantine: {s.quarantine_path}", soft_wrap=True)
+    for table_name, fields in export.unmapped_values.items():
+        for name, values in fields.items():
+            shown = ", ".join(f"{v!r} ({n:,})" for v, n in list(values.items())[:5])
+            console.print(f"{table_name}.{name}: value(s) not in the mapping's value map, set missing: {shown}",
+                          soft_wrap=True)
+    for r in export.rejected_values[:EXAMPLES_SHOWN]:
+        console.print(f"[red]{r['file']}: row {r['row']}, field {r['field']!r}: {r['reason']}; value {r['value']!r}",
+                      soft_wrap=True)
+    if len(export.rejected_values) > EXAMPLES_SHOWN:
+        console.print(f"[red]... {len(export.rejected_values) - EXAMPLES_SHOWN:,} more rejected value(s)[/red]")
+
+
+def _label(silo: Silo | None, report: IngestReport) -> str:
+    """A file's name; for tables built by a v2 mapping, what they are (their files are under quarantine/mapped)."""
+    if getattr(silo, "export_report", None) is not None:
+        return f"{report.kind} (mapped)"
+    return Path(report.file).name
+
+
 def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[IngestReport]) -> None:
     title = f"[bold]{path}[/bold]"
     if silo is not None:
@@ -99,10 +197,11 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
 
     files = Table(title="Files", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("file", "read", "accepted", "rejected", "users", "date range"):
-        files.add_column(col, overflow="fold", no_wrap=True,
-                         justify="left" if col in ("file", "date range") else "right")
+        numeric = col not in ("file", "date range")  # numbers never wrap or crop; names and dates may fold
+        files.add_column(col, overflow="fold", no_wrap=numeric, min_width=None if not numeric else len(col),
+                         justify="right" if numeric else "left")
     for r in reports:
-        files.add_row(Path(r.file).name, f"{r.rows_read:,}", f"{r.rows_accepted:,}",
+        files.add_row(_label(silo, r), f"{r.rows_read:,}", f"{r.rows_accepted:,}",
                       f"[red]{r.rows_rejected:,}[/red]" if r.rows_rejected else "0", f"{r.n_users:,}",
                       _date_range(r))
     console.print(files)
@@ -140,7 +239,17 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
         console.print(f"{events.n_users_without_attributes:,} user(s) in events have no users-file row "
                       "(kept, with unknown attributes)")
     rejected = sum(r.rows_rejected for r in reports)
-    if rejected:
+    export = getattr(silo, "export_report", None)
+    if export is not None:  # a v2 mapping: count in the files' own rows
+        quarantined = sum(s.rows_quarantined for s in export.sources)
+        if quarantined or export.rejected_values:
+            console.print(f"[red]{quarantined:,} source row(s) quarantined, {len(export.rejected_values):,} "
+                          f"value(s) rejected[/red] (exit status {EXIT_REJECTED})")
+        else:
+            read = sum(s.rows_read for s in export.sources)
+            skipped = sum(s.rows_skipped for s in export.sources)
+            console.print(f"[green]OK[/green]: all {read:,} source rows accepted or skipped by rule ({skipped:,} skipped)")
+    elif rejected:
         console.print(f"[red]{rejected:,} row(s) rejected[/red] (exit status {EXIT_REJECTED})")
     else:
         console.print(f"[green]OK[/green]: all {sum(r.rows_read for r in reports):,} rows accepted")
@@ -152,15 +261,25 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
               help="Total users over all merchants.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-def synth(n_merchants: int, n_users: int, seed: int, out_dir: Path) -> None:
+@click.option("--shape", type=click.Choice(["events", "orderlines", "marketplace"]), default="events",
+              show_default=True,
+              help="events: the canonical tables; orderlines / marketplace: a shop's own export files plus "
+                   "the mapping.json that reads them (and truth.csv with purchases and spend per customer).")
+def synth(n_merchants: int, n_users: int, seed: int, out_dir: Path, shape: str) -> None:
     """Generate synthetic merchant silos (one folder per merchant) and check each one."""
-    from fedretain.synth import generate
-
     try:
-        paths = generate(out_dir, n_merchants, n_users, seed)
+        if shape == "events":
+            from fedretain.synth import generate
+
+            paths = generate(out_dir, n_merchants, n_users, seed)
+        else:
+            from fedretain.synth_exports import generate_exports
+
+            paths = generate_exports(out_dir, shape, n_merchants, n_users, seed)
     except (ValueError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.get_current_context().exit(_print_created(Console(), paths, f"Synthetic silos in {out_dir}"))
+    title = f"Synthetic silos in {out_dir}" + ("" if shape == "events" else f" ({shape} exports)")
+    click.get_current_context().exit(_print_created(Console(), paths, title))
 
 
 @data.command("import-cdnow")
@@ -196,6 +315,9 @@ def _print_created(console: Console, paths: list[Path], title: str) -> int:
             worst = EXIT_FILE_ERROR
             continue
         rejected = silo.report.rows_rejected + (silo.users_report.rows_rejected if silo.users_report else 0)
+        export = getattr(silo, "export_report", None)
+        if export is not None:  # rows quarantined before validation (not a number, no matching order, ...)
+            rejected += sum(s.rows_quarantined for s in export.sources)
         if rejected:
             worst = max(worst, EXIT_REJECTED)
         name = Path(p).name if Path(p).name == silo.merchant_id else f"{Path(p).name} ({silo.merchant_id})"
