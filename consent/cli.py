@@ -249,23 +249,27 @@ def show(obj: _Ctx, user: str, as_json: bool, at: str | None) -> None:
 @click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="verify against this public key PEM instead of the node key")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--against", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="also check the ledger against the heads the platform witnessed (a run.json or its witness.db)")
 @click.pass_obj
 @_friendly
-def verify(obj: _Ctx, public_key: Path | None, as_json: bool) -> None:
+def verify(obj: _Ctx, public_key: Path | None, as_json: bool, against: Path | None = None) -> None:
     """Check the hash chain, indexed columns, Merkle roots and signatures (exit 1 if tampered)."""
     from .signing import load_public_key
+    from .witness_check import check_file
 
     pub = load_public_key(public_key) if public_key is not None else None
     with _open(obj) as ledger:
         res = ledger.verify(pub)
+        seen = check_file(ledger, against, pub) if against is not None else None
     if as_json:
-        click.echo(json.dumps(res.to_dict(), indent=2))
+        click.echo(json.dumps({**res.to_dict(), **({"against": seen.to_dict()} if seen else {})}, indent=2))
     else:
-        click.echo(res.describe())
+        click.echo(res.describe() + (f"\n{seen.describe()}" if seen else ""))
         if res.ok and res.key_source.startswith("ledger"):
             click.echo("note: no node key or --public-key was given, so the signatures were checked against the "
                        "key the ledger itself declares", err=True)
-    if not res.ok:
+    if not res.ok or (seen is not None and not seen.ok):
         raise SystemExit(1)
 
 
