@@ -95,14 +95,18 @@ def restore(cfg: NodeConfig, copy: Path) -> None:
 
 
 def truncate_with_heads(cfg: NodeConfig, keep: int) -> None:
-    """Delete the records after ``keep`` and every head covering them, as a file-editing operator
-    would: drop the append-only triggers, delete, and re-create the triggers so nothing looks odd."""
+    """Delete the records after ``keep`` and every head (and usage entry) covering them, as a
+    file-editing operator would: drop the append-only triggers, delete, re-create the triggers."""
     conn = sqlite3.connect(cfg.consent_db, isolation_level=None)
     for table in PROTECTED_TABLES:
         conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_update")
         conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_delete")
     conn.execute("DELETE FROM records WHERE seq > ?", (keep,))
     conn.execute("DELETE FROM heads WHERE size > ?", (keep,))
+    # usage entries pin the ledger size they used (audit.py checks them): those go too
+    conn.execute("DELETE FROM usage_subjects WHERE usage_id IN (SELECT usage_id FROM usage WHERE ledger_size > ?)",
+                 (keep,))
+    conn.execute("DELETE FROM usage WHERE ledger_size > ?", (keep,))
     conn.executescript("".join(_trigger_sql(t) for t in PROTECTED_TABLES))
     conn.close()
 
@@ -300,3 +304,76 @@ def test_officer_check_with_no_witnessed_heads_fails_closed(node, tmp_path):
     empty.write_text(json.dumps({"format": "fedretain-run/1", "witness": {"heads": []}}))
     code, out = _verify_cli(node, empty)
     assert code == 1 and "holds no witnessed consent head" in out
+
+
+# -- the whole path, through Flower ----------------------------------------------------------
+class WithdrawAfterRound1:
+    """Observer: right after round 1 the merchants record a withdrawal each (an honest change)."""
+
+    def __init__(self, silos: list[Path]) -> None:
+        self.silos = silos
+
+    def on_start(self, *args) -> None: ...
+
+    def on_end(self, *args) -> None: ...
+
+    def on_round_trained(self, entry) -> None:
+        if entry["round"] != 1:
+            return
+        for silo in self.silos:
+            cfg = NodeConfig.for_silo(silo)
+            with ConsentLedger.open(cfg.consent_db, key_path=cfg.node_key) as ledger:
+                subject = ledger.records()[0].subject_id
+                ledger.append(ConsentRecord.withdraw(subject, ledger.controller, PURPOSE, datetime.now(timezone.utc),
+                                                     recorded_by="test"))
+
+
+@pytest.mark.heavy
+def test_simulation_refuses_truncated_and_rolled_back_ledgers_after_a_server_restart(tmp_path, synth_silos):
+    """Run A (2 rounds) witnesses every ledger, and a withdrawal at two merchants in round 2. Then one
+    operator restores the pre-run copy of its ledger, another truncates the withdrawal with its head.
+    Run B — a new ServerApp over the same witness store — refuses both at its first exchange and in its
+    round, names them in its run record's alerts, and trains on the honest merchant alone."""
+    from fedretain.server import progress
+    from fedretain.server.settings import RunSettings
+    from fedretain.server.simulation import run_in_simulation
+
+    data = tmp_path / "silos"
+    shutil.copytree(synth_silos[0].parent, data)
+    silos = sorted(p for p in data.iterdir() if p.is_dir())
+    cfgs = [NodeConfig.for_silo(s) for s in silos]
+    names = [json.loads((s / "merchant.json").read_text())["merchant_id"] for s in silos]
+    sizes = [size_of(c) for c in cfgs]
+    copy = snapshot(cfgs[0], tmp_path / "before-run.db")
+    common = dict(local_epochs=1, learning_rate=0.02, hidden=(8,), node_wait_timeout=60.0, round_timeout=120.0)
+    observer = WithdrawAfterRound1(silos[:2])
+    progress.add_observer(observer)
+    try:
+        run_a = run_in_simulation(RunSettings(rounds=2, min_nodes=3, out_dir=str(tmp_path / "runA"), run_id="runA",
+                                              **common), data)
+    finally:
+        progress.remove_observer(observer)
+    rec_a = json.loads((run_a / "run.json").read_text())
+    assert rec_a["status"] == "completed" and rec_a.get("alerts", []) == []
+    witnessed = {(h["merchant"], h["size"]) for h in rec_a["witness"]["heads"]}
+    assert {(n, s) for n, s in zip(names, sizes)} | {(names[0], sizes[0] + 1), (names[1], sizes[1] + 1)} == witnessed
+    with ConsentLedger.open(cfgs[1].consent_db) as ledger:  # the officer's check passes on honest ledgers
+        assert check_file(ledger, run_a / "run.json").ok
+
+    restore(cfgs[0], copy)  # (b) rollback to the copy taken before the run
+    truncate_with_heads(cfgs[1], keep=sizes[1])  # (a) the withdrawal and its head deleted
+    assert node_verifies(cfgs[0]) and node_verifies(cfgs[1])
+
+    run_b = run_in_simulation(RunSettings(rounds=1, min_nodes=1, out_dir=str(tmp_path / "runB"), run_id="runB",
+                                          **common), data)
+    rec_b = json.loads((run_b / "run.json").read_text())
+    assert rec_b["status"] == "completed"
+    alerted = {(a["merchant"], a["round"]) for a in rec_b["alerts"]}
+    assert alerted == {(names[0], 0), (names[1], 0), (names[0], 1), (names[1], 1)}  # standardisation, round 1
+    assert all("shrank" in a["reason"] for a in rec_b["alerts"])
+    [round1] = rec_b["rounds"]
+    trained = {n["merchant_id"] for n in round1["nodes"] if n["phase"] == "train" and not n["error"]}
+    assert trained == {names[2]}
+    errors = " ".join(n["error"] or "" for n in round1["nodes"])
+    assert f"witness refused merchant {names[0]}" in errors and f"witness refused merchant {names[1]}" in errors
+    assert set(rec_b["merchants"]) == {names[2]}
