@@ -245,11 +245,11 @@ class WitnessStore:
     def witness(self, merchant: str, claims: dict[str, HeadClaim], run_id: str) -> tuple[dict[str, str], list[SignedHead]]:
         """Judge every claim of one reply in one transaction: store them all, or none.
 
-        Returns (kind -> reason for each refused kind, heads newly stored). A kind the platform
+        Returns (kind -> reason for each refused kind, the heads accepted). A kind the platform
         witnessed before but the reply leaves out is refused too (a deleted ledger).
         """
         refused: dict[str, str] = {}
-        stored: list[SignedHead] = []
+        accepted: list[SignedHead] = []
         with self._tx() as c:
             for kind, size in self.seen(merchant).items():
                 if kind not in claims:
@@ -264,10 +264,11 @@ class WitnessStore:
                 for kind, reason in refused.items():
                     c.execute("INSERT INTO alerts (at, merchant, kind, reason, run_id) VALUES (?,?,?,?,?)",
                               (_now(), merchant, kind, reason, run_id))
-                return refused, stored
+                return refused, accepted
             for kind, claim in claims.items():
                 head = claim.head
                 assert head is not None  # judged above
+                accepted.append(head)
                 pin, last = decided[kind]
                 if pin is None:
                     c.execute("INSERT INTO pins VALUES (?,?,?,?,?,?,?)", (merchant, kind, head.key_fingerprint,
@@ -277,8 +278,7 @@ class WitnessStore:
                               "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                               (merchant, kind, head.size, head.root, head.signature, head.timestamp,
                                head.controller, head.format, head.key_fingerprint, _now(), run_id))
-                    stored.append(head)
-        return refused, stored
+        return refused, accepted
 
 
 def _head(kind: str, row: Any) -> SignedHead:

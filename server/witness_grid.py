@@ -26,7 +26,7 @@ from fedretain.consent.witness_record import (
     SEEN_RECORD, WITNESS_ACTION, WITNESS_RECORD, WitnessFormatError, decode,
 )
 from fedretain.server.run_record import RunRecord
-from fedretain.server.witness import WitnessStore, witness_db_path
+from fedretain.server.witness import WitnessStore, judge, witness_db_path
 
 log = logging.getLogger("fedretain.server.witness")
 
@@ -40,21 +40,35 @@ class Witness:
     def __init__(self, store: WitnessStore, run_id: str, out_dir: str | Path) -> None:
         self.store, self.run_id, self.out_dir = store, run_id, Path(out_dir)
         self.merchant_of: dict[int, str] = {}
+        self._impostors: set[int] = set()  # claimed a merchant whose pinned key they do not hold
         self._recorded: set[tuple[str, str, int, str]] = set()
 
     def seen_record(self, node_id: int) -> ConfigRecord | None:
         merchant = self.merchant_of.get(node_id)
-        return ConfigRecord(self.store.seen(merchant)) if merchant else None
+        if merchant is None:
+            return None
+        return ConfigRecord({} if node_id in self._impostors else self.store.seen(merchant))
 
     def learn(self, reply: Message) -> None:
-        """Map the node behind a ``query.witness`` reply to its merchant (nothing is accepted yet)."""
+        """Map the node behind a ``query.witness`` reply to its merchant (nothing is accepted yet).
+
+        The merchant's witnessed sizes are sent to that node only if its heads are signed by the
+        merchant's pinned key; a node that merely claims the id gets none (and is refused later).
+        """
         if reply.has_error() or WITNESS_RECORD not in reply.content.config_records:
             return
         try:
             report = decode(reply.content.config_records[WITNESS_RECORD])
         except WitnessFormatError:
             return
-        self.merchant_of[int(reply.metadata.src_node_id)] = report.merchant_id
+        node_id = int(reply.metadata.src_node_id)
+        self.merchant_of[node_id] = report.merchant_id
+        merchant = report.merchant_id
+        if any(judge(merchant, kind, claim, self.store.pin(merchant, kind), None)
+               for kind, claim in report.claims.items()):
+            self._impostors.add(node_id)
+        else:
+            self._impostors.discard(node_id)
 
     def check(self, reply: Message, server_round: int = 0) -> Message:
         """The reply itself if its ledgers extend what was witnessed, else an error reply naming why."""
@@ -68,11 +82,11 @@ class Witness:
             report = decode(reply.content.config_records[WITNESS_RECORD])
             merchant = report.merchant_id
             self.merchant_of[node_id] = merchant
-            refused, stored = self.store.witness(merchant, report.claims, self.run_id)
+            refused, accepted = self.store.witness(merchant, report.claims, self.run_id)
         except WitnessFormatError as exc:
-            refused, stored = {"witness": str(exc)}, []
+            refused, accepted = {"witness": str(exc)}, []
         record = RunRecord.active(self.out_dir)
-        for head in stored:
+        for head in accepted:  # each distinct head once per run, with the round it was first seen in
             key = (merchant, head.kind, head.size, head.root)
             if record is not None and key not in self._recorded:
                 self._recorded.add(key)

@@ -176,6 +176,28 @@ def test_honest_growth_is_accepted_across_a_restart_and_recorded(node, witnessed
     assert record.get("alerts", []) == []
 
 
+def test_an_unchanged_ledger_is_recorded_in_every_run(node, witnessed):
+    platform = witnessed[0].restart("run-2")
+    assert accepted(platform.exchange(node))
+    record = json.loads((platform.out / "run.json").read_text())
+    assert [(h["merchant"], h["size"], h["round"]) for h in record["witness"]["heads"]] == [(MERCHANT, 9, 1)]
+    assert len(platform.witness.store.heads(MERCHANT)) == 2  # the store keeps each distinct head once
+
+
+def test_a_node_claiming_another_merchant_learns_nothing_and_is_refused(node, witnessed, tmp_path):
+    platform, _ = witnessed
+    silo = tmp_path / "impostor"
+    silo.mkdir()
+    (silo / "merchant.json").write_text(json.dumps({"merchant_id": MERCHANT, "data_end": "2024-06-30"}))
+    fake = NodeConfig.for_silo(silo)
+    with ConsentLedger.create(fake.consent_db, controller=MERCHANT, key_path=fake.node_key) as ledger:
+        ledger.append_many([grant(i) for i in range(12)])
+    platform.witness.learn(reply(witness_values(fake), 66, "query.witness"))
+    assert dict(platform.witness.seen_record(66)) == {}  # the real merchant's ledger size is not revealed
+    assert dict(platform.witness.seen_record(11)) == {"consent": 9}
+    refused(platform.exchange(fake, node_id=66), "re-keyed consent ledger")
+
+
 def test_truncation_with_heads_passes_the_node_but_is_refused_after_a_restart(node, witnessed):
     platform, _ = witnessed
     truncate_with_heads(node, keep=8)  # the withdrawal of u3 and its head are gone
