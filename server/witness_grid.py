@@ -103,12 +103,14 @@ class Witness:
 
 
 def _round_of(msg: Message) -> int:
-    """The server round an instruction belongs to (``server-round`` in any of its configs), else 0."""
+    """The server round an instruction belongs to (``server-round`` in any of its configs, else the
+    group id Flower's workflows set to the round, as in SecAgg+ stages), else 0."""
     for rec in msg.content.config_records.values():
         value = rec.get("server-round")
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    return 0
+    group = msg.metadata.group_id
+    return int(group) if group.isdigit() else 0
 
 
 class WitnessedGrid(Grid):
