@@ -70,6 +70,7 @@ def _prepare(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
         horizon_days=float(cfg.get("horizon-days", 30)),
         cutoff=str(cfg.get("cutoff", "") or "") or None,
         at=_consent_time(cfg),
+        run_id=str(cfg.get("run-id", "") or ""),  # full ledger verify once per run, then the appended suffix
     )
 
 

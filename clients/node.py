@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fedretain.consent.gate import GateDecision, apply_gate, decide
+from fedretain.consent.incremental import IncrementalLedger
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.consent.vocab import check_purpose
 from fedretain.features import check_features, compute_features, feature_columns, scopes_read
@@ -167,14 +168,18 @@ class MerchantNode:
             )
         return ConsentLedger.open(self.config.consent_db)
 
-    def gate(self, purpose: str, at: datetime | None = None) -> tuple[GateDecision, Any]:
-        """Consent decision for ``purpose`` at ``at`` (default: now) and the gated data. Fails closed."""
+    def gate(self, purpose: str, at: datetime | None = None, run_id: str = "") -> tuple[GateDecision, Any]:
+        """Consent decision for ``purpose`` at ``at`` (default: now) and the gated data. Fails closed.
+
+        With a ``run_id`` the ledger is verified in full at the run's first decision and only in
+        its appended records afterwards (``fedretain.consent.incremental``)."""
         check_purpose(purpose)
         at = at or datetime.now(timezone.utc)
         silo = self.silo
         candidates = pd.Index(silo.events["user_id"].unique()).union(pd.Index(silo.users["user_id"]))
         with self.ledger() as ledger:
-            decision = decide(ledger, purpose, at, candidates)
+            checked = IncrementalLedger(ledger, self.config.state_dir, run_id) if run_id else ledger
+            decision = decide(checked, purpose, at, candidates)
         return decision, apply_gate(decision, silo.events, silo.users)
 
     def prepare(
@@ -184,6 +189,7 @@ class MerchantNode:
         horizon_days: float = 30,
         cutoff: str | None = None,
         at: datetime | None = None,
+        run_id: str = "",
     ) -> Prepared:
         """Features and labels of the users who may be used now, split into train/test.
 
@@ -191,7 +197,7 @@ class MerchantNode:
         scope and bought at least once before the cutoff (retention of existing buyers).
         """
         names = list(check_features(feature_names))
-        decision, gated = self.gate(purpose, at)
+        decision, gated = self.gate(purpose, at, run_id)
         cut = self.training_cutoff(horizon_days, cutoff)
         feats = compute_features(gated, cut, names)
         grants = decision.grants.reindex(feats.index).fillna(False)
