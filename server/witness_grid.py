@@ -88,8 +88,11 @@ class Witness:
         record = RunRecord.active(self.out_dir)
         for head in accepted:  # each distinct head once per run, with the round it was first seen in
             key = (merchant, head.kind, head.size, head.root)
-            if record is not None and key not in self._recorded:
-                self._recorded.add(key)
+            if record is None or key in self._recorded:
+                continue
+            self._recorded.add(key)
+            if key not in {(h.get("merchant"), h.get("kind"), h.get("size"), h.get("root"))  # a resumed run
+                           for h in record.data.get("witness", {}).get("heads", [])}:
                 record.witnessed({"merchant": merchant, "round": server_round, "node_id": node_id, **head.to_dict()})
         if not refused:
             return reply
