@@ -182,6 +182,10 @@ def test_an_unchanged_ledger_is_recorded_in_every_run(node, witnessed):
     record = json.loads((platform.out / "run.json").read_text())
     assert [(h["merchant"], h["size"], h["round"]) for h in record["witness"]["heads"]] == [(MERCHANT, 9, 1)]
     assert len(platform.witness.store.heads(MERCHANT)) == 2  # the store keeps each distinct head once
+    platform.record = RunRecord.load(platform.out)  # the run resumed by a new server process
+    platform.witness = Witness(WitnessStore(platform.out.parent / "witness.db"), "run-2", platform.out)
+    assert accepted(platform.exchange(node, node_id=12, rnd=2))
+    assert len(json.loads((platform.out / "run.json").read_text())["witness"]["heads"]) == 1
 
 
 def test_a_node_claiming_another_merchant_learns_nothing_and_is_refused(node, witnessed, tmp_path):
