@@ -356,7 +356,8 @@ class WithdrawAfterRound1:
 
 @pytest.mark.heavy
 def test_simulation_refuses_truncated_and_rolled_back_ledgers_after_a_server_restart(tmp_path, synth_silos):
-    """Run A (2 rounds) witnesses every ledger, and a withdrawal at two merchants in round 2. Then one
+    """Run A (1 round and its final evaluation) witnesses every ledger, and a withdrawal at two merchants
+    recorded after the round (the final evaluation's replies carry the grown heads with proofs). Then one
     operator restores the pre-run copy of its ledger, another truncates the withdrawal with its head.
     Run B — a new ServerApp over the same witness store — refuses both at its first exchange and in its
     round, names them in its run record's alerts, and trains on the honest merchant alone."""
@@ -375,7 +376,7 @@ def test_simulation_refuses_truncated_and_rolled_back_ledgers_after_a_server_res
     observer = WithdrawAfterRound1(silos[:2])
     progress.add_observer(observer)
     try:
-        run_a = run_in_simulation(RunSettings(rounds=2, min_nodes=3, out_dir=str(tmp_path / "runA"), run_id="runA",
+        run_a = run_in_simulation(RunSettings(rounds=1, min_nodes=3, out_dir=str(tmp_path / "runA"), run_id="runA",
                                               **common), data)
     finally:
         progress.remove_observer(observer)
