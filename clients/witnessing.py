@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from fedretain.clients.node import NodeConfig
 from fedretain.consent import signing
+from fedretain.consent.merkle import Frontier, consistency_proof, leaf_hash
 from fedretain.consent.witness_record import (
     SEEN_RECORD, WITNESS_ACTION, WITNESS_RECORD, HeadClaim, SignedHead, encode,
 )
@@ -85,11 +86,70 @@ def _proof(ledger: Any, path: Path, kind: str, old: int, head: SignedHead) -> tu
     if key in _PROOFS:
         _PROOFS.move_to_end(key)
         return _PROOFS[key]
-    proof = tuple(str(p) for p in ledger.consistency_proof(old, head.size))
+    fast = _consent_proof(ledger, old, head.size) if kind == "consent" else None
+    proof = fast if fast is not None else tuple(str(p) for p in ledger.consistency_proof(old, head.size))
     _PROOFS[key] = proof
     while len(_PROOFS) > _PROOF_CACHE_SIZE:
         _PROOFS.popitem(last=False)
     return proof
+
+
+def _consent_proof(ledger: Any, old: int, new: int) -> tuple[str, ...] | None:
+    """RFC 9162 consistency proof from the signed head's frontier at ``old`` and the leaves after it.
+
+    Every node a proof takes from the first ``old`` leaves is one of the perfect subtrees of
+    ``old`` — the frontier the ledger stored with its head of that size — so only the records
+    appended since are read (``ConsentLedger.consistency_proof`` hashes every leaf). None when
+    no head of size ``old`` is stored (then the full computation is used).
+    """
+    row = ledger.connection.execute("SELECT frontier FROM heads WHERE size = ? ORDER BY head_id DESC LIMIT 1",
+                                    (old,)).fetchone()
+    if row is None:
+        return None
+    try:
+        frontier = Frontier.from_bytes(old, bytes(row[0]))
+    except ValueError:
+        return None
+    starts, at = {}, 0
+    for h in range(old.bit_length() - 1, -1, -1):
+        if old >> h & 1:
+            starts[(at, at + (1 << h))] = frontier.nodes[len(starts)]
+            at += 1 << h
+    texts = ledger.connection.execute("SELECT canonical FROM records WHERE seq > ? AND seq <= ? ORDER BY seq",
+                                      (old, new)).fetchall()
+    if len(texts) != new - old:
+        return None
+    leaves = [leaf_hash(t if isinstance(t, bytes) else t.encode("utf-8")) for (t,) in texts]
+
+    try:
+        return tuple(p.hex() for p in consistency_proof(_FrontierLeaves(starts, old, leaves), old, new))
+    except ValueError:
+        return None
+
+
+class _FrontierLeaves(Sequence[bytes]):
+    """Leaf hashes as ``merkle.consistency_proof`` reads them (length and ``[lo:hi]`` slices only).
+
+    A slice that is one of the old size's perfect subtrees yields its stored root as a
+    one-element list (the Merkle root of one hash is that hash); a slice of appended leaves
+    yields those leaves. Any other slice would need old leaves: ValueError (not expected).
+    """
+
+    def __init__(self, subtrees: dict[tuple[int, int], bytes], old: int, appended: list[bytes]) -> None:
+        self.subtrees, self.old, self.appended = subtrees, old, appended
+
+    def __len__(self) -> int:
+        return self.old + len(self.appended)
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise ValueError("only contiguous slices of the leaves are available")
+        lo, hi, _ = index.indices(len(self))
+        if (lo, hi) in self.subtrees:
+            return [self.subtrees[(lo, hi)]]
+        if lo < self.old:
+            raise ValueError(f"leaves [{lo}, {hi}) are not a perfect subtree of the first {self.old}")
+        return self.appended[lo - self.old : hi - self.old]
 
 
 def _public_key_pem(ledger: Any) -> str:

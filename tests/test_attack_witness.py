@@ -404,3 +404,20 @@ def test_simulation_refuses_truncated_and_rolled_back_ledgers_after_a_server_res
     errors = " ".join(n["error"] or "" for n in round1["nodes"])
     assert f"witness refused merchant {names[0]}" in errors and f"witness refused merchant {names[1]}" in errors
     assert set(rec_b["merchants"]) == {names[2]}
+
+
+def test_the_nodes_fast_consistency_proof_equals_the_full_one(tmp_path):
+    """The node proves from the frontier stored with a signed head plus the appended leaves only;
+    the proof must be byte-identical to RFC 9162's over all leaves, for every pair of head sizes."""
+    from fedretain.clients.witnessing import _consent_proof
+
+    db, key = tmp_path / "c.db", tmp_path / "k.pem"
+    with ConsentLedger.create(db, controller=MERCHANT, key_path=key) as ledger:
+        for batch in (1, 2, 1, 4, 3, 8, 1, 5, 7, 16, 2):  # heads at 1, 3, 4, 8, 11, 19, 20, 25, 32, 48, 50
+            ledger.append_many([grant(ledger.size + j) for j in range(batch)])
+        sizes = sorted({h.size for h in ledger.heads()})
+        pairs = [(a, b) for a in sizes for b in sizes if 0 < a < b]
+        assert len(pairs) > 50
+        for a, b in pairs:
+            assert _consent_proof(ledger, a, b) == tuple(ledger.consistency_proof(a, b)), (a, b)
+        assert _consent_proof(ledger, 2, 50) is None  # no head at size 2: the full computation is used
