@@ -23,15 +23,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
 from fedretain.clients.node import NodeConfig
 from fedretain.consent import signing
 from fedretain.consent.merkle import Frontier, consistency_proof, leaf_hash
 from fedretain.consent.witness_record import (
-    SEEN_RECORD, WITNESS_ACTION, WITNESS_RECORD, HeadClaim, SignedHead, encode,
+    SEEN_RECORD,
+    WITNESS_ACTION,
+    WITNESS_RECORD,
+    HeadClaim,
+    SignedHead,
+    encode,
 )
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedretain.node")
 
@@ -76,7 +80,7 @@ def _budget_witnessable(config: NodeConfig) -> bool:
     return callable(getattr(BudgetLedger, "head", None)) and ledger_path(config.state_dir).is_file()
 
 
-_PROOFS: "OrderedDict[tuple[str, str, int, int, str], tuple[str, ...]]" = OrderedDict()
+_PROOFS: OrderedDict[tuple[str, str, int, int, str], tuple[str, ...]] = OrderedDict()
 
 
 def _proof(ledger: Any, path: Path, kind: str, old: int, head: SignedHead) -> tuple[str, ...]:

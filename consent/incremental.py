@@ -31,7 +31,7 @@ from . import signing
 from .audit import VerifyResult, _Bad, _check_columns
 from .merkle import Frontier
 
-__all__ = ["STATE_FILE", "VerifiedHead", "IncrementalLedger", "verify_incremental"]
+__all__ = ["STATE_FILE", "IncrementalLedger", "VerifiedHead", "verify_incremental"]
 
 STATE_FILE = "verified_head.json"
 _ZERO = bytes(32)

@@ -28,8 +28,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from . import signing
 
 __all__ = [
-    "WITNESS_RECORD", "SEEN_RECORD", "WITNESS_ACTION", "KINDS", "HEAD_FIELDS", "WitnessFormatError",
-    "SignedHead", "HeadClaim", "WitnessReport", "encode", "decode", "record_keys",
+    "HEAD_FIELDS",
+    "KINDS",
+    "SEEN_RECORD",
+    "WITNESS_ACTION",
+    "WITNESS_RECORD",
+    "HeadClaim",
+    "SignedHead",
+    "WitnessFormatError",
+    "WitnessReport",
+    "decode",
+    "encode",
+    "record_keys",
 ]
 
 WITNESS_RECORD = "witness"  # reply record

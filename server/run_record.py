@@ -51,7 +51,7 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-_OPEN: "weakref.WeakValueDictionary[str, RunRecord]" = weakref.WeakValueDictionary()
+_OPEN: weakref.WeakValueDictionary[str, RunRecord] = weakref.WeakValueDictionary()
 
 
 class RunRecord:
@@ -65,14 +65,14 @@ class RunRecord:
         _OPEN[str(Path(path).resolve())] = self
 
     @classmethod
-    def active(cls, out_dir: str | os.PathLike[str]) -> "RunRecord | None":
+    def active(cls, out_dir: str | os.PathLike[str]) -> RunRecord | None:
         """The record this process is writing in ``out_dir`` (so a grid wrapper such as the witness
         can add to the same object the round loop saves, instead of a second copy that would be
         overwritten)."""
         return _OPEN.get(str((Path(out_dir) / cls.FILENAME).resolve()))
 
     @classmethod
-    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> "RunRecord":
+    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> RunRecord:
         data = {
             "format": "fedretain-run/1",
             "run_id": run_id,
@@ -91,7 +91,7 @@ class RunRecord:
         return rec
 
     @classmethod
-    def load(cls, out_dir: Path) -> "RunRecord":
+    def load(cls, out_dir: Path) -> RunRecord:
         path = Path(out_dir) / cls.FILENAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -25,13 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedretain.consent import signing
 from fedretain.consent.merkle import verify_consistency
 from fedretain.consent.witness_record import HeadClaim, SignedHead
 
-__all__ = ["WitnessStore", "Pin", "judge", "witness_db_path", "DB_FILE"]
+__all__ = ["DB_FILE", "Pin", "WitnessStore", "judge", "witness_db_path"]
 
 DB_FILE = "witness.db"
 _SCHEMA = """
@@ -174,7 +174,7 @@ class WitnessStore:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> WitnessStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

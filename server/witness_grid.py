@@ -19,14 +19,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.serverapp import Grid
-
 from fedretain.consent.witness_record import (
-    SEEN_RECORD, WITNESS_ACTION, WITNESS_RECORD, WitnessFormatError, decode,
+    SEEN_RECORD,
+    WITNESS_ACTION,
+    WITNESS_RECORD,
+    WitnessFormatError,
+    decode,
 )
 from fedretain.server.run_record import RunRecord
 from fedretain.server.witness import WitnessStore, judge, witness_db_path
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.serverapp import Grid
 
 log = logging.getLogger("fedretain.server.witness")
 

@@ -22,18 +22,23 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
-
 from fedretain.clients.node import NodeConfig
 from fedretain.clients.witnessing import witness_values
 from fedretain.consent import signing
 from fedretain.consent.ledger import PROTECTED_TABLES, ConsentLedger, _trigger_sql
 from fedretain.consent.records import ConsentRecord
 from fedretain.consent.witness_check import check_file
-from fedretain.consent.witness_record import WITNESS_RECORD, HeadClaim, SignedHead, decode, encode
+from fedretain.consent.witness_record import (
+    WITNESS_RECORD,
+    HeadClaim,
+    SignedHead,
+    decode,
+    encode,
+)
 from fedretain.server.run_record import RunRecord
 from fedretain.server.witness import WitnessStore
 from fedretain.server.witness_grid import WITNESS_REFUSED, Witness
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 MERCHANT = "shop-a"
@@ -372,7 +377,8 @@ def test_simulation_refuses_truncated_and_rolled_back_ledgers_after_a_server_res
     names = [json.loads((s / "merchant.json").read_text())["merchant_id"] for s in silos]
     sizes = [size_of(c) for c in cfgs]
     copy = snapshot(cfgs[0], tmp_path / "before-run.db")
-    common = dict(local_epochs=1, learning_rate=0.02, hidden=(8,), node_wait_timeout=60.0, round_timeout=120.0)
+    common = {"local_epochs": 1, "learning_rate": 0.02, "hidden": (8,), "node_wait_timeout": 60.0,
+              "round_timeout": 120.0}
     observer = WithdrawAfterRound1(silos[:2])
     progress.add_observer(observer)
     try:

@@ -8,9 +8,12 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
 from fedretain.consent.gate import decide
-from fedretain.consent.incremental import STATE_FILE, IncrementalLedger, verify_incremental
+from fedretain.consent.incremental import (
+    STATE_FILE,
+    IncrementalLedger,
+    verify_incremental,
+)
 from fedretain.consent.ledger import PROTECTED_TABLES, ConsentLedger, _trigger_sql
 from fedretain.consent.records import ConsentRecord
 
@@ -118,7 +121,7 @@ def test_the_gate_decides_the_same_through_the_incremental_ledger(node):
 
 
 def test_a_rekeyed_ledger_fails_the_incremental_check(node, tmp_path):
-    db, key, state = node
+    db, _, state = node
     with opened(node) as ledger:
         assert verify_incremental(ledger, state, "run-1").ok
         records = ledger.records()
