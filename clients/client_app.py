@@ -22,12 +22,14 @@ from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
 from fedretain.consent.vocab import SCOPES
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.clients.training import make_trainer
+from fedretain.clients.witnessing import install as install_witness, witness_mod
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_record, model_arrays, state_dict_from
 from fedretain.train import evaluate
 
 torch.set_num_threads(1)  # one thread per node process is faster on small CPUs (see docs)
 
-app = ClientApp()
+app = ClientApp(mods=[witness_mod])  # every reply carries the node's signed ledger heads (clients/witnessing.py)
+install_witness(app)
 _log = logging.getLogger(__name__)
 
 
@@ -78,6 +80,7 @@ def _prepare(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
         horizon_days=float(cfg.get("horizon-days", 30)),
         cutoff=str(cfg.get("cutoff", "") or "") or None,
         at=_consent_time(cfg),
+        run_id=str(cfg.get("run-id", "") or ""),  # full ledger verify once per run, then the appended suffix
     )
 
 

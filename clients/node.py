@@ -19,6 +19,7 @@ import pandas as pd
 
 from fedretain.consent.gate import ConsentError, GateDecision, apply_gate, decide
 from fedretain.consent.identity import KEY_FILE, LEDGER_FILE, NODE_DIR, PIN_FILE, PinError, require_pin
+from fedretain.consent.incremental import IncrementalLedger
 from fedretain.consent.ledger import ConsentLedger, LedgerError
 from fedretain.consent.vocab import check_purpose
 from fedretain.features import check_features, compute_features, feature_columns, scopes_read
@@ -183,18 +184,21 @@ class MerchantNode:
         except (PinError, LedgerError) as exc:
             raise ConsentError(f"consent gate refused: {exc}") from None
 
-    def gate(self, purpose: str, at: datetime | None = None) -> tuple[GateDecision, Any]:
+    def gate(self, purpose: str, at: datetime | None = None, run_id: str = "") -> tuple[GateDecision, Any]:
         """Consent decision for ``purpose`` at ``at`` (default: now) and the gated data. Fails closed.
 
         ``at`` is for the node's own local use (back-tests, benches); what the platform sends
         never reaches it: the ClientApp always passes the node's clock (``client_app._consent_time``).
+        With a ``run_id`` the ledger is verified in full at the run's first decision and only in
+        its appended records afterwards (``fedretain.consent.incremental``).
         """
         check_purpose(purpose)
         at = at or datetime.now(timezone.utc)
         silo = self.silo
         candidates = pd.Index(silo.events["user_id"].unique()).union(pd.Index(silo.users["user_id"]))
         with self.ledger() as ledger:
-            decision = decide(ledger, purpose, at, candidates)
+            checked = IncrementalLedger(ledger, self.config.state_dir, run_id) if run_id else ledger
+            decision = decide(checked, purpose, at, candidates)
         return decision, apply_gate(decision, silo.events, silo.users)
 
     def prepare(
@@ -204,6 +208,7 @@ class MerchantNode:
         horizon_days: float = 30,
         cutoff: str | None = None,
         at: datetime | None = None,
+        run_id: str = "",
     ) -> Prepared:
         """Features and labels of the users who may be used now, split into train/test.
 
@@ -211,7 +216,7 @@ class MerchantNode:
         scope and bought at least once before the cutoff (retention of existing buyers).
         """
         names = list(check_features(feature_names))
-        decision, gated = self.gate(purpose, at)
+        decision, gated = self.gate(purpose, at, run_id)
         cut = self.training_cutoff(horizon_days, cutoff)
         feats = compute_features(gated, cut, names)
         grants = decision.grants.reindex(feats.index).fillna(False)

@@ -32,6 +32,7 @@ from flwr.clientapp import ClientApp
 from fedretain.clients import client_app as regular
 from fedretain.clients.node import MerchantNode, Prepared
 from fedretain.clients.training import make_trainer
+from fedretain.clients.witnessing import install as install_witness, witness_mod
 from fedretain.models import RetentionNet
 from fedretain.train import evaluate
 
@@ -120,7 +121,8 @@ def _client_fn(context: Context):
 
 
 legacy_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
-app = ClientApp()
+app = ClientApp(mods=[witness_mod])  # every reply, each SecAgg+ stage too, carries the signed ledger heads
+install_witness(app)
 app.query("feature_stats")(regular.feature_stats)
 
 

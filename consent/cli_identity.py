@@ -84,10 +84,13 @@ def _init_existing(obj: _Ctx, controller: str) -> None:
               help="verify against this public key PEM instead of the node's pinned key or node key")
 @_TRUST_OPT
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--against", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="also check the ledger against the heads the platform witnessed (a run.json or its witness.db)")
 @click.pass_obj
 @_loc
 @_friendly
-def verify(obj: _Ctx, public_key: Path | None, trust_embedded_key: bool, as_json: bool) -> None:
+def verify(obj: _Ctx, public_key: Path | None, trust_embedded_key: bool, as_json: bool,
+           against: Path | None = None) -> None:
     """Check the hash chain, indexed columns, Merkle roots and signatures (exit 1 if tampered).
 
     The key: --public-key, else the node's pinned key (--silo, or node.json beside --db), else
@@ -96,21 +99,26 @@ def verify(obj: _Ctx, public_key: Path | None, trust_embedded_key: bool, as_json
     """
     from .signing import load_public_key
 
+    from .witness_check import check_file
+
     pub = load_public_key(public_key) if public_key is not None else None
     with _open(obj) as ledger:
         _require_trust(obj, ledger, pub is not None, trust_embedded_key)
         res = ledger.verify(pub)
+        seen = check_file(ledger, against, pub) if against is not None else None
     warn = res.key_source.startswith("ledger")
     if as_json:
         d = res.to_dict()
         if warn:
             d["warning"] = EMBEDDED_WARNING
+        if seen is not None:
+            d["against"] = seen.to_dict()
         click.echo(json.dumps(d, indent=2))
     else:
-        click.echo(res.describe())
+        click.echo(res.describe() + (f"\n{seen.describe()}" if seen else ""))
         if warn:
             click.echo(f"WARNING: {EMBEDDED_WARNING}")
-    if not res.ok:
+    if not res.ok or (seen is not None and not seen.ok):
         raise SystemExit(1)
 
 

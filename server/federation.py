@@ -30,6 +30,7 @@ from fedretain.server import progress
 from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
+from fedretain.server.witness_grid import witnessed
 
 log = logging.getLogger("fedretain.server")
 
@@ -148,7 +149,7 @@ class FederatedTraining:
     """Runs (or resumes) one training run against a Flower ``Grid``."""
 
     def __init__(self, grid: Grid, settings: RunSettings, strategy: Strategy) -> None:
-        self.grid = grid
+        self.grid = witnessed(grid, settings)  # every reply's ledger heads checked (server/witness.py)
         self.settings = settings
         self.strategy = strategy
         self.out_dir = Path(settings.out_dir)

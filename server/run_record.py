@@ -4,6 +4,10 @@ It holds the configuration, aggregated metrics per round, which merchants contri
 to which round with how many examples, and the consent lineage each merchant reported
 (ledger head, users used per scope) and ε spent — never a user id. Written atomically
 after every round so a crash or a restart never loses finished rounds.
+
+The platform's witness (``fedretain.server.witness``) adds to it the signed ledger heads it
+accepted (``witness.heads``: public size, root, signature — what an officer checks a ledger
+file against) and an ``alerts`` list naming each merchant it refused and why.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,9 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+_OPEN: weakref.WeakValueDictionary[str, RunRecord] = weakref.WeakValueDictionary()
+
+
 class RunRecord:
     """Append-as-you-go record of one run, persisted to ``<out_dir>/run.json``."""
 
@@ -54,9 +62,17 @@ class RunRecord:
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path = path
         self.data = data
+        _OPEN[str(Path(path).resolve())] = self
 
     @classmethod
-    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> "RunRecord":
+    def active(cls, out_dir: str | os.PathLike[str]) -> RunRecord | None:
+        """The record this process is writing in ``out_dir`` (so a grid wrapper such as the witness
+        can add to the same object the round loop saves, instead of a second copy that would be
+        overwritten)."""
+        return _OPEN.get(str((Path(out_dir) / cls.FILENAME).resolve()))
+
+    @classmethod
+    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> RunRecord:
         data = {
             "format": "fedretain-run/1",
             "run_id": run_id,
@@ -75,7 +91,7 @@ class RunRecord:
         return rec
 
     @classmethod
-    def load(cls, out_dir: Path) -> "RunRecord":
+    def load(cls, out_dir: Path) -> RunRecord:
         path = Path(out_dir) / cls.FILENAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -93,6 +109,18 @@ class RunRecord:
     def event(self, kind: str, **details: Any) -> None:
         """Log a notable event (resume, retry, node failure) with a timestamp."""
         self.data["events"].append({"at": now_iso(), "kind": kind, **details})
+        self.save()
+
+    def alert(self, kind: str, **details: Any) -> None:
+        """Record an alert (e.g. a merchant refused by the ledger witness) in ``alerts`` and in ``events``."""
+        entry = {"at": now_iso(), "kind": kind, **details}
+        self.data.setdefault("alerts", []).append(entry)
+        self.data["events"].append({**entry, "kind": f"alert:{kind}"})
+        self.save()
+
+    def witnessed(self, head: dict[str, Any]) -> None:
+        """Record a signed ledger head the platform witnessed (public: merchant, kind, size, root, signature)."""
+        self.data.setdefault("witness", {}).setdefault("heads", []).append(head)
         self.save()
 
     def add_round(self, entry: dict[str, Any]) -> None:

@@ -240,7 +240,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         record.save()
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.rounds,
                                                            round_timeout=settings.round_timeout), strategy=strategy)
-        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+        DefaultWorkflow(fit_workflow=workflow)(run.grid, legacy)  # run.grid: witnessed
         done = record.last_completed_round
         if done != settings.rounds:
             raise RunAborted(f"secure aggregation stopped after {done} of {settings.rounds} rounds "

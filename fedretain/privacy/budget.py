@@ -107,6 +107,7 @@ class BudgetLedger:
             except signing.KeyFileError as exc:
                 raise PrivacyError(f"privacy ledger {path}: the node key is needed to verify and sign it: "
                                    f"{exc}") from None
+            _check_pinned_key(key_file, key)
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = FULL")  # a reservation, once acknowledged, survives power loss
             store = Store(path, conn, key)
@@ -398,3 +399,23 @@ class BudgetLedger:
                      "remaining_epsilon": max(cap.epsilon - eps, 0.0) if cap else None},
             "purposes": self.status(), "cap_events": self.cap_events(), "head": self.head().to_dict(),
         }
+
+
+def _check_pinned_key(key_file: Path, key: Any) -> None:
+    """Refuse a node key that is not the node's pinned key (``node.json`` beside it, when the node has one).
+
+    Without this, an operator who swapped both ``node_key.pem`` and ``privacy.db`` for a fresh
+    pair would get a self-consistent budget ledger with a free budget on this node; the pin
+    written at provisioning (:mod:`fedretain.consent.identity`) names the only key the node trusts.
+    """
+    from fedretain.consent.identity import PinError, load_pin
+
+    try:
+        pin = load_pin(key_file.parent)
+    except PinError as exc:
+        raise PrivacyError(f"privacy ledger: {exc}") from None
+    if pin is not None and signing.fingerprint(key) != pin.key_fingerprint:
+        raise PrivacyError(
+            f"privacy ledger: the node key {key_file} is {signing.fingerprint(key)}, but this node's pinned key "
+            f"({pin.path}) is {pin.key_fingerprint}: the key was replaced; refusing the budget ledger. Restore "
+            f"the node's own key from a backup")
