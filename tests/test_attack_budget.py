@@ -186,3 +186,24 @@ def test_a_reset_version_marker_does_not_trigger_a_fresh_migration(spent):
     conn.commit()
     conn.close()
     _refused_everywhere(spent, "version marker \\(user_version\\) was reset")
+
+
+def test_a_fresh_key_and_ledger_pair_is_refused_on_a_pinned_node(spent, tmp_path):
+    """The operator replaces both node_key.pem and privacy.db with a new pair (a free budget): the pin refuses it."""
+    from fedretain.consent.identity import KEY_FILE, write_pin
+
+    key = signing.load_private_key(tmp_path / KEY_FILE)
+    write_pin(tmp_path, "shop", key)
+    with BudgetLedger.open(spent) as ledger:  # the node's own pair opens
+        assert ledger.node_cap() is not None
+    (tmp_path / KEY_FILE).unlink()
+    spent.unlink()
+    with pytest.raises(PrivacyError, match="pinned key"):  # a new key generated beside the pin is refused at once
+        BudgetLedger.open(spent, create=True)
+    other = signing.generate_key()  # or a key the operator brings: the forged ledger never opens on this node
+    signing.save_private_key(other, tmp_path / "forged.pem")
+    (tmp_path / KEY_FILE).unlink(missing_ok=True)
+    shutil.copy(tmp_path / "forged.pem", tmp_path / KEY_FILE)
+    spent.unlink(missing_ok=True)
+    with pytest.raises(PrivacyError, match="pinned key"):
+        BudgetLedger.open(spent, create=True)
