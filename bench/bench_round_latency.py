@@ -37,7 +37,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedretain.server.deploy import descendants
+from fedretain.procs import descendants
 from fedretain.server.deploy_demo import LocalDeployment
 
 CONFIGS = {

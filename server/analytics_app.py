@@ -71,12 +71,11 @@ def run_query_in_simulation(
     Raises :class:`AnalyticsRefused` with the reason if the query was refused or failed
     (then nothing but ``<stem>.refused.json`` is written).
     """
-    from fedretain.clients.node import simulation_silos
     from fedretain.server.settings import RunSettings
-    from fedretain.server.simulation import run_in_simulation
+    from fedretain.server.simulation import run_in_simulation, silo_folders
 
     out = Path(out_dir).resolve()
-    n_nodes = len(simulation_silos(str(Path(data_dir).resolve())))
+    n_nodes = len(silo_folders(Path(data_dir).resolve()))
     settings = AnalyticsSettings(spec=query, out_dir=str(out), policy=policy or IntervalPolicy(), min_nodes=n_nodes,
                                  node_wait_timeout=node_wait_timeout)
     stem = output_stem(query)

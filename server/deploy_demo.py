@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedretain.clients.supernode import free_port
-from fedretain.server.deploy import Platform, PlatformConfig, ProcRef, run_progress, stop_tree
+from fedretain.procs import ProcRef, free_port, stop_tree
+from fedretain.server.deploy import Platform, PlatformConfig, run_progress
 
 NODE_STOP_GRACE_S = 15.0
 
@@ -95,7 +95,7 @@ class LocalDeployment:
     def prepare(self) -> None:
         """Silos, node provisioning, CA + server certificate, node keys, server config (idempotent)."""
         from fedretain.clients.provision import provision_node
-        from fedretain.server import tls
+        from fedretain import tls
         from fedretain.synth import generate
 
         ws = self.workspace

@@ -126,7 +126,7 @@ def test_no_private_key_in_any_log(tls_run):
 
 
 def test_unregistered_key_is_refused(tls_run, tmp_path):
-    from fedretain.server import tls
+    from fedretain import tls
 
     dep, _ = tls_run
     stranger = tls.create_node_key(tmp_path / "stranger").private_key
