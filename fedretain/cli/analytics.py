@@ -84,9 +84,9 @@ def _run(kind: str, opts: dict[str, Any], **query: Any) -> None:
 
 
 def _silos(data_dir: Path):
-    from fedretain.clients.node import simulation_silos
+    from fedretain.server.simulation import silo_folders
 
-    return simulation_silos(str(data_dir))
+    return silo_folders(data_dir)
 
 
 def figures_table(record: dict[str, Any]) -> Table:
