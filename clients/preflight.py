@@ -29,9 +29,9 @@ class Preflight:
 
 def preflight(settings: NodeSettings) -> Preflight:
     """Fail before connecting if the silo, the ledger, the key or the CA certificate is unusable."""
+    from fedretain import tls
     from fedretain.clients.node import NodeConfig
     from fedretain.ingest import IngestError, load_silo
-    from fedretain import tls
 
     silo_path = Path(settings.data)
     if not silo_path.is_dir():

@@ -118,9 +118,10 @@ def run_demo(plan: DemoPlan, say: Callable[[str], Any] = print, ensure_nodes: Ca
 
 def _write_report(path: Path, record: dict, summary: dict, scores) -> Path:
     fed, cen = summary["federated"], summary["centralized"]
+    keys = ("auc", "log_loss", "brier", "ece", "ltv_spearman")
     comparison = [
-        {"model": "federated (global model, FedAvg)", **{k: fed[k] for k in ("auc", "log_loss", "brier", "ece", "ltv_spearman")}},
-        {"model": "centralized on pooled data (yardstick)", **{k: cen[k] for k in ("auc", "log_loss", "brier", "ece", "ltv_spearman")}},
+        {"model": "federated (global model, FedAvg)", **{k: fed[k] for k in keys}},
+        {"model": "centralized on pooled data (yardstick)", **{k: cen[k] for k in keys}},
     ]
     rounds = [{"round": r["round"], **{k: r["evaluate"].get(k) for k in ("auc", "log_loss", "ece", "ltv_spearman")},
                "train_loss": r["train"].get("train_loss")} for r in record["rounds"]]
@@ -128,8 +129,9 @@ def _write_report(path: Path, record: dict, summary: dict, scores) -> Path:
                      for m, c in summary["consent_coverage"].items()]
     sections = [
         ("Summary", f"<p>Run <code>{record['run_id']}</code>: {len(record['rounds'])} rounds over "
-                    f"{len(summary['merchants'])} merchants; status <b>{record['status']}</b>. No raw data left a node: "
-                    "the server received model arrays and aggregate counts only.</p>" + table_html(comparison)),
+                    f"{len(summary['merchants'])} merchants; status <b>{record['status']}</b>. "
+                    "No raw data left a node: the server received model arrays and aggregate counts only.</p>"
+                    + table_html(comparison)),
         ("Global model per round", img_tag(plot_rounds(record["rounds"]), "metrics per round") + table_html(rounds)),
         ("Per-merchant AUC", img_tag(plot_merchant_auc(summary["per_merchant_auc"], cen["auc"]), "per-merchant AUC")),
         ("Consent coverage", img_tag(plot_consent_coverage(summary["consent_coverage"]), "consent coverage")
@@ -326,7 +328,7 @@ class LocalDeployment:
             self._stop(node)
         self.stop_platform()
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedretain.analytics.intervals import IntervalPolicy
 from fedretain.analytics.queries import QueryError, QuerySpec
 from fedretain.server.analytics import (
-    AnalyticsRefused, AnalyticsSettings, FederatedQuery, output_stem, write_outputs, write_refusal,
+    AnalyticsRefused,
+    AnalyticsSettings,
+    FederatedQuery,
+    output_stem,
+    write_outputs,
+    write_refusal,
 )
 
 log = logging.getLogger("fedretain.server.analytics")

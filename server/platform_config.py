@@ -51,7 +51,7 @@ class PlatformConfig:
     run: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "PlatformConfig":
+    def load(cls, path: str | os.PathLike[str]) -> PlatformConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -62,7 +62,7 @@ class PlatformConfig:
         return cls.from_dict(data, path.resolve().parent, path)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base: Path, source: Path | None = None) -> "PlatformConfig":
+    def from_dict(cls, data: dict[str, Any], base: Path, source: Path | None = None) -> PlatformConfig:
         where = str(source or "server config")
         unknown = set(data) - {"server", "tls", "auth", "run"}
         if unknown:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +195,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         raise ValueError("resuming a secure-aggregation run is not supported (SecAgg+ state is per run)")
     if settings.strategy != "fedavg":
         raise ValueError("secure aggregation runs with strategy fedavg only")
-    run = FederatedTraining(grid, settings, strategy=None)  # type: ignore[arg-type]  # its helpers only
+    run = FederatedTraining(grid, settings, strategy=None)  # its helpers only (strategy unused)
     record = RunRecord.create(run.out_dir, settings.run_id,
                               {**settings.as_dict(), "secure_aggregation": "secagg+"})
     with progress.tracked_run(record, settings.rounds, 1, run.out_dir / "model.pt"):

@@ -17,7 +17,6 @@ from typing import Any
 
 from fedretain.server.settings import RunSettings
 
-
 SERVER_APP = "fedretain.server.server_app:app"
 CLIENT_APP = "fedretain.clients.client_app:app"  # as in pyproject's [tool.flwr.app.components]
 

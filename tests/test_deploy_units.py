@@ -19,7 +19,8 @@ from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, St
 
 from fedretain import procs, tls
 from fedretain.cli import main
-from fedretain.clients import node_settings, preflight, supervisor
+from fedretain.clients import preflight, supervisor
+from fedretain.clients.node_settings import NodeSettings, NodeSetupError, write_node_config
 from fedretain.compat import flower
 from fedretain.server import deploy, platform_config
 
@@ -81,9 +82,7 @@ def test_node_key_is_what_flower_loads(tmp_path):
     pub = load_ssh_public_key(pub_line.encode())
     assert priv.public_key().public_numbers() == pub.public_numbers()
     assert priv.curve.name == "secp384r1"
-    from flwr.cli.supernode.register import try_load_public_key  # `flwr supernode register`'s loader
-
-    assert try_load_public_key(keys.public_key)
+    assert flower.flwr_register_accepts(keys.public_key)  # `flwr supernode register`'s own loader
     assert tls.public_key_fingerprint(priv) == tls.public_key_fingerprint(pub) == keys.fingerprint
     with pytest.raises(tls.TLSError, match="already exists"):
         tls.create_node_key(tmp_path / "node0")
@@ -307,22 +306,22 @@ def test_procref_ignores_a_reused_pid():
 
 # -- merchant node ----------------------------------------------------------------------------------
 def test_node_settings_validation(tmp_path):
-    with pytest.raises(node_settings.NodeSetupError, match="HOST:PORT"):
-        node_settings.NodeSettings(server="localhost", data=tmp_path)
-    with pytest.raises(node_settings.NodeSetupError, match="node authentication needs TLS"):
-        node_settings.NodeSettings(server="h:1", data=tmp_path, insecure=True, auth_key=tmp_path / "k")
-    with pytest.raises(node_settings.NodeSetupError, match="executor must be"):
-        node_settings.NodeSettings(server="h:1", data=tmp_path, executor="fork")
-    with pytest.raises(node_settings.NodeSetupError, match="poll interval"):
-        node_settings.NodeSettings(server="h:1", data=tmp_path, poll_interval=10)
-    with pytest.raises(node_settings.NodeSetupError, match="heartbeat interval must be in"):
-        node_settings.NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=5)
+    with pytest.raises(NodeSetupError, match="HOST:PORT"):
+        NodeSettings(server="localhost", data=tmp_path)
+    with pytest.raises(NodeSetupError, match="node authentication needs TLS"):
+        NodeSettings(server="h:1", data=tmp_path, insecure=True, auth_key=tmp_path / "k")
+    with pytest.raises(NodeSetupError, match="executor must be"):
+        NodeSettings(server="h:1", data=tmp_path, executor="fork")
+    with pytest.raises(NodeSetupError, match="poll interval"):
+        NodeSettings(server="h:1", data=tmp_path, poll_interval=10)
+    with pytest.raises(NodeSetupError, match="heartbeat interval must be in"):
+        NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=5)
 
 
 def test_node_config_file_and_command_line(tmp_path):
-    s = node_settings.NodeSettings(server="platform:9443", data=tmp_path / "silo", auth_key=tmp_path / "k",
+    s = NodeSettings(server="platform:9443", data=tmp_path / "silo", auth_key=tmp_path / "k",
                         root_cert=tmp_path / "ca.crt", state_dir=tmp_path / "st", consent_db=tmp_path / "c.db")
-    node_toml = node_settings.write_node_config(s)
+    node_toml = write_node_config(s)
     cfg = tomllib.loads(node_toml.read_text())
     assert cfg == {"data-path": str(tmp_path / "silo"), "consent-db": str(tmp_path / "c.db"),
                    "state-dir": str(tmp_path / "st")}
@@ -334,15 +333,16 @@ def test_node_config_file_and_command_line(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "fedretain.clients.supernode"]
     assert cmd[cmd.index("--poll-interval") + 1] == "0.2" and cmd[cmd.index("--parent-pid") + 1] == "42"
     assert "--heartbeat-interval" not in cmd  # Flower's default unless asked
-    fast = supervisor.supernode_command(node_settings.NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=10), node_toml, 1)
-    assert fast[fast.index("--heartbeat-interval") + 1] == "10" and fast.index("--heartbeat-interval") < fast.index("--")
+    fast = supervisor.supernode_command(NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=10), node_toml, 1)
+    hb = fast.index("--heartbeat-interval")
+    assert fast[hb + 1] == "10" and hb < fast.index("--")
     flwr_args = cmd[cmd.index("--") + 1:]
     assert flwr_args[flwr_args.index("--superlink") + 1] == "platform:9443"
     assert flwr_args[flwr_args.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert flwr_args[flwr_args.index("--auth-supernode-private-key") + 1] == str(tmp_path / "k")
     assert flwr_args[flwr_args.index("--isolation") + 1] == "process"
     assert flwr_args[flwr_args.index("--port") + 1] == "19001" and "--insecure" not in flwr_args
-    stock = supervisor.supernode_command(node_settings.NodeSettings(server="h:1", data=tmp_path, insecure=True, executor="subprocess",
+    stock = supervisor.supernode_command(NodeSettings(server="h:1", data=tmp_path, insecure=True, executor="subprocess",
                                                  poll_interval=None), node_toml, 19002)
     assert Path(stock[0]).name == "flower-supernode"
     assert "--insecure" in stock and stock[stock.index("--isolation") + 1] == "subprocess"
@@ -353,22 +353,22 @@ def test_preflight_refuses_missing_or_broken_inputs(tmp_path, synth_silos):
 
     silo = tmp_path / "silo"
     shutil.copytree(synth_silos[0], silo)
-    ok = preflight.preflight(node_settings.NodeSettings(server="h:1", data=silo))
+    ok = preflight.preflight(NodeSettings(server="h:1", data=silo))
     assert ok.merchant_id == synth_silos[0].name and ok.ledger_size > 0 and ok.n_events > 0
-    with pytest.raises(node_settings.NodeSetupError, match="silo folder .* does not exist"):
-        preflight.preflight(node_settings.NodeSettings(server="h:1", data=tmp_path / "nope"))
-    with pytest.raises(node_settings.NodeSetupError, match="consent ledger: .* does not exist"):
-        preflight.preflight(node_settings.NodeSettings(server="h:1", data=silo, consent_db=tmp_path / "none.db"))
-    with pytest.raises(node_settings.NodeSetupError, match="node key: node key .*badkey is not an unencrypted OpenSSH"):
+    with pytest.raises(NodeSetupError, match="silo folder .* does not exist"):
+        preflight.preflight(NodeSettings(server="h:1", data=tmp_path / "nope"))
+    with pytest.raises(NodeSetupError, match="consent ledger: .* does not exist"):
+        preflight.preflight(NodeSettings(server="h:1", data=silo, consent_db=tmp_path / "none.db"))
+    with pytest.raises(NodeSetupError, match="node key: node key .*badkey is not an unencrypted OpenSSH"):
         bad = tmp_path / "badkey"
         bad.write_text("nope")
         os.chmod(bad, 0o600)
-        preflight.preflight(node_settings.NodeSettings(server="h:1", data=silo, auth_key=bad))
+        preflight.preflight(NodeSettings(server="h:1", data=silo, auth_key=bad))
     broken = tmp_path / "broken"
     shutil.copytree(silo, broken)
     (broken / "events.csv").write_text("not,the,right,columns\n1,2,3,4\n")
-    with pytest.raises(node_settings.NodeSetupError, match="data: .*events"):
-        preflight.preflight(node_settings.NodeSettings(server="h:1", data=broken))
+    with pytest.raises(NodeSetupError, match="data: .*events"):
+        preflight.preflight(NodeSettings(server="h:1", data=broken))
 
 
 def test_preflight_refuses_a_tampered_ledger(tmp_path, synth_silos):
@@ -384,8 +384,8 @@ def test_preflight_refuses_a_tampered_ledger(tmp_path, synth_silos):
     con.execute("UPDATE records SET purpose = 'advertising' WHERE seq = 3")
     con.commit()
     con.close()
-    with pytest.raises(node_settings.NodeSetupError, match="consent ledger: .* failed verification at record 3: .*purpose"):
-        preflight.preflight(node_settings.NodeSettings(server="h:1", data=silo))
+    with pytest.raises(NodeSetupError, match="consent ledger: .* failed verification at record 3: .*purpose"):
+        preflight.preflight(NodeSettings(server="h:1", data=silo))
 
 
 def test_client_start_reports_setup_errors(tmp_path):
@@ -403,7 +403,7 @@ def test_explain_failure_maps_flower_errors():
 
 def test_probe_server_reports_unreachable_platform(tmp_path):
     port = procs.free_port()
-    note = preflight.probe_server(node_settings.NodeSettings(server=f"127.0.0.1:{port}", data=tmp_path))
+    note = preflight.probe_server(NodeSettings(server=f"127.0.0.1:{port}", data=tmp_path))
     assert "not reachable yet" in note
 
 

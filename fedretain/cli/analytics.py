@@ -8,8 +8,9 @@ deployment instead (see docs/ANALYTICS.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.console import Console

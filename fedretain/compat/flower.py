@@ -18,6 +18,8 @@ What lives here and why no public API does it:
   below and in ``NOTICE``).
 
 Every name used is listed in :data:`INTERNALS`; ``tests/test_compat.py`` checks each still exists.
+This module is longer than 450 lines because it keeps every Flower internal in one file that
+a reviewer of a Flower upgrade reads at once.
 """
 # Portions of this file (run_task, pull_task_input) are adapted from Flower 1.42.0,
 # flwr/supernode/runtime/run_clientapp.py:
@@ -66,6 +68,7 @@ INTERNALS: tuple[tuple[str, str], ...] = (
     ("flwr.common.constant", "HEARTBEAT_PATIENCE"),
     ("flwr.common.constant", "ErrorCode"),
     ("flwr.common.constant", "SubStatus"),
+    ("flwr.cli.supernode.register", "try_load_public_key"),
     ("flwr.common.config", "get_fab_config"),
     ("flwr.common.serde", "context_from_proto"),
     ("flwr.common.serde", "fab_from_proto"),
@@ -121,11 +124,19 @@ def run_simulation(*, num_supernodes: int, client_app: Any, server_app: Any, bac
                     server_app_context=server_app_context)
 
 
+def flwr_register_accepts(public_key: Path) -> bool:
+    """Does ``flwr supernode register`` load this public key file (its own loader, for tests)?"""
+    from flwr.cli.supernode.register import try_load_public_key
+
+    return bool(try_load_public_key(Path(public_key)))
+
+
 def set_task_identity(run_id: int, node_id: int, task_id: str = "") -> None:
     """Flower needs a task identity to build messages outside a running app (tests, tools)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+    TaskIdentity.run_id, TaskIdentity.node_id = run_id, node_id
+    TaskIdentity.task_id = task_id  # type: ignore[assignment]  # declared int, Flower stores the API's str
 
 
 # -- the SuperNode launcher ---------------------------------------------------------------------------
@@ -160,9 +171,10 @@ def cap_supernode_poll(seconds: float) -> None:
     if getattr(sci, "time", None) is not time or getattr(sci, "pull_objects", None) is not pull_objects:
         raise CompatError("flwr.supernode.start_client_internal no longer uses the module-level `time` and "
                           "`pull_objects` this patch replaces")
-    sci.time = CappedSleep(seconds)  # type: ignore[attr-defined]
-    sci.pull_objects = functools.partial(pull_objects, initial_backoff=min(seconds, 0.1),  # type: ignore[attr-defined]
-                                         backoff_cap=max(seconds, 0.5))
+    patched: Any = sci  # the module's globals, replaced on purpose
+    patched.time = CappedSleep(seconds)
+    patched.pull_objects = functools.partial(pull_objects, initial_backoff=min(seconds, 0.1),
+                                             backoff_cap=max(seconds, 0.5))
 
 
 _heartbeat_set: float | None = None  # what set_heartbeat_interval last set (None: Flower's default)
@@ -173,8 +185,9 @@ def restore_supernode_poll() -> None:
     import flwr.supernode.start_client_internal as sci
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
-    sci.time = time  # type: ignore[attr-defined]
-    sci.pull_objects = pull_objects  # type: ignore[attr-defined]
+    patched: Any = sci
+    patched.time = time
+    patched.pull_objects = pull_objects
 
 
 def supernode_poll_waits() -> tuple[Any, Any]:
@@ -201,7 +214,8 @@ def set_heartbeat_interval(seconds: float) -> None:
             raise CompatError(f"{mod.__name__}.HEARTBEAT_DEFAULT_INTERVAL is no longer Flower's default "
                               f"{HEARTBEAT_DEFAULT_S:g} s")
     for mod in (fleet, hb):
-        mod.HEARTBEAT_DEFAULT_INTERVAL = float(seconds)  # type: ignore[attr-defined]
+        patched: Any = mod
+        patched.HEARTBEAT_DEFAULT_INTERVAL = float(seconds)
     _heartbeat_set = float(seconds)
 
 
@@ -298,7 +312,7 @@ def retry_invoker(max_time: float | None) -> Any:
     def give_up(exc: Exception) -> bool:
         return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
 
-    return RetryInvoker(lambda: exponential(max_delay=2.0), (httpx.TransportError, httpx.HTTPStatusError),
+    return RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError, httpx.HTTPStatusError),
                         max_tries=None, max_time=max_time, should_giveup=give_up)
 
 
@@ -323,7 +337,7 @@ class RuntimeChannel:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
-        res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+        res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)]))
         return str(res.token) if res.HasField("task") and res.token else None
 
     def close(self) -> None:
@@ -450,8 +464,9 @@ def pull_task_input(client: Any, backoff: float) -> tuple[Any, Any, Any, Any]:
 
 
 __all__ = [
-    "HEARTBEAT_DEFAULT_S", "HEARTBEAT_MAX_S", "HEARTBEAT_MIN_S", "HEARTBEAT_PATIENCE", "INTERNALS",
-    "RECEIVING_MARKER", "CappedSleep", "restore_supernode_poll", "supernode_poll_waits", "RuntimeChannel", "SupernodeStatus", "TaskOutcome", "cap_supernode_poll",
-    "fab_clientapp", "heartbeat_intervals", "heartbeat_sender", "pull_task_input", "read_supernode_status",
-    "retry_invoker", "run_simulation", "run_supernode", "run_task", "set_heartbeat_interval", "set_task_identity",
+    "CappedSleep", "HEARTBEAT_DEFAULT_S", "HEARTBEAT_MAX_S", "HEARTBEAT_MIN_S", "HEARTBEAT_PATIENCE", "INTERNALS",
+    "RECEIVING_MARKER", "RuntimeChannel", "SupernodeStatus", "TaskOutcome", "cap_supernode_poll", "fab_clientapp",
+    "flwr_register_accepts", "heartbeat_intervals", "heartbeat_sender", "pull_task_input", "read_supernode_status",
+    "restore_supernode_poll", "retry_invoker", "run_simulation", "run_supernode", "run_task",
+    "set_heartbeat_interval", "set_task_identity", "supernode_poll_waits",
 ]

@@ -32,7 +32,7 @@ INTERNALS: tuple[tuple[str, str], ...] = (
 )
 
 
-class FusedNoiseDPOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
+class FusedNoiseDPOptimizer(DPOptimizerFastGradientClipping):
     """``DPOptimizerFastGradientClipping`` with one noise draw per step and a cheap ``accumulate``."""
 
     def accumulate(self) -> None:

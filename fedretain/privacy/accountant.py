@@ -64,7 +64,7 @@ class DpEvent:
             raise PrivacyError(f"steps must be >= 0, got {self.steps}")
 
 
-def _opacus(name: str):  # local import: opacus costs ~3 s to import
+def _opacus(name: str) -> Any:  # local import: opacus costs ~3 s to import
     from opacus.accountants import create_accountant
 
     return create_accountant(mechanism=check_accountant(name))
@@ -122,7 +122,7 @@ class Accountant:
         trial.add(event)
         return trial.epsilon(delta)
 
-    def hook(self, sample_rate: float):
+    def hook(self, sample_rate: float) -> Any:
         """Opacus optimizer step hook that composes one step at ``sample_rate`` per optimizer step."""
         return self.opacus.get_optimizer_hook_fn(sample_rate=sample_rate)
 
@@ -134,7 +134,7 @@ class Accountant:
         return json.dumps(self.state_dict(), sort_keys=True)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | str) -> "Accountant":
+    def from_state(cls, state: dict[str, Any] | str) -> Accountant:
         data = json.loads(state) if isinstance(state, str) else state
         try:
             return cls(str(data["mechanism"]), [DpEvent(float(s), float(q), int(t)) for s, q, t in data["history"]])

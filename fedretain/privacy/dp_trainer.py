@@ -118,8 +118,8 @@ class LinearCapture:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        self.inputs: dict[nn.Linear, torch.Tensor] = {}
-        self.outputs: dict[nn.Linear, torch.Tensor] = {}
+        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -283,7 +283,9 @@ class DPTrainer:
         if done != steps:
             raise PrivacyError(f"ran {done} DP steps, planned {steps}")
 
-    def _step(self, model, model_call, optimizer, criterion, capture, xt, yt, idx, global_params) -> None:
+    def _step(self, model: nn.Module, model_call: Any, optimizer: Any, criterion: Any, capture: Any,
+              xt: torch.Tensor, yt: torch.Tensor, idx: torch.Tensor,
+              global_params: list[torch.Tensor] | None) -> None:
         """One DP-SGD step: clipped sum into p.grad, then Opacus adds noise, scales and accounts."""
         optimizer.zero_grad(set_to_none=True)
         out = model_call(xt[idx])
@@ -300,10 +302,12 @@ class DPTrainer:
             mu = self.config.proximal_mu
             if mu > 0 and global_params is not None:  # FedProx term after the noise: post-processing, no cost
                 for p, g in zip(model.parameters(), global_params):
-                    p.grad.add_(p.detach() - g, alpha=mu)
+                    if p.grad is not None:  # every trainable parameter has one after the noise step
+                        p.grad.add_(p.detach() - g, alpha=mu)
             optimizer.original_optimizer.step()
 
-    def _opacus_ghost(self, model, base, criterion, plan, expected, gen):
+    def _opacus_ghost(self, model: nn.Module, base: torch.optim.Optimizer, criterion: Any, plan: RunPlan,
+                      expected: float, gen: torch.Generator) -> tuple[Any, Any, Any]:
         """Opacus's own ghost clipping (any Opacus-supported model), sharing our sampler and accountant."""
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
