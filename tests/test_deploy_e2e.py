@@ -61,12 +61,19 @@ def _wait_log(path: Path, pattern: str, count: int, timeout: float) -> None:
 # -- one platform, three rounds; the refusal tests reuse it -------------------------------------------
 @pytest.fixture(scope="module")
 def tls_run(tmp_path_factory, synth_silos, request):
+    """One platform and three nodes shared by every test of it; stopping it is checked at teardown.
+
+    The stop check runs whatever order the tests ran in (it used to be a test that had to come last):
+    if anything the deployment started is left running, the teardown fails the module.
+    """
     dep = _deployment(tmp_path_factory.mktemp("deploy"), synth_silos, request, rounds=3)
     dep.start_platform()
     for i in range(3):
         dep.start_node(i)
     progress = dep.wait_done(timeout=420)
-    return dep, progress
+    yield dep, progress
+    dep.stop_all()
+    _all_stopped(dep)
 
 
 def test_three_rounds_with_tls_and_node_auth(tls_run):
@@ -147,12 +154,6 @@ def test_plain_text_node_is_refused_by_tls_server(tls_run, tmp_path):
     assert "refused the plain-text connection" in out
     assert "Server disconnected without sending a response" in out
     assert "it serves TLS only" in out
-
-
-def test_everything_stops(tls_run):
-    dep, _ = tls_run
-    dep.stop_all()
-    _all_stopped(dep)
 
 
 # -- fault tolerance ----------------------------------------------------------------------------------
