@@ -56,7 +56,7 @@ class RunRecord:
         self.data = data
 
     @classmethod
-    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> "RunRecord":
+    def create(cls, out_dir: Path, run_id: str, config: dict[str, Any]) -> RunRecord:
         data = {
             "format": "fedretain-run/1",
             "run_id": run_id,
@@ -75,7 +75,7 @@ class RunRecord:
         return rec
 
     @classmethod
-    def load(cls, out_dir: Path) -> "RunRecord":
+    def load(cls, out_dir: Path) -> RunRecord:
         path = Path(out_dir) / cls.FILENAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -88,7 +88,7 @@ class AggregatePlan:
         return {f"agg-{k.replace('_', '-')}": v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "AggregatePlan":
+    def from_config(cls, cfg: Any) -> AggregatePlan:
         try:
             kw = {f.name: cfg[f"agg-{f.name.replace('_', '-')}"] for f in fields(cls)}
         except KeyError as exc:
