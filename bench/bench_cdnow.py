@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from cdnow_protocol import REPO, make_silos, prepared, settings
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from cdnow_protocol import REPO, make_silos, prepared, settings
 
 PURPOSE = "retention_modeling"

@@ -1,7 +1,7 @@
 """Per-round overhead of a deployed fedretain run: 3 merchant nodes + platform on loopback.
 
 Starts the platform (SuperLink, TLS, node authentication) and the merchant nodes as
-separate processes (the same :class:`fedretain.server.deploy_demo.LocalDeployment` the
+separate processes (the same :class:`fedretain.demo.LocalDeployment` the
 demo and the end-to-end tests use), runs R rounds per configuration and prints, for
 rounds 2..R (round 1 includes first-time ingest and imports):
 
@@ -37,8 +37,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedretain.server.deploy import descendants
-from fedretain.server.deploy_demo import LocalDeployment
+from fedretain.demo import LocalDeployment
+from fedretain.procs import descendants
 
 CONFIGS = {
     "flower": {"executor": "subprocess", "poll_interval": None},
@@ -46,7 +46,8 @@ CONFIGS = {
     "warm-0.5": {"executor": "warm", "poll_interval": 0.5},
     "subprocess-fastpoll": {"executor": "subprocess", "poll_interval": 0.2},
 }
-_DONE = re.compile(r"^(\S+ \S+) INFO fedretain\.node: (\S+) (?:done|FAILED) in [\d.]+ s \(pull [\d.]+ s, app ([\d.]+) s")
+_DONE = re.compile(
+    r"^(\S+ \S+) INFO fedretain\.node: (\S+) (?:done|FAILED) in [\d.]+ s \(pull [\d.]+ s, app ([\d.]+) s")
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown config(s): {', '.join(unknown)}")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedretain-bench-latency-"))
-    print(f"3 nodes + platform on 127.0.0.1, TLS + node auth, {args.rounds} rounds, {args.users} synthetic users in total; "
+    print(f"3 nodes + platform on 127.0.0.1, TLS + node auth, {args.rounds} rounds, "
+          f"{args.users} synthetic users in total; "
           f"{os.cpu_count()} CPUs; workspaces in {root}")
     results = [run_config(n, root, args.rounds, args.users, args.project_dir) for n in names]
     warm_compute = [c for r in results if r["executor"] == "warm" for c in r["compute"].values()]

@@ -50,7 +50,9 @@ def start(server: str, data: Path, consent_db: Path | None, key: Path | None, ro
           insecure: bool, signing_key: Path | None, state_dir: Path | None, runtime_port: int, executor: str,
           poll_interval: float, heartbeat_interval: float | None, max_wait: float | None) -> None:
     """Check the silo and consent ledger, then start the SuperNode and serve the platform's runs."""
-    from fedretain.clients.supernode import NodeSettings, NodeSetupError, run_node
+    from fedretain.clients.node_settings import NodeSettings, NodeSetupError
+    from fedretain.clients.supervisor import run_node
+    from fedretain.compat import CompatError
 
     if insecure:
         click.echo("WARNING: --insecure: traffic is not encrypted and this node is not authenticated.", err=True)
@@ -61,7 +63,7 @@ def start(server: str, data: Path, consent_db: Path | None, key: Path | None, ro
             poll_interval=poll_interval or None, heartbeat_interval=heartbeat_interval, max_wait_time=max_wait,
         )
         code = run_node(settings, echo=lambda m: click.echo(m, err=True))
-    except NodeSetupError as exc:
+    except (NodeSetupError, CompatError) as exc:
         click.echo(f"error: {exc}", err=True)
         click.get_current_context().exit(EXIT_SETUP)
         return

@@ -36,8 +36,6 @@ from fedretain.clients.witnessing import install as install_witness, witness_mod
 from fedretain.models import RetentionNet
 from fedretain.train import evaluate
 
-torch.set_num_threads(1)
-
 
 def from_legacy_config(config: dict[str, Any]) -> dict[str, Any]:
     """Undo the server's encoding of lists as ``json:`` strings (legacy configs hold scalars only)."""
@@ -117,6 +115,9 @@ def is_legacy_message(msg: Message) -> bool:
 
 
 def _client_fn(context: Context):
+    # one thread per node process is faster on small CPUs; set where the node's work starts, not at
+    # import time (which would slow every other user of this process, e.g. the demo's yardstick)
+    torch.set_num_threads(1)
     return MerchantClient(context).to_client()
 
 

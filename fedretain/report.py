@@ -18,8 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedretain.html_table import html_table  # noqa: E402
 
-def figure_png(fig: plt.Figure) -> bytes:
+
+def figure_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -97,18 +99,11 @@ def plot_consent_coverage(coverage: dict[str, dict[str, int]]) -> bytes:
 
 
 def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """An HTML table of dict rows (columns: the first row's keys unless given)."""
     if not rows:
         return "<p>(none)</p>"
     columns = list(columns or rows[0].keys())
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if np.isfinite(v) else "–"
-        return html.escape("–" if v is None else str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return html_table(columns, ([r.get(c) for c in columns] for r in rows))
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}

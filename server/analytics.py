@@ -66,7 +66,7 @@ class AnalyticsSettings:
     timeout: float = 600.0
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> "AnalyticsSettings":
+    def from_run_config(cls, run_config: dict[str, Any]) -> AnalyticsSettings:
         spec: dict[str, Any] = {}
         for key, name in SPEC_KEYS.items():
             value = run_config.get(key)

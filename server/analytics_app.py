@@ -22,7 +22,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedretain.analytics.intervals import IntervalPolicy
 from fedretain.analytics.queries import QueryError, QuerySpec
 from fedretain.server.analytics import (
-    AnalyticsRefused, AnalyticsSettings, FederatedQuery, output_stem, write_outputs, write_refusal,
+    AnalyticsRefused,
+    AnalyticsSettings,
+    FederatedQuery,
+    output_stem,
+    write_outputs,
+    write_refusal,
 )
 
 log = logging.getLogger("fedretain.server.analytics")
@@ -71,12 +76,11 @@ def run_query_in_simulation(
     Raises :class:`AnalyticsRefused` with the reason if the query was refused or failed
     (then nothing but ``<stem>.refused.json`` is written).
     """
-    from fedretain.clients.node import simulation_silos
     from fedretain.server.settings import RunSettings
-    from fedretain.server.simulation import run_in_simulation
+    from fedretain.server.simulation import run_in_simulation, silo_folders
 
     out = Path(out_dir).resolve()
-    n_nodes = len(simulation_silos(str(Path(data_dir).resolve())))
+    n_nodes = len(silo_folders(Path(data_dir).resolve()))
     settings = AnalyticsSettings(spec=query, out_dir=str(out), policy=policy or IntervalPolicy(), min_nodes=n_nodes,
                                  node_wait_timeout=node_wait_timeout)
     stem = output_stem(query)

@@ -151,7 +151,7 @@ def certs() -> None:
 @click.option("--days", type=int, default=365, show_default=True)
 def certs_init(out: Path, hosts: tuple[str, ...], days: int) -> None:
     """Create a development CA (ca.crt, ca.key) and a server certificate (server.pem, server.key)."""
-    from fedretain.server import tls
+    from fedretain import tls
 
     try:
         paths = tls.init_certs(out, hosts, days=days)
@@ -171,7 +171,7 @@ def certs_init(out: Path, hosts: tuple[str, ...], days: int) -> None:
 @click.option("--comment", default="fedretain-node", show_default=True)
 def certs_node_key(out: Path, comment: str) -> None:
     """Create a merchant node's authentication key pair (ECDSA P-384, OpenSSH format)."""
-    from fedretain.server import tls
+    from fedretain import tls
 
     try:
         paths = tls.create_node_key(out, comment)

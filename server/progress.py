@@ -54,7 +54,7 @@ def notify(event: str, *args: Any) -> None:
 
 
 @contextmanager
-def tracked_run(record: "RunRecord", total_rounds: int, first_round: int, final_model: Path) -> Iterator[None]:
+def tracked_run(record: RunRecord, total_rounds: int, first_round: int, final_model: Path) -> Iterator[None]:
     """Tell observers a run starts; on leaving, finish ``record`` as completed, or as failed
     with the error (which propagates), and tell them how it ended."""
     notify("on_start", record.data["run_id"], total_rounds, first_round)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ import torch
 from flwr.app import Context
 from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
@@ -48,6 +45,7 @@ from fedretain.server.settings import RunSettings
 log = logging.getLogger("fedretain.server")
 
 SECURE_MODES = ("none", "local", "aggregate")
+SECAGG_CLIENT_APP = "fedretain.clients.secagg_app:app"  # the node's SecAgg+ ClientApp, by component reference
 DEFAULT_AGGREGATE_BATCH = 4096
 
 
@@ -86,7 +84,7 @@ def weighted_metrics(pairs: list[tuple[int, dict[str, Any]]]) -> dict[str, float
     return out
 
 
-def node_entry(proxy: ClientProxy, phase: str, num_examples: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def node_entry(proxy: Any, phase: str, num_examples: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """One merchant's line in the run record (same shape as the regular ServerApp's)."""
     lineage = {k[len("lineage-"):]: v for k, v in metrics.items() if k.startswith("lineage-")}
     numbers = {k: v for k, v in metrics.items() if not k.startswith("lineage-")}
@@ -154,7 +152,7 @@ class _RecordedStrategy(LegacyFedAvg):
 class SecureFedAvg(_RecordedStrategy):
     """FedAvg whose weighted mean comes out of SecAgg+ (no single node's model is seen)."""
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
+    def aggregate_fit(self, server_round: int, results: list[tuple[Any, FitRes]], failures):
         self._start_round(server_round, results, failures)
         # SecAggPlusWorkflow already put the weighted mean into every result's parameters
         mean = parameters_to_ndarrays(results[0][1].parameters)
@@ -174,7 +172,7 @@ class AggregateDPSGD(_RecordedStrategy):
         self.plan = plan
         self.sgd = ServerDPSGD(self.model, plan, server_learning_rate)
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
+    def aggregate_fit(self, server_round: int, results: list[tuple[Any, FitRes]], failures):
         self._start_round(server_round, results, failures)
         if any(r.num_examples != 1 for _, r in results):
             raise RunAborted(f"round {server_round}: aggregate mode needs weight 1 from every node")
@@ -197,7 +195,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         raise ValueError("resuming a secure-aggregation run is not supported (SecAgg+ state is per run)")
     if settings.strategy != "fedavg":
         raise ValueError("secure aggregation runs with strategy fedavg only")
-    run = FederatedTraining(grid, settings, strategy=None)  # type: ignore[arg-type]  # its helpers only
+    run = FederatedTraining(grid, settings, strategy=None)  # its helpers only (strategy unused)
     record = RunRecord.create(run.out_dir, settings.run_id,
                               {**settings.as_dict(), "secure_aggregation": "secagg+"})
     with progress.tracked_run(record, settings.rounds, 1, run.out_dir / "model.pt"):
@@ -260,7 +258,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_secagg_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None) -> Path:
     """Like ``fedretain.server.simulation.run_in_simulation`` but with the SecAgg+ apps."""
-    from fedretain.clients.secagg_app import app as client_app
     from fedretain.server.simulation import run_in_simulation
 
-    return run_in_simulation(settings, data_dir, num_cpus=num_cpus, server_app=app, client_app=client_app)
+    return run_in_simulation(settings, data_dir, num_cpus=num_cpus, server_app=app, client_app=SECAGG_CLIENT_APP)

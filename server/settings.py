@@ -83,7 +83,7 @@ class RunSettings:
     }
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> "RunSettings":
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
         """Parse Flower's run_config; keys this server does not know are kept in ``extra``."""
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}

@@ -8,6 +8,7 @@ here. One virtual SuperNode per silo; each silo is partition ``i`` in sorted ord
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
@@ -16,13 +17,38 @@ from typing import Any
 
 from fedretain.server.settings import RunSettings
 
+SERVER_APP = "fedretain.server.server_app:app"
+CLIENT_APP = "fedretain.clients.client_app:app"  # as in pyproject's [tool.flwr.app.components]
+
+
+def load_app(ref: str) -> Any:
+    """A Flower app from its component reference ``module:attribute`` (as ``flwr run`` loads them).
+
+    The platform names the merchant node's ClientApp the way pyproject.toml does, instead of
+    importing the node package: in a deployment the two run on different machines.
+    """
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def silo_folders(data_dir: str | Path) -> list[Path]:
+    """The merchant silos of a simulation (folders with ``merchant.json``), in partition order."""
+    silos = sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and (p / "merchant.json").is_file())
+    if not silos:
+        raise RuntimeError(f"no merchant silos (folders with merchant.json) under {data_dir}")
+    return silos
+
 
 def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None,
                       server_app: Any = None, client_app: Any = None) -> Path:
     """Train on every silo under ``data_dir``; return the run folder (run.json, checkpoints).
 
     ``server_app`` runs another ServerApp over the same ClientApp (default: the training one,
-    e.g. ``fedretain.server.analytics_app:app``); ``settings.extra`` reaches it in run_config.
+    e.g. ``fedretain.server.analytics_app:app``); apps may be given as objects or as component
+    references. ``settings.extra`` reaches the ServerApp in run_config.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -34,14 +60,10 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
     os.environ["FEDRETAIN_SIM_DATA_DIR"] = str(data_dir)  # inherited by the Ray workers
 
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
 
-    from fedretain.clients.client_app import app as default_client_app
-    from fedretain.clients.node import simulation_silos
-    from fedretain.server.server_app import app as training_app
+    from fedretain.compat.flower import run_simulation
 
-    n_nodes = len(simulation_silos(str(data_dir)))
+    n_nodes = len(silo_folders(data_dir))
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the run's own progress is reported by observers
     run_config = {**settings.extra, **settings.to_run_config()}
     run_config["out-dir"] = str(Path(settings.out_dir).resolve())
@@ -52,12 +74,9 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
         "init_args": {"num_cpus": cpus, "_node_ip_address": "127.0.0.1", "_temp_dir": str(ray_tmp),
                       "logging_level": logging.ERROR, "log_to_driver": True},
     }
-    _run_simulation(
-        num_supernodes=n_nodes,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app or default_client_app,
-        server_app=server_app or training_app,
-        backend_config=backend_config,
-        server_app_context=context,
-    )
+    server_app, client_app = server_app or SERVER_APP, client_app or CLIENT_APP
+    server_app = load_app(server_app) if isinstance(server_app, str) else server_app
+    client_app = load_app(client_app) if isinstance(client_app, str) else client_app
+    run_simulation(num_supernodes=n_nodes, client_app=client_app, server_app=server_app,
+                   backend_config=backend_config, server_app_context=context)
     return Path(run_config["out-dir"])

@@ -79,13 +79,15 @@ class CentralFedProx(_EvaluateByExamples, FedProx):
     """FedProx whose train mean is unweighted (what central DP's noise is calibrated for)."""
 
 
-class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+class CentralDP(Strategy):
     """Flower's server-side fixed-clipping DP wrapper, calibrated for a whole run and accounted.
 
-    Flower's wrapper needs the number of sampled merchants up front; this one learns it
-    from the first round (every later round must sample the same number, or the round
-    is refused), creates Flower's RDP accountant then, and — on a resumed run — first
-    composes the releases of the rounds already done. Each round's aggregated train
+    Flower's wrapper needs the number of sampled merchants up front; this strategy learns
+    it from the first round's sampling and only then builds Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` through its public constructor, with
+    Flower's RDP accountant (``accountant=``). On a resumed run the accountant first
+    composes the releases of the rounds already done. Every later round must sample the
+    same number of merchants, or Flower refuses the round. Each round's aggregated train
     metrics carry ``central-epsilon`` / ``central-delta`` (ε spent so far), which the
     run record keeps per round.
     """
@@ -98,18 +100,29 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             raise ValueError("central DP accounting needs a strategy that aggregates with FedAvg.aggregate_train")
         if not 0 < target_delta < 1:
             raise ValueError(f"central DP needs 0 < δ < 1, got {target_delta}")
+        if clipping_norm <= 0:
+            raise ValueError(f"central DP needs a positive clipping norm, got {clipping_norm}")
+        self.strategy = strategy
         # one release per round, no sampling amplification: σ from Opacus's RDP with q = 1
-        sigma = calibrate(float(target_epsilon), float(target_delta), 1.0, int(rounds), "rdp")
-        super().__init__(strategy, sigma, float(clipping_norm), 1)
+        self.noise_multiplier = calibrate(float(target_epsilon), float(target_delta), 1.0, int(rounds), "rdp")
+        self.clipping_norm = float(clipping_norm)
         self.target_epsilon = float(target_epsilon)
         self.target_delta = float(target_delta)
         self.rounds = int(rounds)
+        self.dp: DifferentialPrivacyServerSideFixedClipping | None = None  # Flower's wrapper, once n is known
+        self._configured: set[int] = set()  # rounds with a privacy event pending in Flower's wrapper
 
     def __repr__(self) -> str:
         return f"CentralDP(σ={self.noise_multiplier:.4f}, C={self.clipping_norm}, ε≤{self.target_epsilon})"
 
-    def _start_accounting(self, num_sampled: int, server_round: int) -> None:
-        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    def _build(self, num_sampled: int, server_round: int) -> DifferentialPrivacyServerSideFixedClipping:
+        from flwr.serverapp import (
+            GaussianPrivacyEvent,
+            NeighboringRelation,
+            PrivacyConfig,
+            RdpAccountant,
+            SamplingMethod,
+        )
         from opacus.accountants import RDPAccountant
 
         if self.target_delta >= 1.0 / num_sampled:
@@ -121,31 +134,47 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
             max_epsilon=self.target_epsilon * (1 + 1e-6),
         )
         # the same RDP orders as Opacus's, so Flower's ε and the calibration agree
-        self.accountant = RdpAccountant(config, orders=tuple(RDPAccountant.DEFAULT_ALPHAS))
-        self.num_sampled_clients = num_sampled
+        accountant = RdpAccountant(config, orders=tuple(RDPAccountant.DEFAULT_ALPHAS))
         if server_round > 1:  # a resumed run: the earlier rounds' releases were spent
-            from flwr.serverapp import GaussianPrivacyEvent
-
             event = GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier, sample_size=num_sampled,
                                          population_size=num_sampled)
-            self.accountant.compose(event, count=server_round - 1)
+            accountant.compose(event, count=server_round - 1)
+        return DifferentialPrivacyServerSideFixedClipping(self.strategy, self.noise_multiplier, self.clipping_norm,
+                                                          num_sampled, accountant=accountant)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        # a retried round released nothing: forget its pending (never composed) event
-        self._pending_events.pop(server_round, None)
-        self.current_arrays = arrays
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        if self.accountant is None and messages:
-            self._start_accounting(len(messages), server_round)
-        return self._prepare_accounting(server_round, messages)
+        if self.dp is None:
+            sampled = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(config)), grid))
+            if not sampled:
+                return sampled
+            self.dp = self._build(len(sampled), server_round)
+        elif server_round in self._configured:
+            # a retried round released nothing: Flower's wrapper drops its pending event on an empty aggregation
+            self.dp.aggregate_train(server_round, [])
+        messages = list(self.dp.configure_train(server_round, arrays, config, grid))
+        self._configured.add(server_round)
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None and self.accountant is not None:
-            spent = self.accountant.get_privacy_spent()
+        if self.dp is None:
+            return None, None
+        self._configured.discard(server_round)
+        arrays, metrics = self.dp.aggregate_train(server_round, replies)
+        spent = self.dp.privacy_spent()
+        if arrays is not None and spent is not None:
             metrics = MetricRecord({**(dict(metrics) if metrics else {}),
                                     "central-epsilon": float(spent.epsilon), "central-delta": float(spent.delta),
                                     "central-noise-multiplier": float(self.noise_multiplier)})
         return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        (self.dp or self.strategy).summary()

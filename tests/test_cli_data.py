@@ -102,7 +102,6 @@ def test_check_file_level_errors_exit_2(tmp_path, make, needle):
 
 
 def test_synth_creates_valid_silos(tmp_path):
-    pytest.importorskip("fedretain.synth")
     out = tmp_path / "silos"
     result = run("synth", "--merchants", "2", "--users", "300", "--seed", "7", "--out", str(out))
     assert result.exit_code == 0, result.output

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedretain.server.deploy_demo import LocalDeployment
+from fedretain.demo import LocalDeployment
 
 pytestmark = pytest.mark.heavy
 
@@ -61,12 +61,19 @@ def _wait_log(path: Path, pattern: str, count: int, timeout: float) -> None:
 # -- one platform, three rounds; the refusal tests reuse it -------------------------------------------
 @pytest.fixture(scope="module")
 def tls_run(tmp_path_factory, synth_silos, request):
+    """One platform and three nodes shared by every test of it; stopping it is checked at teardown.
+
+    The stop check runs whatever order the tests ran in (it used to be a test that had to come last):
+    if anything the deployment started is left running, the teardown fails the module.
+    """
     dep = _deployment(tmp_path_factory.mktemp("deploy"), synth_silos, request, rounds=3)
     dep.start_platform()
     for i in range(3):
         dep.start_node(i)
     progress = dep.wait_done(timeout=420)
-    return dep, progress
+    yield dep, progress
+    dep.stop_all()
+    _all_stopped(dep)
 
 
 def test_three_rounds_with_tls_and_node_auth(tls_run):
@@ -126,7 +133,7 @@ def test_no_private_key_in_any_log(tls_run):
 
 
 def test_unregistered_key_is_refused(tls_run, tmp_path):
-    from fedretain.server import tls
+    from fedretain import tls
 
     dep, _ = tls_run
     stranger = tls.create_node_key(tmp_path / "stranger").private_key
@@ -147,12 +154,6 @@ def test_plain_text_node_is_refused_by_tls_server(tls_run, tmp_path):
     assert "refused the plain-text connection" in out
     assert "Server disconnected without sending a response" in out
     assert "it serves TLS only" in out
-
-
-def test_everything_stops(tls_run):
-    dep, _ = tls_run
-    dep.stop_all()
-    _all_stopped(dep)
 
 
 # -- fault tolerance ----------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_server_restart_resumes_from_checkpoint(tmp_path, synth_silos, request):
 
 def test_deploy_demo_stops_everything(tmp_path, synth_silos):
     """``run_deploy_demo`` leaves no process behind (checked by pid start times from its state)."""
-    from fedretain.server.deploy_demo import run_deploy_demo
+    from fedretain.demo import run_deploy_demo
 
     shutil.copytree(synth_silos[0].parent, tmp_path / "silos")
     summary = run_deploy_demo(tmp_path, rounds=1, echo=lambda _m: None)

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
+from fedretain import procs, tls
 from fedretain.cli import main
-from fedretain.clients import supernode as sn
-from fedretain.server import deploy, tls
+from fedretain.clients import preflight, supervisor
+from fedretain.clients.node_settings import NodeSettings, NodeSetupError, write_node_config
+from fedretain.compat import flower
+from fedretain.server import deploy, platform_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 # -- certificates -----------------------------------------------------------------------------------
@@ -75,9 +82,7 @@ def test_node_key_is_what_flower_loads(tmp_path):
     pub = load_ssh_public_key(pub_line.encode())
     assert priv.public_key().public_numbers() == pub.public_numbers()
     assert priv.curve.name == "secp384r1"
-    from flwr.cli.supernode.register import try_load_public_key  # `flwr supernode register`'s loader
-
-    assert try_load_public_key(keys.public_key)
+    assert flower.flwr_register_accepts(keys.public_key)  # `flwr supernode register`'s own loader
     assert tls.public_key_fingerprint(priv) == tls.public_key_fingerprint(pub) == keys.fingerprint
     with pytest.raises(tls.TLSError, match="already exists"):
         tls.create_node_key(tmp_path / "node0")
@@ -165,12 +170,12 @@ def test_config_errors_name_the_problem(tmp_path, text, message):
 
 
 def test_run_config_is_checked_against_the_app_and_run_settings(tmp_path):
-    project = deploy.project_dir()
-    keys = deploy.app_config_defaults(project)
+    project = platform_config.project_dir()
+    keys = platform_config.app_config_defaults(project)
     assert "num-server-rounds" in keys and "out-dir" in keys
 
     def build(run):
-        return deploy.build_run_config(deploy.PlatformConfig.from_dict({"run": run}, tmp_path), project)
+        return platform_config.build_run_config(deploy.PlatformConfig.from_dict({"run": run}, tmp_path), project)
 
     assert build({"num-server-rounds": 2})["num-server-rounds"] == 2
     with pytest.raises(deploy.PlatformError, match="not run-config keys of the fedretain app"):
@@ -184,10 +189,10 @@ def test_run_config_is_checked_against_the_app_and_run_settings(tmp_path):
 def test_project_dir_is_the_source_root():
     import fedretain
 
-    root = deploy.project_dir()
+    root = platform_config.project_dir()
     assert (root / "pyproject.toml").is_file() and Path(fedretain.__file__).resolve().is_relative_to(root)
     with pytest.raises(deploy.PlatformError, match="cannot find the fedretain source root"):
-        deploy.project_dir(Path("/nonexistent"))
+        platform_config.project_dir(Path("/nonexistent"))
 
 
 def _platform(tmp_path: Path, *, auth: bool = True, insecure: bool = False) -> deploy.Platform:
@@ -277,46 +282,46 @@ def test_stop_tree_stops_children_in_other_sessions():
     parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while not deploy.descendants(parent.pid) and time.monotonic() < deadline:
+        while not procs.descendants(parent.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        kids = deploy.descendants(parent.pid)
+        kids = procs.descendants(parent.pid)
         assert len(kids) == 1
-        ref = deploy.ProcRef.of("parent", parent.pid)
+        ref = procs.ProcRef.of("parent", parent.pid)
         assert ref.alive()
-        assert deploy.stop_tree(ref, grace=2)
+        assert procs.stop_tree(ref, grace=2)
         parent.wait(5)
         assert not ref.alive()
-        assert deploy.proc_start_ticks(kids[0]) is None or not deploy._not_zombie(kids[0])
-        assert deploy.stop_tree(ref) is False  # already gone
+        assert not procs.running(kids[0])
+        assert procs.stop_tree(ref) is False  # already gone
     finally:
         if parent.poll() is None:
             parent.kill()
 
 
 def test_procref_ignores_a_reused_pid():
-    ref = deploy.ProcRef("x", os.getpid(), start=(deploy.proc_start_ticks(os.getpid()) or 0) + 1)
+    ref = procs.ProcRef("x", os.getpid(), start=(procs.proc_start_time(os.getpid()) or 0) + 1)
     assert not ref.alive()  # same pid, other start time: not ours, never signalled
-    assert deploy.stop_tree(ref) is False
+    assert procs.stop_tree(ref) is False
 
 
 # -- merchant node ----------------------------------------------------------------------------------
 def test_node_settings_validation(tmp_path):
-    with pytest.raises(sn.NodeSetupError, match="HOST:PORT"):
-        sn.NodeSettings(server="localhost", data=tmp_path)
-    with pytest.raises(sn.NodeSetupError, match="node authentication needs TLS"):
-        sn.NodeSettings(server="h:1", data=tmp_path, insecure=True, auth_key=tmp_path / "k")
-    with pytest.raises(sn.NodeSetupError, match="executor must be"):
-        sn.NodeSettings(server="h:1", data=tmp_path, executor="fork")
-    with pytest.raises(sn.NodeSetupError, match="poll interval"):
-        sn.NodeSettings(server="h:1", data=tmp_path, poll_interval=10)
-    with pytest.raises(sn.NodeSetupError, match="heartbeat interval must be in"):
-        sn.NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=5)
+    with pytest.raises(NodeSetupError, match="HOST:PORT"):
+        NodeSettings(server="localhost", data=tmp_path)
+    with pytest.raises(NodeSetupError, match="node authentication needs TLS"):
+        NodeSettings(server="h:1", data=tmp_path, insecure=True, auth_key=tmp_path / "k")
+    with pytest.raises(NodeSetupError, match="executor must be"):
+        NodeSettings(server="h:1", data=tmp_path, executor="fork")
+    with pytest.raises(NodeSetupError, match="poll interval"):
+        NodeSettings(server="h:1", data=tmp_path, poll_interval=10)
+    with pytest.raises(NodeSetupError, match="heartbeat interval must be in"):
+        NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=5)
 
 
 def test_node_config_file_and_command_line(tmp_path):
-    s = sn.NodeSettings(server="platform:9443", data=tmp_path / "silo", auth_key=tmp_path / "k",
+    s = NodeSettings(server="platform:9443", data=tmp_path / "silo", auth_key=tmp_path / "k",
                         root_cert=tmp_path / "ca.crt", state_dir=tmp_path / "st", consent_db=tmp_path / "c.db")
-    node_toml = sn.write_node_config(s)
+    node_toml = write_node_config(s)
     cfg = tomllib.loads(node_toml.read_text())
     assert cfg == {"data-path": str(tmp_path / "silo"), "consent-db": str(tmp_path / "c.db"),
                    "state-dir": str(tmp_path / "st")}
@@ -324,19 +329,20 @@ def test_node_config_file_and_command_line(tmp_path):
 
     nc = NodeConfig.from_flower(cfg, {})
     assert nc.data_path == tmp_path / "silo" and nc.consent_db == tmp_path / "c.db"
-    cmd = sn.supernode_command(s, node_toml, 19001, parent_pid=42)
+    cmd = supervisor.supernode_command(s, node_toml, 19001, parent_pid=42)
     assert cmd[:3] == [sys.executable, "-m", "fedretain.clients.supernode"]
     assert cmd[cmd.index("--poll-interval") + 1] == "0.2" and cmd[cmd.index("--parent-pid") + 1] == "42"
     assert "--heartbeat-interval" not in cmd  # Flower's default unless asked
-    fast = sn.supernode_command(sn.NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=10), node_toml, 1)
-    assert fast[fast.index("--heartbeat-interval") + 1] == "10" and fast.index("--heartbeat-interval") < fast.index("--")
+    fast = supervisor.supernode_command(NodeSettings(server="h:1", data=tmp_path, heartbeat_interval=10), node_toml, 1)
+    hb = fast.index("--heartbeat-interval")
+    assert fast[hb + 1] == "10" and hb < fast.index("--")
     flwr_args = cmd[cmd.index("--") + 1:]
     assert flwr_args[flwr_args.index("--superlink") + 1] == "platform:9443"
     assert flwr_args[flwr_args.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert flwr_args[flwr_args.index("--auth-supernode-private-key") + 1] == str(tmp_path / "k")
     assert flwr_args[flwr_args.index("--isolation") + 1] == "process"
     assert flwr_args[flwr_args.index("--port") + 1] == "19001" and "--insecure" not in flwr_args
-    stock = sn.supernode_command(sn.NodeSettings(server="h:1", data=tmp_path, insecure=True, executor="subprocess",
+    stock = supervisor.supernode_command(NodeSettings(server="h:1", data=tmp_path, insecure=True, executor="subprocess",
                                                  poll_interval=None), node_toml, 19002)
     assert Path(stock[0]).name == "flower-supernode"
     assert "--insecure" in stock and stock[stock.index("--isolation") + 1] == "subprocess"
@@ -347,22 +353,22 @@ def test_preflight_refuses_missing_or_broken_inputs(tmp_path, synth_silos):
 
     silo = tmp_path / "silo"
     shutil.copytree(synth_silos[0], silo)
-    ok = sn.preflight(sn.NodeSettings(server="h:1", data=silo))
+    ok = preflight.preflight(NodeSettings(server="h:1", data=silo))
     assert ok.merchant_id == synth_silos[0].name and ok.ledger_size > 0 and ok.n_events > 0
-    with pytest.raises(sn.NodeSetupError, match="silo folder .* does not exist"):
-        sn.preflight(sn.NodeSettings(server="h:1", data=tmp_path / "nope"))
-    with pytest.raises(sn.NodeSetupError, match="consent ledger: .* does not exist"):
-        sn.preflight(sn.NodeSettings(server="h:1", data=silo, consent_db=tmp_path / "none.db"))
-    with pytest.raises(sn.NodeSetupError, match="node key: node key .*badkey is not an unencrypted OpenSSH"):
+    with pytest.raises(NodeSetupError, match="silo folder .* does not exist"):
+        preflight.preflight(NodeSettings(server="h:1", data=tmp_path / "nope"))
+    with pytest.raises(NodeSetupError, match="consent ledger: .* does not exist"):
+        preflight.preflight(NodeSettings(server="h:1", data=silo, consent_db=tmp_path / "none.db"))
+    with pytest.raises(NodeSetupError, match="node key: node key .*badkey is not an unencrypted OpenSSH"):
         bad = tmp_path / "badkey"
         bad.write_text("nope")
         os.chmod(bad, 0o600)
-        sn.preflight(sn.NodeSettings(server="h:1", data=silo, auth_key=bad))
+        preflight.preflight(NodeSettings(server="h:1", data=silo, auth_key=bad))
     broken = tmp_path / "broken"
     shutil.copytree(silo, broken)
     (broken / "events.csv").write_text("not,the,right,columns\n1,2,3,4\n")
-    with pytest.raises(sn.NodeSetupError, match="data: .*events"):
-        sn.preflight(sn.NodeSettings(server="h:1", data=broken))
+    with pytest.raises(NodeSetupError, match="data: .*events"):
+        preflight.preflight(NodeSettings(server="h:1", data=broken))
 
 
 def test_preflight_refuses_a_tampered_ledger(tmp_path, synth_silos):
@@ -378,8 +384,8 @@ def test_preflight_refuses_a_tampered_ledger(tmp_path, synth_silos):
     con.execute("UPDATE records SET purpose = 'advertising' WHERE seq = 3")
     con.commit()
     con.close()
-    with pytest.raises(sn.NodeSetupError, match="consent ledger: .* failed verification at record 3: .*purpose"):
-        sn.preflight(sn.NodeSettings(server="h:1", data=silo))
+    with pytest.raises(NodeSetupError, match="consent ledger: .* failed verification at record 3: .*purpose"):
+        preflight.preflight(NodeSettings(server="h:1", data=silo))
 
 
 def test_client_start_reports_setup_errors(tmp_path):
@@ -388,55 +394,79 @@ def test_client_start_reports_setup_errors(tmp_path):
 
 
 def test_explain_failure_maps_flower_errors():
-    assert "not registered" in sn.explain_failure(["x", "[code: 2004] Failed to activate SuperNode."])
-    assert "--key" in sn.explain_failure(["[code: 2001] SuperNode authentication is enabled."])
-    assert sn.is_refusal(["[code: 2004] Failed to activate SuperNode."])
-    assert not sn.is_refusal(["INFO: SuperNode terminated gracefully."])
-    assert sn.explain_failure(["a", "ERROR boom", "b"]) == "ERROR boom"
+    assert "not registered" in supervisor.explain_failure(["x", "[code: 2004] Failed to activate SuperNode."])
+    assert "--key" in supervisor.explain_failure(["[code: 2001] SuperNode authentication is enabled."])
+    assert supervisor.is_refusal(["[code: 2004] Failed to activate SuperNode."])
+    assert not supervisor.is_refusal(["INFO: SuperNode terminated gracefully."])
+    assert supervisor.explain_failure(["a", "ERROR boom", "b"]) == "ERROR boom"
 
 
 def test_probe_server_reports_unreachable_platform(tmp_path):
-    port = sn.free_port()
-    note = sn.probe_server(sn.NodeSettings(server=f"127.0.0.1:{port}", data=tmp_path))
+    port = procs.free_port()
+    note = preflight.probe_server(NodeSettings(server=f"127.0.0.1:{port}", data=tmp_path))
     assert "not reachable yet" in note
 
 
 def test_capped_sleep_only_shortens_flowers_waits():
-    capped = sn._CappedSleep(0.05)
+    capped = flower.CappedSleep(0.05)
     t = time.perf_counter()
     capped.sleep(3)  # the SuperNode's idle wait
     capped.sleep(0.5)  # its wait on its own in-memory state
     assert time.perf_counter() - t < 0.5
     assert capped.monotonic is time.monotonic  # everything else is the real time module
-    import flwr.supernode.start_client_internal as sci
-
-    saved = (sci.time, sci.pull_objects)
     try:
-        assert sn.cap_supernode_poll(0.2) is True
-        assert isinstance(sci.time, sn._CappedSleep) and sci.pull_objects.keywords["initial_backoff"] == 0.1
+        flower.cap_supernode_poll(0.2)
+        sleeper, pull = flower.supernode_poll_waits()
+        assert isinstance(sleeper, flower.CappedSleep) and pull.keywords["initial_backoff"] == 0.1
     finally:
-        sci.time, sci.pull_objects = saved
+        flower.restore_supernode_poll()
+    assert flower.supernode_poll_waits()[0] is time
 
 
 def test_heartbeat_interval_reaches_what_the_node_declares_and_how_often_it_beats():
-    import flwr.supercore.heartbeat as hb
-    import flwr.supernode.fleet_http_connection as fleet
-
-    saved = (fleet.HEARTBEAT_DEFAULT_INTERVAL, hb.HEARTBEAT_DEFAULT_INTERVAL)
+    beats: list[float] = []
     try:
-        assert sn.set_heartbeat_interval(10) is True
-        assert fleet.HEARTBEAT_DEFAULT_INTERVAL == 10 and hb.HEARTBEAT_DEFAULT_INTERVAL == 10
-        assert sn.set_heartbeat_interval(12) is False  # already changed: not the code this was read against
+        flower.set_heartbeat_interval(10)
+        assert flower.heartbeat_intervals() == (10.0, 10.0)  # declared at activation and in every heartbeat
+        # Flower's own heartbeat sender now beats every (10 - 5 s call timeout) x 0.7..0.9 = 3.5..4.5 s
+        # (at Flower's 30 s: 17.5..22.5 s)
+        sender = flower.heartbeat_sender(lambda: beats.append(time.monotonic()) is None)
+        sender.start()
+        deadline = time.monotonic() + 8
+        while len(beats) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sender.stop()
     finally:
-        fleet.HEARTBEAT_DEFAULT_INTERVAL, hb.HEARTBEAT_DEFAULT_INTERVAL = saved
+        flower.set_heartbeat_interval(flower.HEARTBEAT_DEFAULT_S)
+    assert len(beats) >= 2, "the second heartbeat did not come within 8 s"
+    assert 3.0 <= beats[1] - beats[0] <= 5.0
+    assert flower.heartbeat_intervals() == (30.0, 30.0)
     # a crashed node waits for the platform to release it: 2 missed intervals plus a margin
-    assert sn._Session(Path("/nonexistent/s.json"), "h:1", "k", 10).linger_s == 35
-    assert sn._Session(Path("/nonexistent/s.json"), "h:1", "k").linger_s == 75
+    assert supervisor._Session(Path("/nonexistent/s.json"), "h:1", "k", 10).linger_s == 35
+    assert supervisor._Session(Path("/nonexistent/s.json"), "h:1", "k").linger_s == 75
+
+
+def test_supernode_status_comes_from_flowers_records_not_its_log_text(tmp_path):
+    status = flower.SupernodeStatus(tmp_path / "status.json")
+    log = flower_logger()
+    log.addHandler(status)
+    try:
+        log.info("SuperNode ID: %s", 1234567)
+        log.error("Exit Code: 305\nConnection to the SuperLink failed")
+    finally:
+        log.removeHandler(status)
+    assert flower.read_supernode_status(tmp_path / "status.json") == {"node_id": "1234567", "exit_code": 305}
+
+
+def flower_logger():
+    import logging
+
+    return logging.getLogger("flwr")
 
 
 def test_free_ports_avoid_the_ephemeral_range():
-    lo, _ = sn._ephemeral_range()
-    ports = {sn.free_port() for _ in range(5)}
+    lo, _ = procs._ephemeral_range()
+    ports = {procs.free_port() for _ in range(5)}
     assert all(p < lo for p in ports)  # no self-connect theft while a server restarts
 
 
@@ -444,9 +474,9 @@ def test_can_bind_and_port_owner():
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", sn.free_port()))
+        s.bind(("127.0.0.1", procs.free_port()))
         s.listen()
         port = s.getsockname()[1]
-        assert not deploy.can_bind("127.0.0.1", port)
-        assert f"by pid {os.getpid()}" in deploy.port_owner(port)
-    assert deploy.can_bind("127.0.0.1", port)
+        assert not procs.can_bind("127.0.0.1", port)
+        assert f"by pid {os.getpid()}" in procs.port_owner(port)
+    assert procs.can_bind("127.0.0.1", port)

@@ -53,7 +53,7 @@ class GaussianMechanism:
     noise_multiplier: float
 
     @classmethod
-    def calibrated(cls, epsilon: float, delta: float, l2_sensitivity: float) -> "GaussianMechanism":
+    def calibrated(cls, epsilon: float, delta: float, l2_sensitivity: float) -> GaussianMechanism:
         if not (l2_sensitivity > 0 and math.isfinite(l2_sensitivity)):
             raise PrivacyError(f"L2 sensitivity must be positive and finite, got {l2_sensitivity}")
         mech = cls(float(epsilon), float(delta), float(l2_sensitivity), noise_multiplier(epsilon, delta))

@@ -24,7 +24,7 @@ from fedretain.report import figure_png  # noqa: E402
 
 _BY_TITLE = {"none": "all users", "referral": "referral channel", "member_tier": "member tier",
              "category": "merchant category", "city_tier": "city tier"}
-_COLORS = plt.get_cmap("tab10").colors
+_COLORS = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
 
 
 def _title(result: QueryResult, what: str) -> str:

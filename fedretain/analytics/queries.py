@@ -166,7 +166,7 @@ class QuerySpec:
             ts = ts.tz_convert("UTC").tz_localize(None)
         return ts
 
-    def with_end(self, end: pd.Timestamp | str) -> "QuerySpec":
+    def with_end(self, end: pd.Timestamp | str) -> QuerySpec:
         return replace(self, end=pd.Timestamp(end).isoformat())
 
     def describe(self) -> str:
@@ -184,7 +184,7 @@ class QuerySpec:
         return d
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "QuerySpec":
+    def from_config(cls, cfg: Any) -> QuerySpec:
         names = {f for f in cls.__dataclass_fields__}
         data = {k: cfg[k] for k in names if k in cfg}
         if "kind" not in data:

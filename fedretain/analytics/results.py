@@ -47,7 +47,7 @@ class NodeAnswer:
         }
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "NodeAnswer":
+    def from_config(cls, cfg: Any) -> NodeAnswer:
         cols = {k: list(cfg[k]) if k in cfg else [] for k in (*CELL_COLUMNS, "value", "sd")}
         n = {len(v) for v in cols.values()}
         if len(n) != 1:

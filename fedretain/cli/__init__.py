@@ -22,7 +22,7 @@ COMMANDS: dict[str, str] = {
     "server": "fedretain.server.cli:server",
     "client": "fedretain.clients.cli:client",
     "certs": "fedretain.server.cli:certs",
-    "analytics": "fedretain.server.analytics_cli:analytics",
+    "analytics": "fedretain.cli.analytics:analytics",
 }
 
 

@@ -29,6 +29,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -96,7 +97,9 @@ def read_cdnow(path: str | os.PathLike) -> pd.DataFrame:
         raise CdnowFormatError(f"{path}: file not found") from None
     except UnicodeDecodeError as exc:
         raise CdnowFormatError(f"{path}: not a plain ASCII text file (byte {exc.start})") from None
-    rows, lines, width = [], [], None
+    rows: list[Any] = []
+    lines: list[int] = []
+    width: int | None = None
     for no, raw in enumerate(text.splitlines(), start=1):
         fields = raw.split()
         if not fields:

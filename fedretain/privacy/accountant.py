@@ -64,7 +64,7 @@ class DpEvent:
             raise PrivacyError(f"steps must be >= 0, got {self.steps}")
 
 
-def _opacus(name: str):  # local import: opacus costs ~3 s to import
+def _opacus(name: str) -> Any:  # local import: opacus costs ~3 s to import
     from opacus.accountants import create_accountant
 
     return create_accountant(mechanism=check_accountant(name))
@@ -74,7 +74,7 @@ def _opacus(name: str):  # local import: opacus costs ~3 s to import
 def _epsilon(name: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """ε of a history (pure, so cached: every node of an aggregate run asks for the same one)."""
     acc = _opacus(name)
-    acc.history = [tuple(h) for h in history]
+    acc.load_state_dict({"history": [tuple(h) for h in history], "mechanism": acc.mechanism()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Optimal order is the largest alpha" etc.
         return float(acc.get_epsilon(delta=delta))
@@ -101,11 +101,12 @@ class Accountant:
         """Compose ``event`` (merges with the last entry when σ and q are equal, as Opacus does)."""
         if event.steps == 0:
             return
-        hist = self.opacus.history
+        hist = list(self.opacus.state_dict()["history"])
         if hist and hist[-1][0] == event.noise_multiplier and hist[-1][1] == event.sample_rate:
             hist[-1] = (event.noise_multiplier, event.sample_rate, hist[-1][2] + event.steps)
         else:
             hist.append((event.noise_multiplier, event.sample_rate, event.steps))
+        self.opacus.load_state_dict({"history": hist, "mechanism": self.opacus.mechanism()})
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (0 before the first step)."""
@@ -121,7 +122,7 @@ class Accountant:
         trial.add(event)
         return trial.epsilon(delta)
 
-    def hook(self, sample_rate: float):
+    def hook(self, sample_rate: float) -> Any:
         """Opacus optimizer step hook that composes one step at ``sample_rate`` per optimizer step."""
         return self.opacus.get_optimizer_hook_fn(sample_rate=sample_rate)
 
@@ -133,7 +134,7 @@ class Accountant:
         return json.dumps(self.state_dict(), sort_keys=True)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | str) -> "Accountant":
+    def from_state(cls, state: dict[str, Any] | str) -> Accountant:
         data = json.loads(state) if isinstance(state, str) else state
         try:
             return cls(str(data["mechanism"]), [DpEvent(float(s), float(q), int(t)) for s, q, t in data["history"]])

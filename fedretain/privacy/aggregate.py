@@ -88,7 +88,7 @@ class AggregatePlan:
         return {f"agg-{k.replace('_', '-')}": v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "AggregatePlan":
+    def from_config(cls, cfg: Any) -> AggregatePlan:
         try:
             kw = {f.name: cfg[f"agg-{f.name.replace('_', '-')}"] for f in fields(cls)}
         except KeyError as exc:
@@ -134,7 +134,10 @@ def node_contribution(model: nn.Module, x: np.ndarray, y: np.ndarray, plan: Aggr
         finally:
             capture.remove()
     r = plan.clipping_range
-    return [np.clip(p.grad.detach().numpy().astype(np.float64) / plan.scale, -r, r) for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    if any(g is None for g in grads):
+        raise PrivacyError("a model parameter has no clipped gradient sum: refusing to contribute")
+    return [np.clip(g.detach().numpy().astype(np.float64) / plan.scale, -r, r) for g in grads if g is not None]
 
 
 def contribute(ledger_file: str | Path, run_id: str, purpose: str, server_round: int, plan: AggregatePlan,

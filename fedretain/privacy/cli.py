@@ -7,7 +7,9 @@ The ledger is ``<state-dir>/privacy.db``; ``--silo SILO`` means ``--state-dir SI
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich import box
@@ -23,7 +25,10 @@ NODE_DIR = ".node"  # same as fedretain.clients.node.NODE_DIR (not imported: kee
 def _ledger_file(silo: Path | None, state_dir: Path | None) -> Path:
     if (silo is None) == (state_dir is None):
         raise click.UsageError("give exactly one of --silo or --state-dir")
-    return ledger_path(state_dir if state_dir is not None else silo / NODE_DIR)
+    if state_dir is not None:
+        return ledger_path(state_dir)
+    assert silo is not None  # exactly one of the two was given
+    return ledger_path(silo / NODE_DIR)
 
 
 _where = [
@@ -33,7 +38,10 @@ _where = [
 ]
 
 
-def _with_where(fn):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_where(fn: F) -> F:
     for opt in reversed(_where):
         fn = opt(fn)
     return fn

@@ -36,6 +36,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,8 +118,8 @@ class LinearCapture:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        self.inputs: dict[nn.Linear, torch.Tensor] = {}
-        self.outputs: dict[nn.Linear, torch.Tensor] = {}
+        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -165,43 +166,17 @@ def run_delta(n: int, dp: DPConfig) -> float:
 
 
 def dp_optimizer(optimizer: torch.optim.Optimizer, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, generator: torch.Generator):
+                 expected_batch_size: float, generator: torch.Generator) -> Any:
     """Opacus's noise-adding optimizer for pre-clipped gradients (secure-mode noise sampling).
 
     Identical to ``DPOptimizerFastGradientClipping`` except for two per-step costs that
-    dominate on a small model: ``accumulate`` copies ``p.grad`` with ``clone()`` instead of
-    ``copy.deepcopy``, and ``add_noise`` draws the noise of all parameters in one call of
-    Opacus's ``_generate_noise`` (same i.i.d. N(0, (σC)²) per coordinate, same secure-mode
-    sampling) instead of one call per parameter tensor.
+    dominate on a small model (one noise draw for all parameters, ``clone`` instead of
+    ``deepcopy``); the override touches private Opacus names, so it lives in
+    :mod:`fedretain.compat.opacus`.
     """
-    from opacus.optimizers import DPOptimizerFastGradientClipping
-    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+    from fedretain.compat.opacus import fused_dp_optimizer
 
-    class _DPOptimizer(DPOptimizerFastGradientClipping):
-        def accumulate(self) -> None:
-            for p in self.params:
-                if p.summed_grad is not None:
-                    p.summed_grad.add_(p.grad.data)
-                else:
-                    p.summed_grad = p.grad.detach().clone()
-
-        def add_noise(self) -> None:
-            params = self.params
-            for p in params:
-                _check_processed_flag(p.summed_grad)
-            flat = torch.cat([p.summed_grad.reshape(-1) for p in params])
-            flat = flat + _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=flat,
-                                          generator=self.generator, secure_mode=self.secure_mode)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
-                offset += n
-                _mark_as_processed(p.summed_grad)
-
-    return _DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                        expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator,
-                        secure_mode=True)
+    return fused_dp_optimizer(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, generator)
 
 
 def plan_run(run_id: str, purpose: str, n: int, train: TrainConfig, dp: DPConfig) -> RunPlan:
@@ -308,7 +283,9 @@ class DPTrainer:
         if done != steps:
             raise PrivacyError(f"ran {done} DP steps, planned {steps}")
 
-    def _step(self, model, model_call, optimizer, criterion, capture, xt, yt, idx, global_params) -> None:
+    def _step(self, model: nn.Module, model_call: Any, optimizer: Any, criterion: Any, capture: Any,
+              xt: torch.Tensor, yt: torch.Tensor, idx: torch.Tensor,
+              global_params: list[torch.Tensor] | None) -> None:
         """One DP-SGD step: clipped sum into p.grad, then Opacus adds noise, scales and accounts."""
         optimizer.zero_grad(set_to_none=True)
         out = model_call(xt[idx])
@@ -325,10 +302,12 @@ class DPTrainer:
             mu = self.config.proximal_mu
             if mu > 0 and global_params is not None:  # FedProx term after the noise: post-processing, no cost
                 for p, g in zip(model.parameters(), global_params):
-                    p.grad.add_(p.detach() - g, alpha=mu)
+                    if p.grad is not None:  # every trainable parameter has one after the noise step
+                        p.grad.add_(p.detach() - g, alpha=mu)
             optimizer.original_optimizer.step()
 
-    def _opacus_ghost(self, model, base, criterion, plan, expected, gen):
+    def _opacus_ghost(self, model: nn.Module, base: torch.optim.Optimizer, criterion: Any, plan: RunPlan,
+                      expected: float, gen: torch.Generator) -> tuple[Any, Any, Any]:
         """Opacus's own ghost clipping (any Opacus-supported model), sharing our sampler and accountant."""
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping

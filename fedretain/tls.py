@@ -16,9 +16,9 @@ import hashlib
 import ipaddress
 import os
 import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm

@@ -8,8 +8,9 @@ deployment instead (see docs/ANALYTICS.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -86,9 +87,9 @@ def _run(kind: str, opts: dict[str, Any], **query: Any) -> None:
 
 
 def _silos(data_dir: Path):
-    from fedretain.clients.node import simulation_silos
+    from fedretain.server.simulation import silo_folders
 
-    return simulation_silos(str(data_dir))
+    return silo_folders(data_dir)
 
 
 def figures_table(record: dict[str, Any]) -> Table:
