@@ -22,6 +22,7 @@ import click
 
 from .cli_base import (EMBEDDED_WARNING, F, _TRUST_OPT, _Ctx, _console, _default_by, _friendly, _loc, _now, _open,
                        _require_trust, _ts)
+from . import cli_identity
 from .vocab import PURPOSES, SCOPES
 
 @click.group("consent")
@@ -279,4 +280,5 @@ def export(obj: _Ctx, fmt: str, out: Path) -> None:
     click.echo(f"exported {n} record(s) to {out}")
 
 
-from . import cli_identity  # noqa: E402,F401  (registers init, pin, verify)
+for _command in (cli_identity.init, cli_identity.verify, cli_identity.pin):
+    consent.add_command(_command)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import click
 
-from .cli import consent
 from .cli_base import EMBEDDED_WARNING, _TRUST_OPT, _Ctx, _friendly, _loc, _open, _require_trust
 
 
-@consent.command()
+@click.command()
 @click.option("--controller", required=True, help="the merchant id this node's ledger belongs to")
 @click.pass_obj
 @_loc
@@ -79,7 +78,7 @@ def _init_existing(obj: _Ctx, controller: str) -> None:
 # registry (layering); the ``fedretain`` front end hands it in (fedretain/cli/consent.py).
 
 
-@consent.command()
+@click.command()
 @click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="verify against this public key PEM instead of the node's pinned key or node key")
 @_TRUST_OPT
@@ -122,7 +121,7 @@ def verify(obj: _Ctx, public_key: Path | None, trust_embedded_key: bool, as_json
         raise SystemExit(1)
 
 
-@consent.command()
+@click.command()
 @click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="pin this public key PEM [default: the public half of the node key]")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
