@@ -48,7 +48,7 @@ SPEC_KEYS: dict[str, str] = {
     "analytics-query": "kind", "analytics-by": "by", "analytics-epsilon": "epsilon", "analytics-delta": "delta",
     "analytics-period": "period", "analytics-periods": "periods", "analytics-cohorts": "cohorts",
     "analytics-windows": "windows", "analytics-window-days": "window_days", "analytics-spend-cap": "spend_cap",
-    "analytics-end": "end", "analytics-query-id": "query_id", "consent-at": "consent_at",
+    "analytics-end": "end", "analytics-query-id": "query_id",
 }
 POLICY_KEYS: dict[str, str] = {"analytics-confidence": "confidence", "analytics-min-snr": "min_snr",
                                "analytics-flag-width": "flag_width"}

@@ -89,7 +89,7 @@ def run_query_in_simulation(
     try:
         extra = {**settings.to_run_config(), "out-dir": str(work)}
         run_settings = RunSettings(out_dir=str(work), min_nodes=n_nodes, node_wait_timeout=node_wait_timeout,
-                                   consent_at=query.consent_at, run_id=query.query_id, extra=extra)
+                                   run_id=query.query_id, extra=extra)
         run_in_simulation(run_settings, data_dir, num_cpus=num_cpus, server_app=app)
         refused = work / f"{stem}.refused.json"
         if refused.is_file():

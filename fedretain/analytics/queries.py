@@ -91,7 +91,7 @@ class QuerySpec:
     spend_cap: float = 500.0  # spend_per_retained_user: per-user clip, currency units
     end: str = ""
     query_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    consent_at: str = ""
+    consent_at: str = ""  # legacy wire field: nodes ignore it and evaluate consent at their own clock
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -36,7 +36,6 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                      help="Where the PNG, CSV and JSON go."),
         click.option("--end", default="", help="Exclusive end of the data (ISO date); default: earliest data end."),
-        click.option("--consent-at", default="", help="Evaluate consent at this time (ISO 8601); default: now."),
         click.option("--confidence", default=DEFAULT_CONFIDENCE, show_default=True,
                      type=click.FloatRange(0, 1, min_open=True, max_open=True)),
         click.option("--min-snr", default=DEFAULT_MIN_SNR, show_default=True,
@@ -58,8 +57,7 @@ def _run(kind: str, opts: dict[str, Any], **query: Any) -> None:
 
     data_dir, out_dir = opts.pop("data_dir"), opts.pop("out_dir")
     try:
-        spec = QuerySpec(kind, by=opts["by"], epsilon=opts["epsilon"], delta=opts["delta"], end=opts["end"],
-                         consent_at=opts["consent_at"], **query)
+        spec = QuerySpec(kind, by=opts["by"], epsilon=opts["epsilon"], delta=opts["delta"], end=opts["end"], **query)
         policy = IntervalPolicy(opts["confidence"], opts["min_snr"], opts["flag_width"])
     except (QueryError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
