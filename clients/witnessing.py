@@ -23,6 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
 from fedretain.clients.node import NodeConfig
 from fedretain.consent import signing
 from fedretain.consent.merkle import Frontier, consistency_proof, leaf_hash
@@ -34,8 +37,6 @@ from fedretain.consent.witness_record import (
     SignedHead,
     encode,
 )
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedretain.node")
 

@@ -3,7 +3,7 @@
 Knows nothing of Flower or torch, so a compliance officer's tools stay light.
 """
 
-from fedretain.consent.gate import ConsentError, GateDecision, GatedData, apply_gate, decide
+from fedretain.consent.gate import ConsentError, GatedData, GateDecision, apply_gate, decide
 from fedretain.consent.ledger import ConsentLedger, LedgerError
 from fedretain.consent.records import ConsentRecord
 from fedretain.consent.vocab import PURPOSES, SCOPES, UnknownTermError

@@ -20,17 +20,31 @@ from typing import Any
 
 import click
 
-from .cli_base import (EMBEDDED_WARNING, F, _TRUST_OPT, _Ctx, _console, _default_by, _friendly, _loc, _now, _open,
-                       _require_trust, _ts)
 from . import cli_identity
+from .cli_base import (
+    _TRUST_OPT,
+    EMBEDDED_WARNING,
+    F,
+    _console,
+    _Ctx,
+    _default_by,
+    _friendly,
+    _loc,
+    _now,
+    _open,
+    _require_trust,
+    _ts,
+)
 from .vocab import PURPOSES, SCOPES
+
 
 @click.group("consent")
 @click.option("--silo", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="FEDRETAIN_SILO", help="a node's silo: use SILO/.node/consent.db, its node key and pinned key")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None,
               envvar="FEDRETAIN_CONSENT_DB",
-              help="the consent ledger (SQLite file) [default: ./consent-ledger.sqlite; a node's is SILO/.node/consent.db]")
+              help="the consent ledger (SQLite file) [default: ./consent-ledger.sqlite; "
+                   "a node's is SILO/.node/consent.db]")
 @click.option("--key", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="FEDRETAIN_NODE_KEY",
               help="the node's Ed25519 private key (PEM) [default: <db>.key.pem, or SILO/.node/node_key.pem]")
 @click.pass_context

@@ -24,7 +24,7 @@ class _Ctx:
     silo: Path | None = None
     state_dir: Path | None = None  # where the node's pin (node.json) is looked for
 
-    def resolved(self, db: Path | None, key: Path | None, silo: Path | None) -> "_Ctx":
+    def resolved(self, db: Path | None, key: Path | None, silo: Path | None) -> _Ctx:
         """Options given after the subcommand override those given before it."""
         silo = silo or self.silo
         if silo is not None and db is None and not self.db_given:

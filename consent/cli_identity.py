@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .cli_base import EMBEDDED_WARNING, _TRUST_OPT, _Ctx, _friendly, _loc, _open, _require_trust
+from .cli_base import _TRUST_OPT, EMBEDDED_WARNING, _Ctx, _friendly, _loc, _open, _require_trust
 
 
 @click.command()
@@ -97,7 +97,6 @@ def verify(obj: _Ctx, public_key: Path | None, trust_embedded_key: bool, as_json
     the key the ledger declares about itself needs --trust-embedded-key and prints a WARNING.
     """
     from .signing import load_public_key
-
     from .witness_check import check_file
 
     pub = load_public_key(public_key) if public_key is not None else None

@@ -15,11 +15,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from operator import methodcaller
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -441,7 +441,8 @@ def future_limit_us() -> int:
 
 def future_message(text: str) -> str:
     """Why a future effective time is refused (a fast clock elsewhere would silently delay e.g. a withdrawal)."""
-    return (f"effective time {text} is ahead of this node's clock ({datetime.now(timezone.utc).isoformat(timespec='seconds')}) "
+    clock = datetime.now(timezone.utc).isoformat(timespec='seconds')
+    return (f"effective time {text} is ahead of this node's clock ({clock}) "
             f"by more than {MAX_CLOCK_SKEW_S // 60} minutes; a future effective time would silently delay the record "
             "(e.g. a withdrawal). Check the clock of the system that wrote it, or record it when it takes effect")
 

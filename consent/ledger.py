@@ -191,7 +191,8 @@ class ConsentLedger:
         path = Path(path)
         if not path.exists():
             if not create:
-                raise LedgerError(f"no consent ledger at {path}: a node's ledger is SILO/.node/consent.db (pass --silo SILO "
+                raise LedgerError(f"no consent ledger at {path}: a node's ledger is SILO/.node/consent.db "
+                                  f"(pass --silo SILO "
                                   "or --db PATH); `fedretain consent init` is only for a node that has no ledger yet")
             if not controller:
                 raise LedgerError("creating a ledger needs the controller (merchant id)")
@@ -223,7 +224,8 @@ class ConsentLedger:
         return ledger
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, controller: str, key_path: str | os.PathLike[str]) -> ConsentLedger:
+    def create(cls, path: str | os.PathLike[str], *, controller: str,
+               key_path: str | os.PathLike[str]) -> ConsentLedger:
         """Create a new ledger file (the key is created too if ``key_path`` does not exist)."""
         path = Path(path)
         if path.exists():
@@ -681,8 +683,8 @@ def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None =
         out = pd.DataFrame(np.zeros((0, len(scopes)), dtype=bool), columns=scopes,
                            index=pd.Index([], name="subject_id", dtype=object))
     if subjects is not None:
-        wanted = pd.Index(pd.unique(np.asarray(list(subjects) if not isinstance(subjects, (pd.Index, pd.Series, np.ndarray))
-                                               else subjects, dtype=object)), name="subject_id", dtype=object)
+        listed = subjects if isinstance(subjects, (pd.Index, pd.Series, np.ndarray)) else list(subjects)
+        wanted = pd.Index(pd.unique(np.asarray(listed, dtype=object)), name="subject_id", dtype=object)
         out = out.reindex(wanted, fill_value=False)
     return out
 

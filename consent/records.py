@@ -14,12 +14,11 @@ import gc
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from json.encoder import encode_basestring as _q  # the C string encoder json.dumps uses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -358,13 +357,15 @@ class ConsentRecord:
         )
 
     @classmethod
-    def grant(cls, subject_id: str, controller: str, purpose: str, scopes: Any, effective_at: Any, **kw: Any) -> ConsentRecord:
+    def grant(cls, subject_id: str, controller: str, purpose: str, scopes: Any, effective_at: Any,
+              **kw: Any) -> ConsentRecord:
         """A new grant with a fresh record id."""
         return cls(kw.pop("record_id", None) or new_record_id(), subject_id, controller, purpose,
                    scopes, "grant", effective_at, **kw)
 
     @classmethod
-    def withdraw(cls, subject_id: str, controller: str, purpose: str, effective_at: Any, scopes: Any = (), **kw: Any) -> ConsentRecord:
+    def withdraw(cls, subject_id: str, controller: str, purpose: str, effective_at: Any, scopes: Any = (),
+                 **kw: Any) -> ConsentRecord:
         """A new withdrawal (no scopes: every scope of the purpose) with a fresh record id."""
         return cls(kw.pop("record_id", None) or new_record_id(), subject_id, controller, purpose,
                    scopes, "withdraw", effective_at, **kw)

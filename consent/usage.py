@@ -145,7 +145,8 @@ def record_usage(
 
 def usages(conn: sqlite3.Connection, subject: str | None = None) -> list[UsageRecord]:
     """All usage entries (oldest first), or those whose subjects include ``subject``."""
-    cols = "u.usage_id, run_id, round, purpose, feature_set, scope_counts, n_users, ledger_size, ledger_root, at, recorded_at"
+    cols = ("u.usage_id, run_id, round, purpose, feature_set, scope_counts, n_users, ledger_size, ledger_root, at, "
+            "recorded_at")
     if subject is None:
         rows = conn.execute(f"SELECT {cols} FROM usage u ORDER BY u.usage_id").fetchall()
     else:

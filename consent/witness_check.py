@@ -67,7 +67,8 @@ def load_witnessed_heads(path: str | Path, merchant: str, kind: str = "consent")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             rows = conn.execute("SELECT size, root, signature, timestamp, controller, format, key_fingerprint "
-                                "FROM heads WHERE merchant = ? AND kind = ? ORDER BY head_id", (merchant, kind)).fetchall()
+                                "FROM heads WHERE merchant = ? AND kind = ? ORDER BY head_id",
+                                (merchant, kind)).fetchall()
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"{path} is not a fedretain witness store ({exc})") from None
         finally:

@@ -11,8 +11,9 @@ A silo may hold a ``mapping.json`` (or one is passed explicitly)::
 
 Every key is optional. A mapping with ``"version": 2`` (several files, joins, derived fields,
 row rules, grouping, value maps) is read by ``fedretain.exports`` instead. Labels that are
-already canonical pass through unchanged, so a mapping only has to list what differs. The mapping itself is validated strictly (unknown keys, targets
-outside the schema vocabulary): a typo in it must fail loudly, not reject half the rows.
+already canonical pass through unchanged, so a mapping only has to list what differs. The
+mapping itself is validated strictly (unknown keys, targets outside the schema vocabulary):
+a typo in it must fail loudly, not reject half the rows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,7 @@ class ColumnMapping:
     source: Path | None = None
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: Path | None = None) -> "ColumnMapping":
+    def from_dict(cls, data: Any, *, source: Path | None = None) -> ColumnMapping:
         """Validate a decoded ``mapping.json``; raise ``IngestError`` naming the file and key."""
         where = str(source) if source is not None else "mapping"
         if not isinstance(data, dict):
@@ -77,7 +78,7 @@ class ColumnMapping:
         return cls(columns, events, channels, fmt, unit, source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ColumnMapping":
+    def load(cls, path: str | Path) -> ColumnMapping:
         """Read and validate a ``mapping.json`` file."""
         path = Path(path)
         try:
@@ -116,7 +117,7 @@ class ColumnMapping:
         return parse_timestamps(values, fmt=self.timestamp_format, unit=self.timestamp_unit)
 
 
-MappingLike = Union[ColumnMapping, dict, str, Path, None]
+MappingLike = ColumnMapping | dict | str | Path | None
 
 
 def resolve_mapping(mapping: MappingLike) -> ColumnMapping:

@@ -242,7 +242,8 @@ class WitnessStore:
                       (merchant, kind, fingerprint, public_key_pem, format, "registered", _now()))
         return self.pin(merchant, kind)  # type: ignore[return-value]
 
-    def witness(self, merchant: str, claims: dict[str, HeadClaim], run_id: str) -> tuple[dict[str, str], list[SignedHead]]:
+    def witness(self, merchant: str, claims: dict[str, HeadClaim],
+                run_id: str) -> tuple[dict[str, str], list[SignedHead]]:
         """Judge every claim of one reply in one transaction: store them all, or none.
 
         Returns (kind -> reason for each refused kind, the heads accepted). A kind the platform

@@ -19,6 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
 from fedretain.consent.witness_record import (
     SEEN_RECORD,
     WITNESS_ACTION,
@@ -28,8 +31,6 @@ from fedretain.consent.witness_record import (
 )
 from fedretain.server.run_record import RunRecord
 from fedretain.server.witness import WitnessStore, judge, witness_db_path
-from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.serverapp import Grid
 
 log = logging.getLogger("fedretain.server.witness")
 

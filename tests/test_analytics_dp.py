@@ -51,7 +51,8 @@ def gated(nodes):
 def exact_retention(gated, end: pd.Timestamp, cohorts: int, periods: int) -> tuple[dict, dict]:
     """Exact pooled retention by user loop (independent of fedretain.analytics): cohort cells and the curve.
 
-    Users counted: granted 'analytics' with purchase_history now (the gate decides consent; a query's consent_at is ignored).
+    Users counted: granted 'analytics' with purchase_history now (the gate decides consent; a query's consent_at
+    is ignored).
     """
     month_starts = pd.date_range(end=end, periods=24, freq="MS")
     observed = [m for m in month_starts if m + pd.offsets.MonthBegin(1) + pd.Timedelta(days=30) <= end][-cohorts:]
@@ -61,7 +62,7 @@ def exact_retention(gated, end: pd.Timestamp, cohorts: int, periods: int) -> tup
         ok = set(decision.grants.index[decision.grants["purchase_history"].to_numpy(bool)])
         ev = data.events
         buys = ev.loc[(ev["event"] == "purchase") & (ev["ts"] < end) & ev["user_id"].isin(ok)]
-        for user, ts in buys.groupby("user_id")["ts"]:
+        for _user, ts in buys.groupby("user_id")["ts"]:
             t = np.sort(ts.to_numpy("datetime64[ns]"))
             first = pd.Timestamp(t[0])
             days = (t[1:] - t[0]) / np.timedelta64(1, "D")  # later purchases, days after the first
@@ -87,7 +88,7 @@ def exact_retention(gated, end: pd.Timestamp, cohorts: int, periods: int) -> tup
                 kept.setdefault((label, k), 0)
     cells = {(c, k): (v, size[c]) for (c, k), v in kept.items()}
     curve: dict[int, tuple[int, int]] = {}
-    for (c, k), (v, n) in cells.items():
+    for (_c, k), (v, n) in cells.items():
         a, b = curve.get(k, (0, 0))
         curve[k] = (a + v, b + n)
     return cells, curve

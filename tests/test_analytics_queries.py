@@ -9,9 +9,16 @@ import pandas as pd
 import pytest
 
 from fedretain.analytics.queries import (
-    QueryError, QuerySpec, cohort_periods, domain, exact_cells, group_domain, observed_periods, query_inputs,
+    QueryError,
+    QuerySpec,
+    cohort_periods,
+    domain,
+    exact_cells,
+    group_domain,
+    observed_periods,
+    query_inputs,
 )
-from fedretain.consent.gate import GateDecision, GatedData
+from fedretain.consent.gate import GatedData, GateDecision
 from fedretain.consent.vocab import SCOPES
 from fedretain.schema import canonical_events, canonical_users
 

@@ -10,9 +10,9 @@ import shutil
 import sqlite3
 
 import pytest
+
 from fedretain.consent import signing
 from fedretain.consent.merkle import verify_consistency
-
 from fedretain.privacy.accountant import Accountant, DpEvent, PrivacyError
 from fedretain.privacy.budget import BudgetLedger, RunPlan, ledger_path
 from fedretain.privacy.budget_store import TRIGGERS

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from fedretain.cli.consent import consent
 from fedretain.clients.node import MerchantNode, NodeConfig
 from fedretain.clients.provision import provision_node
 from fedretain.consent import signing
@@ -24,7 +25,6 @@ from fedretain.consent.gate import ConsentError
 from fedretain.consent.identity import PinError, load_pin
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.consent.records import ConsentRecord
-from fedretain.cli.consent import consent
 
 PURPOSE = "retention_modeling"
 SCOPES = "purchase_history,viewing_behavior,engagement,social,profile,location"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+
 from fedretain.clients.node import NodeConfig
 from fedretain.clients.witnessing import witness_values
 from fedretain.consent import signing
@@ -38,7 +40,6 @@ from fedretain.consent.witness_record import (
 from fedretain.server.run_record import RunRecord
 from fedretain.server.witness import WitnessStore
 from fedretain.server.witness_grid import WITNESS_REFUSED, Witness
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 MERCHANT = "shop-a"

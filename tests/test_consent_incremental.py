@@ -8,6 +8,7 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
+
 from fedretain.consent.gate import decide
 from fedretain.consent.incremental import (
     STATE_FILE,

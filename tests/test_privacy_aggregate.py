@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedretain.models import RetentionLoss, RetentionNet
-from fedretain.privacy.accountant import PrivacyError, independent_epsilon, DpEvent
+from fedretain.privacy.accountant import DpEvent, PrivacyError, independent_epsilon
 from fedretain.privacy.aggregate import (
     AggregatePlan,
     ServerDPSGD,

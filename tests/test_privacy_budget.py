@@ -211,9 +211,8 @@ _V1_TRIGGERS = "".join(
 
 def test_a_version_1_ledger_is_migrated_once_with_a_node_cap_equal_to_its_budgets(tmp_path):
     """A file written by the per-purpose ledger (no user_version, no chain) opens as version 2."""
-    from fedretain.privacy.budget_store import _V1_SCHEMA, VERSION
-
     from fedretain.consent import signing
+    from fedretain.privacy.budget_store import _V1_SCHEMA, VERSION
 
     signing.load_or_create_key(tmp_path / "node_key.pem")  # the node's key (made with its consent ledger)
     path = ledger_path(tmp_path)

@@ -211,8 +211,8 @@ def build_table(spec: MappingV2, t: TableSpec, ledgers: dict[str, Ledger]) -> Bu
     live = np.flatnonzero(main.state == PENDING)
     out = out.iloc[live].reset_index(drop=True)
     if t.group_by:
-        keys = [normalise_ids(evaluate(e, resolve, index, spec.numbers).values.iloc[live].reset_index(drop=True).astype("string"),
-                              spec.ids) for e in t.group_by]
+        keys = [normalise_ids(evaluate(e, resolve, index, spec.numbers).values.iloc[live]
+                              .reset_index(drop=True).astype("string"), spec.ids) for e in t.group_by]
         keys += [out[c].astype("string") for c in ("user_id", "event") if c in out]
         gid = pd.DataFrame({f"k{i}": k for i, k in enumerate(keys)}).groupby(
             [f"k{i}" for i in range(len(keys))], sort=False, dropna=False).ngroup().to_numpy()

@@ -90,7 +90,8 @@ def _check(node: ast.AST, text: str, cols: list) -> None:
             raise ExprError(f"in {text!r}: unknown function")
         name = node.func.id
         if name == "col":
-            if len(node.args) != 1 or not isinstance(node.args[0], ast.Constant) or not isinstance(node.args[0].value, str):
+            arg = node.args[0] if len(node.args) == 1 else None
+            if not isinstance(arg, ast.Constant) or not isinstance(arg.value, str):
                 raise ExprError(f"in {text!r}: col() takes one column name")
             cols.append((None, node.args[0].value))
             return

@@ -38,7 +38,8 @@ def normalise_ids(values: pd.Series, rules: IdRules) -> pd.Series:
 # The candidate normalisations tried by ``format_hint``, in the order they are suggested.
 _CANDIDATES: tuple[tuple[str, IdRules, str], ...] = (
     ("whitespace", IdRules(trim=True, integer_floats=False), '"ids": {"trim": true}'),
-    ("float-printed ids (12471.0 vs 12471)", IdRules(trim=True, integer_floats=True), '"ids": {"integer_floats": true}'),
+    ("float-printed ids (12471.0 vs 12471)", IdRules(trim=True, integer_floats=True),
+     '"ids": {"integer_floats": true}'),
     ("letter case", IdRules(trim=True, integer_floats=True, case="lower"), '"ids": {"case": "lower"} (or "upper")'),
     ("zero padding (00042 vs 42)", IdRules(trim=True, integer_floats=True, case="lower", strip_leading_zeros=True),
      '"ids": {"strip_leading_zeros": true}'),

@@ -233,10 +233,12 @@ def _table(p: _P, kind: str, raw: Any, sources: dict[str, Source]) -> TableSpec:
     src = raw.get("from")
     if src not in sources:
         p.fail(f"{kind}.from", f"must name one of the sources ({', '.join(sorted(sources))}), got {src!r}")
-    joins = tuple(_join(p, f"{kind}.join[{i}]", j, sources) for i, j in enumerate(p.lst(raw.get("join", []), f"{kind}.join")))
+    joins = tuple(_join(p, f"{kind}.join[{i}]", j, sources)
+                  for i, j in enumerate(p.lst(raw.get("join", []), f"{kind}.join")))
     aggs = tuple(_aggregate(p, f"{kind}.aggregate[{i}]", a, sources)
                  for i, a in enumerate(p.lst(raw.get("aggregate", []), f"{kind}.aggregate")))
-    derive = {str(k): p.expr(v, f"{kind}.derive.{k}") for k, v in p.obj(raw.get("derive", {}), f"{kind}.derive").items()}
+    derive = {str(k): p.expr(v, f"{kind}.derive.{k}")
+              for k, v in p.obj(raw.get("derive", {}), f"{kind}.derive").items()}
     skip = {str(k): p.expr(v, f"{kind}.skip.{k}") for k, v in p.obj(raw.get("skip", {}), f"{kind}.skip").items()}
     allowed = EVENT_COLUMN_NAMES if kind == "events" else USER_COLUMN_NAMES
     fields_raw = p.obj(raw.get("fields"), f"{kind}.fields")
@@ -253,13 +255,15 @@ def _table(p: _P, kind: str, raw: Any, sources: dict[str, Source]) -> TableSpec:
     if "group" in raw:
         g = p.obj(raw["group"], f"{kind}.group")
         p.keys(g, ("by", "sum"), f"{kind}.group")
-        group_by = tuple(p.expr(e, f"{kind}.group.by[{i}]") for i, e in enumerate(p.lst(g.get("by"), f"{kind}.group.by")))
+        group_by = tuple(p.expr(e, f"{kind}.group.by[{i}]")
+                         for i, e in enumerate(p.lst(g.get("by"), f"{kind}.group.by")))
         if not group_by:
             p.fail(f"{kind}.group.by", "name at least one key (e.g. the order id)")
         group_sum = tuple(p.lst(g.get("sum", []), f"{kind}.group.sum"))
         for name in group_sum:
             if name not in fields or name not in ("amount", "watch_seconds"):
-                p.fail(f"{kind}.group.sum", f"{name!r} is not a summable field in {kind}.fields (amount, watch_seconds)")
+                p.fail(f"{kind}.group.sum",
+                       f"{name!r} is not a summable field in {kind}.fields (amount, watch_seconds)")
     values: dict[str, ValueMap] = {}
     for name, vm in p.obj(raw.get("values", {}), f"{kind}.values").items():
         key = f"{kind}.values.{name}"

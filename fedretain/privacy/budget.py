@@ -231,7 +231,8 @@ class BudgetLedger:
 
     # -- runs and spends ---------------------------------------------------------------
     def runs(self, purpose: str | None = None) -> list[RunPlan]:
-        sql = f"SELECT {_RUN_COLS} FROM runs" + (" WHERE purpose = ?" if purpose else "") + " ORDER BY reserved_at, run_id"
+        where = " WHERE purpose = ?" if purpose else ""
+        sql = f"SELECT {_RUN_COLS} FROM runs{where} ORDER BY reserved_at, run_id"
         return [RunPlan(**dict(r)) for r in self._conn.execute(sql, (purpose,) if purpose else ()).fetchall()]
 
     def run(self, run_id: str, purpose: str) -> RunPlan | None:
