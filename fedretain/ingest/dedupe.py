@@ -1,0 +1,79 @@
+"""Exact-duplicate detection over a stream of batches: hash-based and linear in the rows seen.
+
+Each row gets a 128-bit key (two independent 64-bit row hashes from polars; a false match between
+two different rows has odds ~n²/2¹²⁹). The exact verdict is taken once, at the end, by one hash
+group-by over every key (linear). While streaming, a one-bit-per-slot filter on the first hash
+(a Bloom filter with one hash function, ~16 bits per row) says which rows *may* repeat an earlier
+row; only those rows' raw values are held, so a duplicate can still be quarantined with the values
+it had in the file, without holding the whole raw file in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+__all__ = ["DuplicateFinder", "row_keys"]
+
+_SEEDS = (0x9E3779B97F4A7C15, 0x27D4EB2F165667B1)
+_BITS_PER_ROW = 16
+
+
+def row_keys(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes per row, equal for rows with equal values (column by column)."""
+    h1 = frame.hash_rows(seed=_SEEDS[0]).to_numpy()
+    h2 = frame.hash_rows(seed=_SEEDS[1]).to_numpy()
+    return h1, h2
+
+
+class DuplicateFinder:
+    """Feed it the keys of every row that passed validation, in file order; ask at the end which repeat."""
+
+    def __init__(self, est_rows: int) -> None:
+        nbits = 1 << max(16, int(np.ceil(np.log2(max(est_rows, 1) * _BITS_PER_ROW))))
+        self._bits = np.zeros(nbits // 8, dtype=np.uint8)
+        self._slot_mask = np.uint64(nbits - 1)
+        self._keys: list[pl.DataFrame] = []
+        self._held: list[tuple[pl.DataFrame, np.ndarray]] = []  # raw values of rows that may repeat
+
+    def add(self, h1: np.ndarray, h2: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Remember these rows' keys; return which of them may repeat an earlier row (a superset)."""
+        slot = h1 & self._slot_mask
+        byte, bit = (slot >> np.uint64(3)).astype(np.int64), (slot & np.uint64(7)).astype(np.uint8)
+        seen = (self._bits[byte] >> bit) & 1
+        within = ~pl.Series(h1).is_first_distinct().to_numpy()
+        np.bitwise_or.at(self._bits, byte, np.left_shift(np.uint8(1), bit))
+        self._keys.append(pl.DataFrame({"h1": h1, "h2": h2, "row": rows}))
+        return seen.astype(bool) | within
+
+    def hold(self, raw: pl.DataFrame, rows: np.ndarray) -> None:
+        """Keep the raw values of rows that may turn out to be duplicates."""
+        if raw.height:
+            self._held.append((raw, rows))
+
+    def finish(self) -> pl.DataFrame:
+        """Duplicates as columns ``row`` (the copy) and ``first_row`` (the row it repeats), by row."""
+        empty = pl.DataFrame({"row": [], "first_row": []}, schema={"row": pl.Int64, "first_row": pl.Int64})
+        if not self._keys:
+            return empty
+        keys = pl.concat(self._keys, rechunk=False)
+        self._keys = []
+        maybe = keys.filter(pl.col("h1").is_duplicated())  # equal first hash: the only possible repeats
+        if not maybe.height:
+            return empty
+        return (maybe.with_columns(pl.col("row").min().over("h1", "h2").alias("first_row"))
+                .filter(pl.col("row") != pl.col("first_row"))
+                .select("row", "first_row").sort("row"))
+
+    def held_rows(self, rows: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
+        """The held raw values of ``rows`` (which must all have been reported as possible repeats)."""
+        want = pl.Series(rows)
+        parts, nums = [], []
+        for raw, held in self._held:
+            hit = pl.Series(held).is_in(want.implode()).to_numpy()
+            if hit.any():
+                parts.append(raw.filter(pl.Series(hit)))
+                nums.append(held[hit])
+        if not parts:
+            raise AssertionError("a duplicate row was not held")  # the filter is a superset by construction
+        return pl.concat(parts, how="vertical_relaxed"), np.concatenate(nums)
