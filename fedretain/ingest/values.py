@@ -15,8 +15,9 @@ import polars as pl
 NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 EPOCH_INT_RE = r"^\d{1,18}$"
 EPOCH_NUM_RE = r"^(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # no sign: '+7' or '-3' is not a point in time
-ISO_FORMATS = (  # tried in order on what is still unparsed; the first fits almost every export
-    "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d", "%Y-%m-%dT%H:%M:%S%.f%#z",
+ISO_FORMATS = (  # tried in order on what is still unparsed; the first ones fit almost every export
+    "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%#z",
     "%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M%#z",
 )
 _SCALE = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
@@ -66,21 +67,19 @@ def timestamps(s: pl.Series, fmt: str | None, unit: str) -> pl.Series:
     if fmt is not None:
         return _strptime(text, fmt)
     out = _strptime(text, ISO_FORMATS[0])
-    for f in ISO_FORMATS[1:]:
-        todo = out.is_null() & (text != "")
-        if not todo.any():
+    readers = [lambda t, f=f: _strptime(t, f) for f in ISO_FORMATS[1:]]
+    readers += [lambda t: _from_epoch(_only(t, EPOCH_INT_RE).cast(pl.Int64, strict=False), unit),
+                lambda t: _from_epoch(_only(t, EPOCH_NUM_RE).cast(pl.Float64, strict=False), unit)]
+    for read in readers:  # each later reading sees only the rows still unparsed
+        todo = np.flatnonzero((out.is_null() & (text != "")).to_numpy())
+        if not len(todo):
             break
-        out = out.zip_with(~todo, _strptime(text, f))  # only fills rows still unparsed
-    todo = out.is_null() & (text != "")
-    if todo.any():
-        ints = pl.when(text.str.contains(EPOCH_INT_RE)).then(text).otherwise(None)
-        as_int = _from_epoch(pl.select(ints.cast(pl.Int64, strict=False)).to_series(), unit)
-        out = out.zip_with(out.is_not_null(), as_int)
-        todo = out.is_null() & (text != "")
-        if todo.any():
-            nums = pl.select(pl.when(text.str.contains(EPOCH_NUM_RE)).then(text).otherwise(None)).to_series()
-            out = out.zip_with(out.is_not_null(), _from_epoch(nums.cast(pl.Float64, strict=False), unit))
+        out = out.scatter(todo, read(text.gather(todo)))
     return out.alias(s.name)
+
+
+def _only(text: pl.Series, pattern: str) -> pl.Series:
+    return pl.select(pl.when(text.str.contains(pattern)).then(text)).to_series()
 
 
 def _strptime(text: pl.Series, fmt: str) -> pl.Series:
