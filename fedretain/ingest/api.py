@@ -13,16 +13,18 @@ The raw events table of a silo is obtained in exactly one place, ``read_raw_even
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import polars as pl
 
 from fedretain.ingest import engine
 from fedretain.ingest.files import find_table, read_merchant
 from fedretain.ingest.frames import events_frame, users_frame
-from fedretain.ingest.readers import RawTable, open_raw
+from fedretain.ingest.readers import NeedsSerialRead, RawTable, open_raw
 from fedretain.ingest.report import IngestReport
 from fedretain.ingest.rules import EventRules, UserRules
 from fedretain.mapping import ColumnMapping, IngestError, MappingLike, resolve_mapping
@@ -60,7 +62,7 @@ class Silo:
 
 
 def read_raw_events(path: str | Path, mapping: MappingLike = None, *,
-                    chunksize: int = DEFAULT_CHUNKSIZE) -> RawTable:
+                    chunksize: int = DEFAULT_CHUNKSIZE, serial: bool = False) -> RawTable:
     """The raw events table of a silo, as a stream of batches (the one place it is obtained).
 
     Mapping v1 (``mapping.json``: renames and label maps) is applied by the validation that follows,
@@ -68,15 +70,30 @@ def read_raw_events(path: str | Path, mapping: MappingLike = None, *,
     files, joins, derived fields) can build their raw table here instead.
     """
     del mapping  # v1 mappings act in validation; see the docstring
-    return open_raw(Path(path), chunksize)
+    return open_raw(Path(path), chunksize, serial=serial)
 
 
-def validate_events(raw: RawTable, *, mapping: MappingLike = None, now: NowLike = None,
-                    quarantine_path: str | Path | None = None) -> tuple[pd.DataFrame, IngestReport]:
-    """Validate and canonicalise a raw events table; see ``read_events``."""
-    qpath = _quarantine_path(raw.file, quarantine_path)
-    df, report = engine.run(raw, EventRules(_naive_utc_now(now)), resolve_mapping(mapping), qpath)
+def validate_events(raw: RawTable | Callable[[bool], RawTable], *, mapping: MappingLike = None,
+                    now: NowLike = None, quarantine_path: str | Path | None = None) -> tuple[pd.DataFrame, IngestReport]:
+    """Validate and canonicalise a raw events table; see ``read_events``.
+
+    ``raw`` may be a function ``serial -> RawTable`` so that a CSV with ragged rows can be read again
+    serially (see ``readers.open_raw``); a plain ``RawTable`` is read once.
+    """
+    df, report = _run(raw, EventRules(_naive_utc_now(now)), resolve_mapping(mapping), quarantine_path)
     return events_frame(df), report
+
+
+def _run(raw: RawTable | Callable[[bool], RawTable], rules: EventRules | UserRules, mapping: ColumnMapping,
+         quarantine_path: str | Path | None) -> tuple[pl.DataFrame | None, IngestReport]:
+    table = raw if isinstance(raw, RawTable) else raw(False)
+    try:
+        return engine.run(table, rules, mapping, _quarantine_path(table.file, quarantine_path))
+    except NeedsSerialRead:
+        if isinstance(raw, RawTable):
+            raise IngestError(f"{raw.file}: malformed CSV: a row has a wrong number of fields") from None
+        table = raw(True)
+        return engine.run(table, rules, mapping, _quarantine_path(table.file, quarantine_path))
 
 
 def read_events(
@@ -94,9 +111,8 @@ def read_events(
     Raises ``IngestError`` for file-level problems (missing file or required column, corrupt file).
     """
     cmap = resolve_mapping(mapping)
-    now_ts = _naive_utc_now(now)
-    return validate_events(read_raw_events(path, cmap, chunksize=chunksize), mapping=cmap, now=now_ts,
-                           quarantine_path=quarantine_path)
+    return validate_events(lambda serial: read_raw_events(path, cmap, chunksize=chunksize, serial=serial),
+                           mapping=cmap, now=_naive_utc_now(now), quarantine_path=quarantine_path)
 
 
 def read_users(
@@ -107,8 +123,8 @@ def read_users(
     chunksize: int = DEFAULT_CHUNKSIZE,
 ) -> tuple[pd.DataFrame, IngestReport]:
     """Read, validate and canonicalise a users file (CSV or Parquet); see ``read_events``."""
-    raw = open_raw(Path(path), chunksize)
-    df, report = engine.run(raw, UserRules(), resolve_mapping(mapping), _quarantine_path(raw.file, quarantine_path))
+    df, report = _run(lambda serial: open_raw(Path(path), chunksize, serial=serial), UserRules(),
+                      resolve_mapping(mapping), quarantine_path)
     return users_frame(df), report
 
 
@@ -139,8 +155,9 @@ def load_silo(
         mapping = folder / "mapping.json"
     cmap = resolve_mapping(mapping)
     qdir = Path(quarantine_dir) if quarantine_dir is not None else folder / "quarantine"
-    raw = read_raw_events(events_path, cmap, chunksize=chunksize)
-    events, report = validate_events(raw, mapping=cmap, now=now, quarantine_path=qdir / "events.rejected.csv")
+    events, report = validate_events(  # the hook for richer mappings: build the raw table here
+        lambda serial: read_raw_events(events_path, cmap, chunksize=chunksize, serial=serial),
+        mapping=cmap, now=now, quarantine_path=qdir / "events.rejected.csv")
     users_report = None
     if users_path is not None:
         users, users_report = read_users(

@@ -2,10 +2,11 @@
 
 Each row gets a 128-bit key (two independent 64-bit row hashes from polars; a false match between
 two different rows has odds ~n²/2¹²⁹). The exact verdict is taken once, at the end, by one hash
-group-by over every key (linear). While streaming, a one-bit-per-slot filter on the first hash
-(a Bloom filter with one hash function, ~16 bits per row) says which rows *may* repeat an earlier
-row; only those rows' raw values are held, so a duplicate can still be quarantined with the values
-it had in the file, without holding the whole raw file in memory.
+group-by over every key (linear). While streaming, a flag per slot of the first hash (a Bloom filter
+with one hash function, 8-32 slots per row seen, grown by rebuilding from the stored keys, so
+amortised linear) says which rows *may* repeat an earlier row; only those rows' raw values are
+held (a few percent), so a duplicate can still be quarantined with the values it had in the file,
+without holding the whole raw file in memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import polars as pl
 __all__ = ["DuplicateFinder", "row_keys"]
 
 _SEEDS = (0x9E3779B97F4A7C15, 0x27D4EB2F165667B1)
-_BITS_PER_ROW = 16
+_MIN_SLOTS_PER_ROW = 8  # false "maybe" rate stays under 1/8
+_GROWTH = 4
 
 
 def row_keys(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -29,22 +31,33 @@ def row_keys(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 class DuplicateFinder:
     """Feed it the keys of every row that passed validation, in file order; ask at the end which repeat."""
 
-    def __init__(self, est_rows: int) -> None:
-        nbits = 1 << max(16, int(np.ceil(np.log2(max(est_rows, 1) * _BITS_PER_ROW))))
-        self._bits = np.zeros(nbits // 8, dtype=np.uint8)
-        self._slot_mask = np.uint64(nbits - 1)
+    def __init__(self, est_rows: int = 0) -> None:
+        self._n = 0
         self._keys: list[pl.DataFrame] = []
+        self._flags = np.zeros(0, dtype=np.uint8)
+        self._slot_mask = np.uint64(0)
+        self._grow(max(est_rows, 1 << 10))
         self._held: list[tuple[pl.DataFrame, np.ndarray]] = []  # raw values of rows that may repeat
 
     def add(self, h1: np.ndarray, h2: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Remember these rows' keys; return which of them may repeat an earlier row (a superset)."""
-        slot = h1 & self._slot_mask
-        byte, bit = (slot >> np.uint64(3)).astype(np.int64), (slot & np.uint64(7)).astype(np.uint8)
-        seen = (self._bits[byte] >> bit) & 1
+        if (self._n + len(h1)) * _MIN_SLOTS_PER_ROW > len(self._flags):
+            self._grow(self._n + len(h1))
+        slot = (h1 & self._slot_mask).astype(np.int64)
+        seen = self._flags[slot].astype(bool)
         within = ~pl.Series(h1).is_first_distinct().to_numpy()
-        np.bitwise_or.at(self._bits, byte, np.left_shift(np.uint8(1), bit))
+        self._flags[slot] = 1
+        self._n += len(h1)
         self._keys.append(pl.DataFrame({"h1": h1, "h2": h2, "row": rows}))
-        return seen.astype(bool) | within
+        return seen | within
+
+    def _grow(self, rows: int) -> None:
+        """A bigger flag table (a power of two, >= 8 slots per row), refilled from the stored keys."""
+        size = 1 << int(np.ceil(np.log2(max(rows, 1) * _MIN_SLOTS_PER_ROW * _GROWTH)))
+        self._flags = np.zeros(size, dtype=np.uint8)
+        self._slot_mask = np.uint64(size - 1)
+        for part in self._keys:
+            self._flags[(part.get_column("h1").to_numpy() & self._slot_mask).astype(np.int64)] = 1
 
     def hold(self, raw: pl.DataFrame, rows: np.ndarray) -> None:
         """Keep the raw values of rows that may turn out to be duplicates."""

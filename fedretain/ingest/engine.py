@@ -43,7 +43,7 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
         )
     report = IngestReport(file=file, kind=rules.kind)
     report.ignored_columns = [theirs for theirs, ours in renamed.items() if ours not in known]
-    finder = DuplicateFinder(raw.est_rows)
+    finder = DuplicateFinder()
     examples: dict[tuple[str, str], int] = {}
     accepted: list[tuple[pl.DataFrame, np.ndarray]] = []
     dup_field = "*" if rules.kind == "events" else names["user_id"]

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from fedretain.mapping import IngestError
 
-__all__ = ["RawBatch", "RawTable", "open_raw", "TABLE_SUFFIXES"]
+__all__ = ["NeedsSerialRead", "RawBatch", "RawTable", "open_raw", "TABLE_SUFFIXES"]
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 CSV_BLOCK_BYTES = 32 << 20  # bytes parsed per CSV block: ~0.5M event rows, a few tens of MiB of text
@@ -42,11 +42,14 @@ class RawTable:
     file: str
     columns: list[str]
     batches: Iterator[RawBatch]
-    est_rows: int  # an upper estimate of the number of records (sizes the duplicate pre-filter)
 
 
-def open_raw(path: Path, chunksize: int) -> RawTable:
-    """Open a CSV or Parquet file as a stream of raw batches of at most ``chunksize`` records."""
+def open_raw(path: Path, chunksize: int, *, serial: bool = False) -> RawTable:
+    """Open a CSV or Parquet file as a stream of raw batches of at most ``chunksize`` records.
+
+    A CSV is parsed in parallel; if a row has a wrong number of fields, reading raises
+    ``NeedsSerialRead`` and the caller starts again with ``serial=True``, which numbers such rows.
+    """
     if chunksize < 1:
         raise ValueError(f"chunksize must be >= 1, got {chunksize}")
     if not path.exists():
@@ -56,8 +59,7 @@ def open_raw(path: Path, chunksize: int) -> RawTable:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         names = _csv_header(path)
-        est = max(path.stat().st_size // max(len(names), 1), 1)  # a record takes >= 1 byte per field
-        return RawTable(str(path), names, _rechunk(_csv_batches(path, names), chunksize), est)
+        return RawTable(str(path), names, _rechunk(_csv_batches(path, names, serial), chunksize))
     if suffix == ".parquet":
         return _parquet_open(path, chunksize)
     raise IngestError(f"{path}: unsupported file type {path.suffix!r} (expected .csv or .parquet)")
@@ -108,14 +110,22 @@ class _ShortRows:
         return "skip"
 
 
-def _csv_batches(path: Path, names: list[str]) -> Iterator[RawBatch]:
-    handler = _ShortRows(path)
+def _refuse_parallel(row: pcsv.InvalidRow) -> str:
+    return "error"
+
+
+class NeedsSerialRead(Exception):
+    """A row with a wrong number of fields met the parallel reader, which cannot number it: read again serially."""
+
+
+def _csv_batches(path: Path, names: list[str], serial: bool) -> Iterator[RawBatch]:
+    handler = _ShortRows(path) if serial else _refuse_parallel
     text = pa.string()
     try:
         reader = pcsv.open_csv(
             path,
-            # use_threads=False: the invalid-row handler then knows each row's number
-            read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False, skip_rows=1,
+            # parallel parsing unless a row has too few or too many fields: only a serial read numbers it
+            read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=not serial, skip_rows=1,
                                           column_names=[f"c{i}" for i in range(len(names))], encoding="utf8"),
             parse_options=pcsv.ParseOptions(ignore_empty_lines=False, newlines_in_values=True,
                                             invalid_row_handler=handler),
@@ -125,13 +135,18 @@ def _csv_batches(path: Path, names: list[str]) -> Iterator[RawBatch]:
         next_row = 2
         for batch in reader:
             table = pa.Table.from_batches([batch]).rename_columns(names)
-            table, rows = _merge_short_rows(table, handler.pending, next_row, names)
-            handler.pending = []
+            if isinstance(handler, _ShortRows):
+                table, rows = _merge_short_rows(table, handler.pending, next_row, names)
+                handler.pending = []
+            else:
+                rows = np.arange(next_row, next_row + table.num_rows, dtype=np.int64)
             next_row += len(rows)
             yield RawBatch(table, rows)
     except IngestError:
         raise
     except pa.ArrowInvalid as exc:
+        if not isinstance(handler, _ShortRows):
+            raise NeedsSerialRead() from None
         if handler.error is not None:
             raise handler.error from None
         msg = str(exc)
@@ -189,4 +204,4 @@ def _parquet_open(path: Path, chunksize: int) -> RawTable:
         finally:
             pf.close()
 
-    return RawTable(str(path), list(schema.names), batches(), max(pf.metadata.num_rows, 1))
+    return RawTable(str(path), list(schema.names), batches())
