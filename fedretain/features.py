@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 
 from fedretain.consent.vocab import SCOPES, check_scope
 from fedretain.schema import CHANNELS, EVENT_TYPES
@@ -383,20 +384,23 @@ def check_finite(frame: pd.DataFrame) -> None:
 def _window_events(events: pd.DataFrame, population: pd.Index, cutoff: pd.Timestamp) -> pl.DataFrame:
     """Pre-cutoff events of the population as a compact polars frame (user position, type index, age...)."""
     ts = events["ts"].to_numpy(dtype="datetime64[ns]")
-    keep = ts < cutoff.to_datetime64()
-    event_codes = _codes(events["event"], EVENT_TYPES)
-    channel_codes = _codes(events["channel"], CHANNELS)
-    age = (cutoff.to_datetime64() - ts[keep]) / DAY
+    channel = _codes(events["channel"], CHANNELS)
+    user = pl.from_arrow(pa.chunked_array(pa.array(events["user_id"].astype("string"), from_pandas=True)))
+    assert isinstance(user, pl.Series)
+    population_ids = pl.Series(population.astype(str).to_numpy(dtype=object), dtype=pl.String)
+    code = user.replace_strict(population_ids, pl.int_range(len(population), dtype=pl.UInt32, eager=True),
+                               default=None, return_dtype=pl.UInt32)
+    del user
     frame = pl.DataFrame({
-        "user_id": pl.from_pandas(events["user_id"].astype("string")[keep].reset_index(drop=True)),
-        "ev": event_codes[keep], "age_days": age,
-        "amount": events["amount"].to_numpy(dtype=float)[keep],
-        "watch_seconds": events["watch_seconds"].to_numpy(dtype=float)[keep],
-        "channel": channel_codes[keep], "live": channel_codes[keep] == CHANNELS.index("live"),
+        "code": code, "ev": _codes(events["event"], EVENT_TYPES), "ts": ts,
+        "amount": events["amount"].to_numpy(dtype=float), "watch_seconds": events["watch_seconds"].to_numpy(dtype=float),
+        "channel": channel, "live": channel == CHANNELS.index("live"),
     })
-    codes = pl.DataFrame({"user_id": pl.from_pandas(pd.Series(population.astype(str), dtype="string"))})
-    codes = codes.with_row_index("code")
-    return frame.join(codes, on="user_id", how="inner").drop("user_id")
+    del code
+    cut = cutoff.to_datetime64().astype("datetime64[ns]")
+    frame = frame.filter(pl.col("code").is_not_null() & (pl.col("ts") < cut))
+    age = (pl.lit(cut) - pl.col("ts")).dt.total_nanoseconds().cast(pl.Float64) / 86_400e9
+    return frame.with_columns(age.alias("age_days")).drop("ts")
 
 
 def _codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:

@@ -85,7 +85,7 @@ def validate_events(raw: RawTable | Callable[[bool], RawTable], *, mapping: Mapp
 
 
 def _run(raw: RawTable | Callable[[bool], RawTable], rules: EventRules | UserRules, mapping: ColumnMapping,
-         quarantine_path: str | Path | None) -> tuple[pl.DataFrame | None, IngestReport]:
+         quarantine_path: str | Path | None) -> tuple[list[pl.DataFrame], IngestReport]:
     table = raw if isinstance(raw, RawTable) else raw(False)
     try:
         return engine.run(table, rules, mapping, _quarantine_path(table.file, quarantine_path))

@@ -28,8 +28,8 @@ __all__ = ["run"]
 
 
 def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
-        quarantine_path: Path) -> tuple[pl.DataFrame | None, IngestReport]:
-    """Validate every batch of ``raw``; return the accepted canonical rows (polars; None if none) and the report."""
+        quarantine_path: Path) -> tuple[list[pl.DataFrame], IngestReport]:
+    """Validate every batch of ``raw``; return the accepted canonical rows (polars, one frame per batch) and the report."""
     file = raw.file
     renamed = mapping.rename(raw.columns, file=file)
     names = {ours: theirs for theirs, ours in renamed.items()}
@@ -82,10 +82,10 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
         report.quarantine_path = quarantine.commit()
     report.problems.sort(key=lambda p: p.row)  # stable: check order within a row
     frames = [df for df, _ in accepted if df.height]
-    out = pl.concat(frames, rechunk=False) if frames else None
-    if out is not None:
-        _summarise(report, out)
-    return out, report
+    accepted.clear()
+    if frames:
+        _summarise(report, frames)
+    return frames, report
 
 
 def _settle_duplicates(report: IngestReport, examples: dict[tuple[str, str], int], finder: DuplicateFinder,
@@ -111,12 +111,12 @@ def _settle_duplicates(report: IngestReport, examples: dict[tuple[str, str], int
     details = pl.Series(first).cast(pl.String)
     reasons = pl.select(pl.concat_str(pl.lit(f"{reason} (same as row "), details, pl.lit(")"))).to_series()
     quarantine.write_late(raw, file, dup_rows, pl.Series([field] * n, dtype=pl.String), reasons)
-    out = []
     gone = pl.Series(dup_rows).implode()
-    for df, rows in accepted:
+    for i, (df, rows) in enumerate(accepted):  # in place: each old batch is freed as soon as it is replaced
         keep = ~pl.Series(rows).is_in(gone)
-        out.append((df.filter(keep), rows[keep.to_numpy()]) if not keep.all() else (df, rows))
-    return out
+        if not keep.all():
+            accepted[i] = (df.filter(keep), rows[keep.to_numpy()])
+    return accepted
 
 
 def _count(report: IngestReport, checks: list[Check], bad: np.ndarray) -> None:
@@ -157,13 +157,15 @@ def _row_reasons(checks: list[Check], bad: np.ndarray) -> tuple[pl.Series, pl.Se
     return out.get_column("f"), out.get_column("r")
 
 
-def _summarise(report: IngestReport, df: pl.DataFrame) -> None:
-    report.n_users = int(df.get_column("user_id").n_unique()) if df.height else 0
-    if report.kind == "events" and df.height:
-        stats = df.select(pl.col("ts").min().alias("lo"), pl.col("ts").max().alias("hi"))
-        report.date_min = pd.Timestamp(stats.item(0, "lo"))
-        report.date_max = pd.Timestamp(stats.item(0, "hi"))
-        counts = df.get_column("event").value_counts()
+def _summarise(report: IngestReport, frames: list[pl.DataFrame]) -> None:
+    users = pl.concat([f.select("user_id") for f in frames], rechunk=False)
+    report.n_users = int(users.get_column("user_id").n_unique())
+    del users
+    if report.kind == "events":
+        lo = min(f.get_column("ts").min() for f in frames)  # type: ignore[type-var]
+        hi = max(f.get_column("ts").max() for f in frames)  # type: ignore[type-var]
+        report.date_min, report.date_max = pd.Timestamp(lo), pd.Timestamp(hi)
+        counts = pl.concat([f.select("event") for f in frames], rechunk=False).get_column("event").value_counts()
         found = dict(zip(counts.get_column("event").cast(pl.String).to_list(), counts.get_column("count").to_list()))
         report.event_counts = {t: int(found[t]) for t in EVENT_TYPES if found.get(t)}
 

@@ -24,7 +24,7 @@ from fedretain.mapping import IngestError
 __all__ = ["NeedsSerialRead", "RawBatch", "RawTable", "open_raw", "TABLE_SUFFIXES"]
 
 TABLE_SUFFIXES = (".csv", ".parquet")
-CSV_BLOCK_BYTES = 32 << 20  # bytes parsed per CSV block: ~0.5M event rows, a few tens of MiB of text
+CSV_BLOCK_BYTES = 8 << 20  # bytes parsed per CSV block: ~140k event rows; bounds the memory of one batch
 
 
 @dataclass(frozen=True)
