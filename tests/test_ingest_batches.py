@@ -16,6 +16,7 @@ from fedretain.consent.vocab import SCOPES
 from fedretain.features import FEATURES, compute_features
 from fedretain.ingest import IngestError, read_events, read_users
 from fedretain.ingest.rules import MAX_AMOUNT
+from fedretain.mapping import parse_timestamps
 from fedretain.schema import EVENT_COLUMN_NAMES, canonical_events, canonical_users
 
 NOW = "2026-01-01T00:00:00"
@@ -131,6 +132,7 @@ def test_signed_number_as_timestamp_is_a_row_problem_not_a_traceback(tmp_path):
     assert [(p.row, p.field, p.reason, p.value) for p in report.problems] == [
         (2, "ts", "unparseable timestamp", "+7"), (3, "ts", "unparseable timestamp", "-3")]
     assert list(df["ts"]) == [pd.Timestamp("2025-01-01")]
+    assert parse_timestamps(pd.Series(["+7", "-3", "1735689600"])).tolist()[:2] == [pd.NaT, pd.NaT]  # was a traceback
 
 
 @pytest.mark.parametrize("column", [

@@ -177,7 +177,7 @@ def _merge_short_rows(table: pa.Table, pending: list[tuple[int, str]], first: in
 # --------------------------------------------------------------------------- Parquet
 
 _NESTED = (pa.types.is_struct, pa.types.is_list, pa.types.is_large_list, pa.types.is_map,
-           pa.types.is_fixed_size_list, pa.types.is_union, pa.types.is_dictionary)
+           pa.types.is_fixed_size_list, pa.types.is_union)
 
 
 def _parquet_open(path: Path, chunksize: int) -> RawTable:
@@ -187,7 +187,7 @@ def _parquet_open(path: Path, chunksize: int) -> RawTable:
     except (pa.ArrowException, OSError) as exc:
         raise IngestError(f"{path}: not a readable Parquet file: {exc}") from None
     for fld in schema:
-        if any(test(fld.type) for test in _NESTED[:-1]):
+        if any(test(fld.type) for test in _NESTED):
             pf.close()
             raise IngestError(f"{path}: column {fld.name!r} holds nested values ({fld.type}); "
                               "flatten it to plain text or numbers before export")

@@ -31,10 +31,6 @@ def as_text(s: pl.Series) -> pl.Series:
     return s.str.strip_chars().fill_null("")
 
 
-def is_numeric(s: pl.Series) -> bool:
-    return s.dtype.is_numeric()
-
-
 def numbers(s: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float64 values, missing, not a finite number): '' or null is missing, not bad."""
     if s.dtype.is_numeric():
