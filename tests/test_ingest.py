@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 
 from fedretain.ingest import (
@@ -320,6 +321,7 @@ def test_duplicate_finder_matches_a_dict_reference():
         h2 = rng.integers(0, 8, size=size).astype(np.uint64)
         rows = np.arange(row, row + size)
         maybe = finder.add(h1, h2, rows)
+        finder.hold(pl.DataFrame({"row": rows[maybe]}), rows[maybe], h1[maybe])
         for a, b, r, m in zip(h1, h2, rows, maybe):
             first = ref.setdefault((a, b), r)
             assert m or first == r  # every repeat is flagged while streaming (a superset is fine)
@@ -336,6 +338,8 @@ def test_duplicate_finder_matches_a_dict_reference():
             seen[(a, b)] = r
     assert dict(zip(dups["row"].to_list(), dups["first_row"].to_list())) == expected
     assert set(expected) <= held
+    copies, copied_rows = finder.held_rows(np.array(sorted(expected)))
+    assert sorted(copies["row"].to_list()) == sorted(expected) == sorted(copied_rows.tolist())
 
 
 def _replay(rng_seed: int):

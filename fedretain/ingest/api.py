@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
-import polars as pl
+import pyarrow as pa
 
 from fedretain.ingest import engine
 from fedretain.ingest.files import find_table, read_merchant
@@ -86,7 +86,7 @@ def validate_events(raw: RawTable | Callable[[bool], RawTable], *, mapping: Mapp
 
 
 def _run(raw: RawTable | Callable[[bool], RawTable], rules: EventRules | UserRules, mapping: ColumnMapping,
-         quarantine_path: str | Path | None) -> tuple[list[pl.DataFrame], IngestReport]:
+         quarantine_path: str | Path | None) -> tuple[list[pa.Table], IngestReport]:
     table = raw if isinstance(raw, RawTable) else raw(False)
     try:
         return engine.run(table, rules, mapping, _quarantine_path(table.file, quarantine_path))

@@ -38,6 +38,7 @@ class DuplicateFinder:
         self._slot_mask = np.uint64(0)
         self._grow(max(est_rows, 1 << 10))
         self._held: list[tuple[pl.DataFrame, np.ndarray]] = []  # raw values of rows that may repeat
+        self._held_h1: list[np.ndarray] = []
 
     def add(self, h1: np.ndarray, h2: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Remember these rows' keys; return which of them may repeat an earlier row (a superset)."""
@@ -59,19 +60,24 @@ class DuplicateFinder:
         for part in self._keys:
             self._flags[(part.get_column("h1").to_numpy() & self._slot_mask).astype(np.int64)] = 1
 
-    def hold(self, raw: pl.DataFrame, rows: np.ndarray) -> None:
-        """Keep the raw values of rows that may turn out to be duplicates."""
+    def hold(self, raw: pl.DataFrame, rows: np.ndarray, h1: np.ndarray) -> None:
+        """Keep the raw values (and first hash) of rows that may turn out to be duplicates."""
         if raw.height:
             self._held.append((raw, rows))
+            self._held_h1.append(h1)
 
     def finish(self) -> pl.DataFrame:
         """Duplicates as columns ``row`` (the copy) and ``first_row`` (the row it repeats), by row."""
         empty = pl.DataFrame({"row": [], "first_row": []}, schema={"row": pl.Int64, "first_row": pl.Int64})
         if not self._keys:
             return empty
+        if not self._held:
+            return empty
+        flagged = pl.concat([pl.Series("h1", h1) for h1 in self._held_h1]).unique()
         keys = pl.concat(self._keys, rechunk=False)
         self._keys = []
-        maybe = keys.filter(pl.col("h1").is_duplicated())  # equal first hash: the only possible repeats
+        # every repeat was flagged while streaming: only keys sharing a flagged first hash can be involved
+        maybe = keys.filter(pl.col("h1").is_in(flagged.implode()))
         if not maybe.height:
             return empty
         return (maybe.with_columns(pl.col("row").min().over("h1", "h2").alias("first_row"))

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from fedretain.ingest.dedupe import DuplicateFinder, row_keys
 from fedretain.ingest.quarantine import Quarantine
@@ -28,8 +30,8 @@ __all__ = ["run"]
 
 
 def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
-        quarantine_path: Path) -> tuple[list[pl.DataFrame], IngestReport]:
-    """Validate every batch of ``raw``; return the accepted canonical rows (polars, one frame per batch) and the report."""
+        quarantine_path: Path) -> tuple[list[pa.Table], IngestReport]:
+    """Validate every batch of ``raw``; return the accepted canonical rows (one Arrow table per batch) and the report."""
     file = raw.file
     renamed = mapping.rename(raw.columns, file=file)
     names = {ours: theirs for theirs, ours in renamed.items()}
@@ -45,7 +47,7 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
     report.ignored_columns = [theirs for theirs, ours in renamed.items() if ours not in known]
     finder = DuplicateFinder()
     examples: dict[tuple[str, str], int] = {}
-    accepted: list[tuple[pl.DataFrame, np.ndarray]] = []
+    accepted: list[tuple[pa.Table, np.ndarray]] = []  # compact Arrow copies: no raw batch buffers kept alive
     dup_field = "*" if rules.kind == "events" else names["user_id"]
     with Quarantine(quarantine_path) as quarantine:
         for batch in raw.batches:
@@ -64,10 +66,11 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
             if good.any():
                 keep = pl.Series(good)
                 h1, h2 = row_keys(rules.key_frame(cols).filter(keep))
-                maybe = finder.add(h1, h2, rows[good])
+                good_rows = rows[good]
+                maybe = finder.add(h1, h2, good_rows)
                 if maybe.any():
-                    finder.hold(frame.filter(keep).filter(pl.Series(maybe)), rows[good][maybe])
-                accepted.append((clean.filter(keep), rows[good]))
+                    finder.hold(frame.filter(keep).filter(pl.Series(maybe)), good_rows[maybe], h1[maybe])
+                accepted.append((clean.filter(keep).to_arrow(compat_level=pl.CompatLevel.oldest()), good_rows))
             if bad.any():
                 report.rows_rejected += int(bad.sum())
                 _count(report, checks, bad)
@@ -81,7 +84,7 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
         report.rows_accepted = report.rows_read - report.rows_rejected
         report.quarantine_path = quarantine.commit()
     report.problems.sort(key=lambda p: p.row)  # stable: check order within a row
-    frames = [df for df, _ in accepted if df.height]
+    frames = [df for df, _ in accepted if df.num_rows]
     accepted.clear()
     if frames:
         _summarise(report, frames)
@@ -89,8 +92,8 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
 
 
 def _settle_duplicates(report: IngestReport, examples: dict[tuple[str, str], int], finder: DuplicateFinder,
-                       dups: pl.DataFrame, accepted: list[tuple[pl.DataFrame, np.ndarray]], quarantine: Quarantine,
-                       rules: Rules, field: str, file: str) -> list[tuple[pl.DataFrame, np.ndarray]]:
+                       dups: pl.DataFrame, accepted: list[tuple[pa.Table, np.ndarray]], quarantine: Quarantine,
+                       rules: Rules, field: str, file: str) -> list[tuple[pa.Table, np.ndarray]]:
     """Move the rows that repeat an earlier row from the accepted batches to the quarantine."""
     dup_rows = dups.get_column("row").to_numpy()
     first = dups.get_column("first_row").to_numpy()
@@ -113,9 +116,9 @@ def _settle_duplicates(report: IngestReport, examples: dict[tuple[str, str], int
     quarantine.write_late(raw, file, dup_rows, pl.Series([field] * n, dtype=pl.String), reasons)
     gone = pl.Series(dup_rows).implode()
     for i, (df, rows) in enumerate(accepted):  # in place: each old batch is freed as soon as it is replaced
-        keep = ~pl.Series(rows).is_in(gone)
+        keep = (~pl.Series(rows).is_in(gone)).to_numpy()
         if not keep.all():
-            accepted[i] = (df.filter(keep), rows[keep.to_numpy()])
+            accepted[i] = (df.filter(pa.array(keep)), rows[keep])
     return accepted
 
 
@@ -157,16 +160,17 @@ def _row_reasons(checks: list[Check], bad: np.ndarray) -> tuple[pl.Series, pl.Se
     return out.get_column("f"), out.get_column("r")
 
 
-def _summarise(report: IngestReport, frames: list[pl.DataFrame]) -> None:
-    users = pl.concat([f.select("user_id") for f in frames], rechunk=False)
-    report.n_users = int(users.get_column("user_id").n_unique())
-    del users
+def _column(frames: list[pa.Table], name: str) -> pa.ChunkedArray:
+    return pa.chunked_array([chunk for f in frames for chunk in f.column(name).chunks], frames[0].schema.field(name).type)
+
+
+def _summarise(report: IngestReport, frames: list[pa.Table]) -> None:
+    report.n_users = int(pc.count_distinct(_column(frames, "user_id")).as_py())
     if report.kind == "events":
-        lo = min(f.get_column("ts").min() for f in frames)  # type: ignore[type-var]
-        hi = max(f.get_column("ts").max() for f in frames)  # type: ignore[type-var]
-        report.date_min, report.date_max = pd.Timestamp(lo), pd.Timestamp(hi)
-        counts = pl.concat([f.select("event") for f in frames], rechunk=False).get_column("event").value_counts()
-        found = dict(zip(counts.get_column("event").cast(pl.String).to_list(), counts.get_column("count").to_list()))
+        span = pc.min_max(_column(frames, "ts")).as_py()
+        report.date_min, report.date_max = pd.Timestamp(span["min"]), pd.Timestamp(span["max"])
+        counts = pc.value_counts(pc.cast(_column(frames, "event"), pa.large_string())).to_pylist()
+        found = {c["values"]: c["counts"] for c in counts}
         report.event_counts = {t: int(found[t]) for t in EVENT_TYPES if found.get(t)}
 
 

@@ -8,42 +8,46 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fedretain.schema import CHANNELS, EVENT_TYPES, MEMBER_TIERS, REFERRALS, empty_events, empty_users
 
 __all__ = ["events_frame", "users_frame"]
 
 
-def _take(frames: list[pl.DataFrame], name: str) -> list[pl.Series]:
+def _take(frames: list[pa.Table], name: str) -> list[pa.Array]:
     """Column ``name`` of every batch, dropped from the batches so its memory goes as soon as it is converted."""
-    parts = [f.get_column(name) for f in frames]
-    frames[:] = [f.drop(name) for f in frames]
+    parts = [chunk for f in frames for chunk in f.column(name).chunks]
+    frames[:] = [f.drop_columns([name]) for f in frames]
     return parts
 
 
-def _strings(parts: list[pl.Series]) -> pd.Series:
-    chunks = [p.to_arrow(compat_level=pl.CompatLevel.oldest()) for p in parts]  # large_string, as pandas wraps
-    return pd.Series(pd.arrays.ArrowStringArray(pa.chunked_array(chunks, pa.large_string())))
+def _strings(parts: list[pa.Array]) -> pd.Series:
+    return pd.Series(pd.arrays.ArrowStringArray(pa.chunked_array(parts, pa.large_string())))
 
 
-def _numbers(parts: list[pl.Series]) -> np.ndarray:
-    return np.concatenate([p.to_numpy() for p in parts])
+def _numbers(parts: list[pa.Array]) -> np.ndarray:
+    return np.concatenate([p.to_numpy(zero_copy_only=False) for p in parts])
 
 
-def _categorical(parts: list[pl.Series], categories: tuple[str, ...]) -> pd.Categorical:
-    codes = np.concatenate([p.to_physical().cast(pl.Int16).fill_null(-1).to_numpy() for p in parts])
-    return pd.Categorical.from_codes(codes, categories=list(categories))
+def _categorical(parts: list[pa.Array], categories: tuple[str, ...]) -> pd.Categorical:
+    out = []
+    for p in parts:  # dictionary arrays: map each batch's dictionary onto the fixed categories
+        lut = np.array([categories.index(v) for v in p.dictionary.to_pylist()] + [-1], dtype=np.int16)
+        idx = p.indices.to_numpy(zero_copy_only=False)
+        idx = np.where(p.is_null().to_numpy(zero_copy_only=False), len(lut) - 1, idx).astype(np.int64)
+        out.append(lut[idx])
+    return pd.Categorical.from_codes(np.concatenate(out), categories=list(categories))
 
 
-def events_frame(frames: list[pl.DataFrame]) -> pd.DataFrame:
+def events_frame(frames: list[pa.Table]) -> pd.DataFrame:
     """Canonical events (``schema.empty_events`` dtypes) from the accepted batches, which it empties."""
     if not frames:
         return empty_events()
     return pd.DataFrame({
         "user_id": _strings(_take(frames, "user_id")),
-        "ts": _numbers(_take(frames, "ts")),
+        "ts": _numbers(_take(frames, "ts")).astype("datetime64[ns]"),
         "event": _categorical(_take(frames, "event"), EVENT_TYPES),
         "item_id": _strings(_take(frames, "item_id")),
         "category": _strings(_take(frames, "category")),
@@ -53,15 +57,15 @@ def events_frame(frames: list[pl.DataFrame]) -> pd.DataFrame:
     })
 
 
-def users_frame(frames: list[pl.DataFrame]) -> pd.DataFrame:
+def users_frame(frames: list[pa.Table]) -> pd.DataFrame:
     """Canonical users (``schema.empty_users`` dtypes) from the accepted batches, which it empties."""
     if not frames:
         return empty_users()
-    city = pl.concat(_take(frames, "city_tier"))
+    city = pa.chunked_array(_take(frames, "city_tier"), pa.int64())
     return pd.DataFrame({
         "user_id": _strings(_take(frames, "user_id")),
         "referral": _categorical(_take(frames, "referral"), REFERRALS),
         "member_tier": _categorical(_take(frames, "member_tier"), MEMBER_TIERS),
-        "city_tier": pd.arrays.IntegerArray(city.fill_null(0).cast(pl.Int64).to_numpy(),
+        "city_tier": pd.arrays.IntegerArray(pc.fill_null(city, 0).to_numpy(),
                                             city.is_null().to_numpy().astype(bool)),
     })
