@@ -3,8 +3,8 @@
 Each row gets a 128-bit key (two independent 64-bit row hashes from polars; a false match between
 two different rows has odds ~n²/2¹²⁹). The exact verdict is taken once, at the end, by one hash
 group-by over every key (linear). While streaming, a flag per slot of the first hash (a Bloom filter
-with one hash function, 8-32 slots per row seen, grown by rebuilding from the stored keys, so
-amortised linear) says which rows *may* repeat an earlier row; only those rows' raw values are
+with one hash function, one bit per slot, 8-64 slots per row seen, grown by rebuilding from the
+stored keys, so amortised linear) says which rows *may* repeat an earlier row; only those rows' raw values are
 held (a few percent), so a duplicate can still be quarantined with the values it had in the file,
 without holding the whole raw file in memory.
 """
@@ -42,23 +42,31 @@ class DuplicateFinder:
 
     def add(self, h1: np.ndarray, h2: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Remember these rows' keys; return which of them may repeat an earlier row (a superset)."""
-        if (self._n + len(h1)) * _MIN_SLOTS_PER_ROW > len(self._flags):
+        if (self._n + len(h1)) * _MIN_SLOTS_PER_ROW > len(self._flags) * 8:
             self._grow(self._n + len(h1))
-        slot = (h1 & self._slot_mask).astype(np.int64)
-        seen = self._flags[slot].astype(bool)
+        slot = h1 & self._slot_mask
+        byte, bit = (slot >> np.uint64(3)).astype(np.int64), (slot & np.uint64(7)).astype(np.uint8)
+        seen = ((self._flags[byte] >> bit) & 1).astype(bool)
         within = ~pl.Series(h1).is_first_distinct().to_numpy()
-        self._flags[slot] = 1
+        self._set(byte, bit)
         self._n += len(h1)
         self._keys.append(pl.DataFrame({"h1": h1, "h2": h2, "row": rows}))
         return seen | within
 
     def _grow(self, rows: int) -> None:
         """A bigger flag table (a power of two, >= 8 slots per row), refilled from the stored keys."""
-        size = 1 << int(np.ceil(np.log2(max(rows, 1) * _MIN_SLOTS_PER_ROW * _GROWTH)))
-        self._flags = np.zeros(size, dtype=np.uint8)
+        size = 1 << max(6, int(np.ceil(np.log2(max(rows, 1) * _MIN_SLOTS_PER_ROW * _GROWTH))))
+        self._flags = np.zeros(size // 8, dtype=np.uint8)  # one bit per slot
         self._slot_mask = np.uint64(size - 1)
         for part in self._keys:
-            self._flags[(part.get_column("h1").to_numpy() & self._slot_mask).astype(np.int64)] = 1
+            slot = part.get_column("h1").to_numpy() & self._slot_mask
+            self._set((slot >> np.uint64(3)).astype(np.int64), (slot & np.uint64(7)).astype(np.uint8))
+
+    def _set(self, byte: np.ndarray, bit: np.ndarray) -> None:
+        """Set bits, one bit position at a time: repeated bytes then all write the same value."""
+        for b in range(8):
+            at = byte[bit == b]
+            self._flags[at] = self._flags[at] | np.uint8(1 << b)
 
     def hold(self, raw: pl.DataFrame, rows: np.ndarray, h1: np.ndarray) -> None:
         """Keep the raw values (and first hash) of rows that may turn out to be duplicates."""
