@@ -54,15 +54,34 @@ class Window:
         self.cutoff = cutoff
         self.n = len(users)
         self.never_days = max(NEVER_DAYS, float(events.get_column("age_days").max() or 0.0)) if events.height else NEVER_DAYS
-        aggs = [pl.len().alias("n"), pl.col("age_days").min().alias("age_min"),
-                pl.col("age_days").max().alias("age_max"), pl.col("live").sum().alias("n_live")]
-        aggs += [pl.col(c).sum().alias(f"{c}_all") for c in _TOTALS]
+        # per-(user, type) accumulators: one bincount per statistic, linear in the events, each kept
+        # only for the (user, type) pairs that occur, so memory stays at one dense array at a time
+        k = len(EVENT_TYPES)
+        size = max(self.n * k, 1)
+        key = (events.get_column("code").cast(pl.Int64) * k + events.get_column("ev").cast(pl.Int64)).to_numpy()
+        age = events.get_column("age_days").to_numpy()
+        counts = np.bincount(key, minlength=size)
+        present = np.flatnonzero(counts)
+        table = {"n": counts[present].astype(float), "code": present // k, "ev": present % k}
+        del counts
+
+        def add(name: str, weights: np.ndarray) -> None:
+            table[name] = np.bincount(key, weights=weights, minlength=size)[present]
+
+        add("n_live", events.get_column("live").to_numpy().astype(float))
+        totals = {c: events.get_column(c).to_numpy() for c in _TOTALS}
+        for c, v in totals.items():
+            add(f"{c}_all", v)
         for w in _WINDOWS:
-            inside = pl.col("age_days") < w
-            aggs.append(inside.sum().alias(f"n_{w:g}"))
-            aggs += [pl.col(c).filter(inside).sum().alias(f"{c}_{w:g}") for c in _TOTALS]
-        table = events.group_by("code", "ev").agg(aggs)
-        self._table = {c: table.get_column(c).to_numpy() for c in table.columns}
+            inside = age < w
+            add(f"n_{w:g}", inside.astype(float))
+            for c, v in totals.items():
+                add(f"{c}_{w:g}", np.where(inside, v, 0.0))
+        for name, fn, start in (("age_min", np.minimum, np.inf), ("age_max", np.maximum, -np.inf)):
+            dense = np.full(size, start)
+            fn.at(dense, key, age)
+            table[name] = dense[present]
+        self._table = table
         self._memo: dict[tuple, pd.Series] = {}
 
     def _rows(self, event_types: tuple[str, ...]) -> np.ndarray:
