@@ -6,8 +6,10 @@ purpose; otherwise its value is 0 and the per-scope ``has_<scope>`` indicator te
 the model the value is missing rather than zero. Inputs are the gate's output, so
 events of a non-granted scope have already been removed before anything here runs.
 
-Everything is column-wise (groupby/aggregate); nothing loops per event. Only events
-strictly before the cutoff are read (no label leakage).
+Everything is column-wise: the pre-cutoff events are reduced once to per-(user, event type)
+statistics (counts and sums in each window, first/last ages; ``Window``), and every feature is
+answered from that small table; nothing loops per event. Only events strictly before the
+cutoff are read (no label leakage). Every matrix is checked finite before it is returned.
 """
 
 from __future__ import annotations
