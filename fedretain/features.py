@@ -6,8 +6,10 @@ purpose; otherwise its value is 0 and the per-scope ``has_<scope>`` indicator te
 the model the value is missing rather than zero. Inputs are the gate's output, so
 events of a non-granted scope have already been removed before anything here runs.
 
-Everything is column-wise (groupby/aggregate); nothing loops per event. Only events
-strictly before the cutoff are read (no label leakage).
+Everything is column-wise: the pre-cutoff events are reduced once to per-(user, event type)
+statistics (counts and sums in each window, first/last ages; ``Window``), and every feature is
+answered from that small table; nothing loops per event. Only events strictly before the
+cutoff are read (no label leakage). Every matrix is checked finite before it is returned.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import polars as pl
+import pyarrow as pa
 
 from fedretain.consent.vocab import SCOPES, check_scope
+from fedretain.schema import CHANNELS, EVENT_TYPES
 
 DAY = np.timedelta64(1, "D")
-# Cap for "days since" features of users who never did the thing: a long but finite horizon.
+# "Days since" for users who never did the thing: a long but finite horizon, stretched to the data's
+# own span when that is longer (so "never" always reads as older than any real value).
 NEVER_DAYS = 365.0
+_WINDOWS = (7.0, 30.0, 90.0)  # the "last N days" windows aggregated in the one pass over events
+_TOTALS = ("amount", "watch_seconds")
 
 
 class GatedLike(Protocol):
@@ -35,63 +43,110 @@ class GatedLike(Protocol):
 
 
 class Window:
-    """Pre-cutoff events, split once by event type, plus the per-user frame everything aligns to.
+    """Pre-cutoff events aggregated once per (user, event type), plus the per-user frame all aligns to.
 
-    Features ask many questions of the same few event types; splitting once and
-    memoising per-type frames keeps the whole matrix at a handful of passes over the data.
+    One polars group-by over the events yields, per user and event type, the counts and sums in
+    every window and the first/last ages; each feature's question is then answered from that small
+    table (users × types), so the whole matrix costs about one pass over the events.
     """
 
-    def __init__(self, events: pd.DataFrame, users: pd.DataFrame, cutoff: pd.Timestamp) -> None:
-        self.events = events  # events with ts < cutoff, plus 'age_days' (cutoff - ts in days)
+    def __init__(self, events: pl.DataFrame, users: pd.DataFrame, cutoff: pd.Timestamp) -> None:
+        self.events = events  # columns code (user position), ev (event type index), age_days, amount, ...
         self.users = users  # index user_id (the population), attribute columns
         self.cutoff = cutoff
-        codes = events["event"].astype(str).to_numpy()
-        self._by_type = {t: events[codes == t] for t in pd.unique(codes)} if len(events) else {}
+        self.n = len(users)
+        self.never_days = max(NEVER_DAYS, float(events.get_column("age_days").max() or 0.0)) if events.height else NEVER_DAYS
+        # per-(user, type) accumulators: one bincount per statistic, linear in the events, each kept
+        # only for the (user, type) pairs that occur, so memory stays at one dense array at a time
+        k = len(EVENT_TYPES)
+        size = max(self.n * k, 1)
+        key = (events.get_column("code").cast(pl.Int64) * k + events.get_column("ev").cast(pl.Int64)).to_numpy()
+        age = events.get_column("age_days").to_numpy()
+        counts = np.bincount(key, minlength=size)
+        present = np.flatnonzero(counts)
+        table = {"n": counts[present].astype(float), "code": present // k, "ev": present % k}
+        del counts
+
+        def add(name: str, weights: np.ndarray) -> None:
+            table[name] = np.bincount(key, weights=weights, minlength=size)[present]
+
+        add("n_live", events.get_column("live").to_numpy().astype(float))
+        totals = {c: events.get_column(c).to_numpy() for c in _TOTALS}
+        for c, v in totals.items():
+            add(f"{c}_all", v)
+        for w in _WINDOWS:
+            inside = age < w
+            add(f"n_{w:g}", inside.astype(float))
+            for c, v in totals.items():
+                add(f"{c}_{w:g}", np.where(inside, v, 0.0))
+        for name, fn, start in (("age_min", np.minimum, np.inf), ("age_max", np.maximum, -np.inf)):
+            dense = np.full(size, start)
+            fn.at(dense, key, age)
+            table[name] = dense[present]
+        self._table = table
         self._memo: dict[tuple, pd.Series] = {}
 
-    def of(self, *event_types: str) -> pd.DataFrame:
-        parts = [self._by_type[t] for t in event_types if t in self._by_type]
-        if not parts:
-            return self.events.iloc[0:0]
-        return parts[0] if len(parts) == 1 else pd.concat(parts)
+    def _rows(self, event_types: tuple[str, ...]) -> np.ndarray:
+        wanted = [EVENT_TYPES.index(t) for t in event_types]
+        return np.isin(self._table["ev"], wanted) if len(self._table["ev"]) else np.zeros(0, dtype=bool)
+
+    def _per_user(self, column: str, event_types: tuple[str, ...]) -> pd.Series:
+        rows = self._rows(event_types)
+        values = np.bincount(self._table["code"][rows].astype(np.int64),
+                             weights=self._table[column][rows].astype(float), minlength=self.n)
+        return pd.Series(values[: self.n], index=self.users.index, dtype=float)
 
     def _cached(self, key: tuple, compute: Callable[[], pd.Series]) -> pd.Series:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def count(self, *event_types: str, within_days: float | None = None) -> pd.Series:
-        def compute() -> pd.Series:
-            ev = self.of(*event_types)
-            if within_days is not None:
-                ev = ev[ev["age_days"] < within_days]
-            return ev.groupby("user_id", observed=True).size().reindex(self.users.index, fill_value=0).astype(float)
+    def _direct(self, agg: pl.Expr, event_types: tuple[str, ...], within_days: float | None,
+                channel: str | None = None) -> pd.Series:
+        """Any other window or channel: one filtered group-by over the events."""
+        ev = self.events.filter(pl.col("ev").is_in([EVENT_TYPES.index(t) for t in event_types]))
+        if within_days is not None:
+            ev = ev.filter(pl.col("age_days") < within_days)
+        if channel is not None:
+            ev = ev.filter(pl.col("channel") == CHANNELS.index(channel))
+        out = ev.group_by("code").agg(agg.alias("v"))
+        values = np.zeros(self.n)
+        values[out.get_column("code").to_numpy()] = out.get_column("v").to_numpy()
+        return pd.Series(values, index=self.users.index, dtype=float)
 
-        return self._cached(("count", event_types, within_days), compute)
+    def count(self, *event_types: str, within_days: float | None = None, channel: str | None = None) -> pd.Series:
+        def compute() -> pd.Series:
+            if channel == "live" and within_days is None:
+                return self._per_user("n_live", event_types)
+            if channel is None and (within_days is None or float(within_days) in _WINDOWS):
+                return self._per_user("n" if within_days is None else f"n_{float(within_days):g}", event_types)
+            return self._direct(pl.len().cast(pl.Float64), event_types, within_days, channel)
+
+        return self._cached(("count", event_types, within_days, channel), compute)
 
     def total(self, column: str, *event_types: str, within_days: float | None = None) -> pd.Series:
         def compute() -> pd.Series:
-            ev = self.of(*event_types)
-            if within_days is not None:
-                ev = ev[ev["age_days"] < within_days]
-            grouped = ev.groupby("user_id", observed=True)[column].sum()
-            return grouped.reindex(self.users.index, fill_value=0.0).astype(float)
+            if column in _TOTALS and (within_days is None or float(within_days) in _WINDOWS):
+                suffix = "all" if within_days is None else f"{float(within_days):g}"
+                return self._per_user(f"{column}_{suffix}", event_types)
+            return self._direct(pl.col(column).sum(), event_types, within_days)
 
         return self._cached(("total", column, event_types, within_days), compute)
 
-    def days_since_last(self, *event_types: str) -> pd.Series:
-        def compute() -> pd.Series:
-            last = self.of(*event_types).groupby("user_id", observed=True)["age_days"].min()
-            return last.reindex(self.users.index).fillna(NEVER_DAYS).clip(upper=NEVER_DAYS).astype(float)
+    def _age(self, column: str, event_types: tuple[str, ...], fill: float, pick: Callable) -> pd.Series:
+        rows = self._rows(event_types)
+        values = np.full(self.n, np.nan)
+        codes, ages = self._table["code"][rows].astype(np.int64), self._table[column][rows]
+        found = np.full(self.n, np.nan)
+        pick.at(found, codes, ages)  # type: ignore[attr-defined]
+        values = np.where(np.isnan(found), fill, found)
+        return pd.Series(values, index=self.users.index, dtype=float)
 
-        return self._cached(("last", event_types), compute)
+    def days_since_last(self, *event_types: str) -> pd.Series:
+        return self._cached(("last", event_types), lambda: self._age("age_min", event_types, self.never_days, np.fmin))
 
     def days_since_first(self, *event_types: str) -> pd.Series:
-        def compute() -> pd.Series:
-            first = self.of(*event_types).groupby("user_id", observed=True)["age_days"].max()
-            return first.reindex(self.users.index).fillna(0.0).clip(upper=NEVER_DAYS).astype(float)
-
-        return self._cached(("first", event_types), compute)
+        return self._cached(("first", event_types), lambda: self._age("age_max", event_types, 0.0, np.fmax))
 
 
 @dataclass(frozen=True)
@@ -210,10 +265,8 @@ def _view_recency(w: Window) -> pd.Series:
 
 @feature("live_view_share", ["viewing_behavior"], "share of views on live streams")
 def _live_share(w: Window) -> pd.Series:
-    views = w.of("view")
-    live = views[views["channel"] == "live"].groupby("user_id", observed=True).size()
     n = w.count("view")
-    return (live.reindex(w.users.index, fill_value=0) / n.where(n > 0, 1.0)).astype(float)
+    return (w.count("view", channel="live") / n.where(n > 0, 1.0)).astype(float)
 
 
 # --- engagement -----------------------------------------------------------------------
@@ -315,18 +368,15 @@ def compute_features(
 
     The population is every user the gate admitted (rows of ``gated.grants``). Only
     events strictly before ``cutoff`` are read. A feature is zeroed for users lacking
-    any scope it reads, so its value cannot depend on non-granted data.
+    any scope it reads, so its value cannot depend on non-granted data. Every value is
+    finite, or ``ValueError`` names the feature (a model must never see inf or NaN).
     """
     names = check_features(names or DEFAULT_FEATURES)
     cutoff = pd.Timestamp(cutoff)
     population = pd.Index(gated.grants.index, name="user_id").astype("string")
-    ev = gated.events
-    ev = ev[(ev["ts"] < cutoff) & ev["user_id"].isin(population)]
-    ev = ev.assign(user_id=pd.Categorical(ev["user_id"].astype(str), categories=population.astype(str)))
-    ev = ev.assign(age_days=(cutoff - ev["ts"]) / DAY)
     users = gated.users.set_index("user_id").reindex(population) if "user_id" in gated.users else gated.users
     users.index = population.astype(str)
-    window = Window(events=ev, users=users, cutoff=cutoff)
+    window = Window(events=_window_events(gated.events, population, cutoff), users=users, cutoff=cutoff)
     grants = gated.grants.reindex(population).fillna(False).astype(bool)
     out = {}
     for name in names:
@@ -336,4 +386,49 @@ def compute_features(
         out[name] = np.where(allowed, values.to_numpy(), 0.0)
     for scope in scopes_read(names):
         out[f"has_{scope}"] = grants[scope].to_numpy().astype(float)
-    return pd.DataFrame(out, index=population)
+    frame = pd.DataFrame(out, index=population)
+    check_finite(frame)
+    return frame
+
+
+def check_finite(frame: pd.DataFrame) -> None:
+    """Refuse a feature matrix holding inf or NaN, naming the features and how many users."""
+    values = frame.to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        counts = bad.sum(axis=0)
+        which = ", ".join(f"{c} ({int(k)} users)" for c, k in zip(frame.columns, counts) if k)
+        raise ValueError(f"feature values are not finite: {which}; check the events' amounts and "
+                         "watch_seconds (ingest bounds them; other sources must too)")
+
+
+def _window_events(events: pd.DataFrame, population: pd.Index, cutoff: pd.Timestamp) -> pl.DataFrame:
+    """Pre-cutoff events of the population as a compact polars frame (user position, type index, age...)."""
+    ts = events["ts"].to_numpy(dtype="datetime64[ns]")
+    channel = _codes(events["channel"], CHANNELS)
+    user = pl.from_arrow(pa.chunked_array(pa.array(events["user_id"].astype("string"), from_pandas=True)))
+    assert isinstance(user, pl.Series)
+    population_ids = pl.Series(population.astype(str).to_numpy(dtype=object), dtype=pl.String)
+    code = user.replace_strict(population_ids, pl.int_range(len(population), dtype=pl.UInt32, eager=True),
+                               default=None, return_dtype=pl.UInt32)
+    del user
+    frame = pl.DataFrame({
+        "code": code, "ev": _codes(events["event"], EVENT_TYPES), "ts": ts,
+        "amount": events["amount"].to_numpy(dtype=float), "watch_seconds": events["watch_seconds"].to_numpy(dtype=float),
+        "channel": channel, "live": channel == CHANNELS.index("live"),
+    })
+    del code
+    cut = cutoff.to_datetime64().astype("datetime64[ns]")
+    frame = frame.filter(pl.col("code").is_not_null() & (pl.col("ts") < cut))
+    age = (pl.lit(cut) - pl.col("ts")).dt.total_nanoseconds().cast(pl.Float64) / 86_400e9
+    return frame.with_columns(age.alias("age_days")).drop("ts")
+
+
+def _codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:
+    """Positions in ``vocabulary`` (-1 for missing or unknown), from categorical codes when possible."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        lut = np.array([vocabulary.index(c) if c in vocabulary else -1 for c in values.cat.categories] + [-1],
+                       dtype=np.int8)
+        return lut[values.cat.codes.to_numpy()]  # code -1 (missing) picks the trailing -1
+    lut_map = {v: i for i, v in enumerate(vocabulary)}
+    return values.astype(object).map(lut_map).fillna(-1).to_numpy(dtype=np.int8)

@@ -155,11 +155,12 @@ def parse_timestamps(values: pd.Series, *, fmt: str | None = None, unit: str = "
         if is_int.any():  # exact integer path: ms/us/ns epochs keep full precision
             ints = pc.cast(pc.filter(arr, pa.array(is_int)), pa.int64()).to_numpy()
             out[is_int] = _from_epoch(pd.Series(ints), unit).to_numpy()
+        signed = _matches(arr, r"^[+-]")  # '+7', '-3': neither an epoch nor a date (pandas reads them as years)
         numbers, is_num = parse_numbers(text)
-        is_num &= ~is_int
+        is_num &= ~is_int & ~signed
         if is_num.any():
             out[is_num] = _from_epoch(pd.Series(numbers[is_num]), unit).to_numpy()
-        rest &= ~is_int & ~is_num
+        rest &= ~is_int & ~is_num & ~signed
         if rest.any():
             out[rest] = _naive_utc(pd.to_datetime(text[rest], format="ISO8601", utc=True, errors="coerce"))
         return out
@@ -168,7 +169,7 @@ def parse_timestamps(values: pd.Series, *, fmt: str | None = None, unit: str = "
     return out
 
 
-_INT_RE = r"^[+-]?\d{1,18}$"
+_INT_RE = r"^\d{1,18}$"  # epochs carry no sign: '+7' or '-3' is not a point in time
 _NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
