@@ -152,12 +152,15 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
               help="Total users over all merchants.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-def synth(n_merchants: int, n_users: int, seed: int, out_dir: Path) -> None:
+@click.option("--mode", type=click.Choice(["default", "rare-repeat"]), default="default", show_default=True,
+              help="rare-repeat: a long-tail marketplace (a few large sellers, many with a few customers each; "
+                   "1-3% of buyers buy again within 30 days), e.g. --merchants 2000 --users 40000.")
+def synth(n_merchants: int, n_users: int, seed: int, out_dir: Path, mode: str) -> None:
     """Generate synthetic merchant silos (one folder per merchant) and check each one."""
     from fedretain.synth import generate
 
     try:
-        paths = generate(out_dir, n_merchants, n_users, seed)
+        paths = generate(out_dir, n_merchants, n_users, seed, mode=mode)
     except (ValueError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from None
     click.get_current_context().exit(_print_created(Console(), paths, f"Synthetic silos in {out_dir}"))
