@@ -183,7 +183,7 @@ def marketplace_sizes(n_users: int, n_merchants: int, rng: np.random.Generator) 
     large = np.floor(_LARGE_SHARE * n_users * w / w.sum()).astype(np.int64)
     rest = n_users - int(large.sum()) - n_small
     if n_small:
-        w_small = rng.lognormal(0.0, 1.0, n_small)
+        w_small = rng.lognormal(0.0, 0.8, n_small)
         small = 1 + rng.multinomial(rest, w_small / w_small.sum())
     else:
         small = np.zeros(0, np.int64)

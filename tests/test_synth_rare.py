@@ -61,8 +61,8 @@ def test_long_tail_of_small_sellers_and_a_few_large_ones(market):
     assert 1 <= n_large <= 5
     assert sizes[:n_large].sum() >= 0.45 * N_USERS  # a few large sellers hold about half the customers
     small = sizes[n_large:]
-    assert np.median(small) <= 15 and (small <= 5).mean() >= 0.2  # most sellers have a handful
-    assert sizes[n_large] < sizes[n_large - 1] / 4  # a clear gap between the large and the small
+    assert np.median(small) <= 15 and (small <= 5).mean() >= 0.1  # most sellers have a handful or a dozen
+    assert sizes[n_large] < sizes[n_large - 1] / 3  # a clear gap between the large and the small
     ids = [s.merchant["merchant_id"] for s in market]
     assert len(set(ids)) == N_SELLERS and ids[0] == "seller_0000"
     assert {s.merchant["mode"] for s in market} == {"rare-repeat"}
