@@ -86,8 +86,10 @@ def predict(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(probability of buying again within the horizon, predicted spend in the horizon)."""
     model.eval()
     out = model(torch.as_tensor(x, dtype=torch.float32))
-    prob = torch.sigmoid(out[:, 0]).numpy().astype(np.float64)
-    ltv = np.expm1(out[:, 1].clamp(min=0.0, max=20.0).numpy()).astype(np.float64)
+    prob = torch.sigmoid(out[:, 0].double()).numpy()  # float64 before the sigmoid: full precision near 0 and 1
+    # softplus keeps the order of predictions below 0 (most users of a rare-repeat shop): a clamp at 0
+    # would tie them all and destroy the LTV ranking; ≈ expm1(out) for out >> 0.
+    ltv = np.expm1(torch.nn.functional.softplus(out[:, 1].double()).clamp(max=20.0).numpy())
     return prob, ltv
 
 
