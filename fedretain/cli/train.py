@@ -194,21 +194,22 @@ def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None,
     console.print(f"scores written to {out_path} (full precision)")
 
 
-def _money(v: float, currency: str) -> str:
-    return f"{v:,.2f} {currency}".strip()
+def _money(v: float) -> str:
+    return f"{v:,.2f}"
 
 
 def win_back_table(scores: Any, top: int, title: str, currency: str = "") -> Table:
-    """The top of the win-back list, with plain-word headings that are never cut."""
+    """The top of the win-back list, with plain-word headings that fit 80 columns and are never cut."""
+    unit = f"\n({currency})" if currency else ""
     table = Table(title=title)
-    for col, justify in (("rank", "right"), ("customer", "left"), ("chance of leaving", "right"),
-                         ("value if retained", "right"), ("expected value at risk", "right"),
-                         ("past spend", "right"), ("segment", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "customer", overflow="fold")
+    for col, justify in (("rank", "right"), ("customer", "left"), ("chance of\nleaving", "right"),
+                         (f"value if\nretained{unit}", "right"), (f"expected value\nat risk{unit}", "right"),
+                         (f"past\nspend{unit}", "right"), ("segment", "left")):
+        table.add_column(col, justify=justify, no_wrap=col not in ("customer", "segment"), overflow="fold",
+                         min_width={"rank": 4, "segment": 10}.get(col))
     for row in scores.head(top).itertuples():
-        table.add_row(str(row.rank), str(row.user_id), f"{row.churn_probability:.1%}",
-                      _money(row.value_if_retained, currency), _money(row.expected_value_at_risk, currency),
-                      _money(row.past_spend, currency), str(row.segment))
+        table.add_row(str(row.rank), str(row.user_id), f"{row.churn_probability:.1%}", _money(row.value_if_retained),
+                      _money(row.expected_value_at_risk), _money(row.past_spend), str(row.segment))
     return table
 
 
