@@ -41,7 +41,7 @@ DATASETS = ("cdnow-hash", "cdnow-non-iid", "cdnow-power-law", "synth-default", "
 EPSILON = 3.0
 # local DP: clipping norm above most per-customer gradient norms (docs/PRIVACY.md); logreg takes a larger step
 LOCAL_DP = {"mlp": dict(max_grad_norm=10.0, learning_rate=0.01), "logreg": dict(max_grad_norm=10.0, learning_rate=0.05)}
-NON_PRIVATE_LR = {"mlp": None, "logreg": 0.05}  # None: the dataset's learning rate
+NON_PRIVATE_LR = {"mlp": None, "logreg": 0.01}  # None: the dataset's; logreg: SGD at 0.01 × SGD_LR_SCALE
 
 
 def synth_silos(workdir: Path, mode: str, n_merchants: int, n_users: int, seed: int = 0) -> list[Path]:
@@ -66,8 +66,9 @@ def load(name: str, tmp: Path, rounds: int, scale: float):
         s = cdnow_settings(tmp / "unused", rounds)
     else:
         rare = name == "rare-repeat"
-        s = RunSettings(rounds=rounds, local_epochs=2, batch_size=256 if not rare else 128, learning_rate=0.01,
-                        hidden=(64, 32), out_dir=str(tmp / "unused"), consent_at="2026-11-01T00:00:00+00:00")
+        s = RunSettings(rounds=rounds, local_epochs=2, batch_size=128, learning_rate=0.01,
+                        hidden=(64, 32), out_dir=str(tmp / "unused"), consent_at="2026-11-01T00:00:00+00:00",
+                        prior_rate=0.02 if rare else 0.0)  # rare-repeat: the marketplace's known repeat rate
     if cache.is_file():  # --workdir: a rerun reuses the silos, their ledgers and the prepared matrices
         silos, preps = pickle.loads(cache.read_bytes())
     else:

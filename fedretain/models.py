@@ -53,6 +53,10 @@ def make_model(kind: str, n_inputs: int, hidden: Sequence[int] = (64, 32), prior
     few-round federated runs end miscalibrated (high log loss) and behind a logistic regression.
     """
     model = RetentionNet(n_inputs, check_model_kind(kind, hidden))
+    if kind == "logreg":  # convex: no symmetry to break, so start from "no opinion" rather than random weights
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
     if prior_rate:
         if not 0 < prior_rate < 1:
             raise ValueError(f"prior-rate must be in (0, 1), got {prior_rate}")

@@ -72,12 +72,12 @@ def test_prior_rate_starts_calibrated_and_training_beats_a_cold_start():
     cold = make_model("logreg", x.shape[1])
     torch.manual_seed(0)
     warm.head.weight.data.copy_(cold.head.weight.data)
-    cfg = TrainConfig(epochs=2, batch_size=256, learning_rate=0.05)
+    cfg = TrainConfig(epochs=2, batch_size=256, learning_rate=0.005)  # logreg: SGD at 0.005 × SGD_LR_SCALE
     LocalTrainer(cfg).fit(warm, x, y)
     LocalTrainer(cfg).fit(cold, x, y)
     ew, ec = evaluate(warm, x, y), evaluate(cold, x, y)
-    assert ew["log_loss"] < 0.5 * ec["log_loss"]  # a cold start is still walking its bias down from p = 0.5
-    assert ew["auc"] > 0.75
+    assert ew["log_loss"] < 0.6 * ec["log_loss"]  # a cold start is still walking its bias down from p = 0.5
+    assert ew["auc"] > 0.7
     with pytest.raises(ValueError, match="prior-rate"):
         make_model("mlp", 3, prior_rate=2.0)
 
@@ -96,6 +96,15 @@ def test_bk_clipping_covers_logistic_regression():
     torch.testing.assert_close(norms, per_norm, rtol=1e-4, atol=1e-5)
     factor = (0.5 / (per_norm + 1e-6)).clamp(max=1.0)
     torch.testing.assert_close(net.head.weight.grad, (g * factor[:, None]).T @ xt, rtol=1e-4, atol=1e-5)
+
+
+def test_logreg_trains_with_sgd_and_the_mlp_with_adam():
+    """FedAvg of local Adam runs is biased on heterogeneous merchants; the convex model uses plain SGD."""
+    from fedretain.train import SGD_LR_SCALE, make_optimizer
+
+    opt = make_optimizer(make_model("logreg", 4), 0.01)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == pytest.approx(0.01 * SGD_LR_SCALE)
+    assert type(make_optimizer(make_model("mlp", 4, (8,)), 0.01)) is torch.optim.Adam
 
 
 def test_dp_sgd_trains_a_logistic_regression_and_spends_the_budget(tmp_path):
