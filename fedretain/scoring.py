@@ -110,3 +110,21 @@ def fit_money_calibration(bundle: ModelBundle, prepared, horizon_days: float, cu
         raise ValueError("features of labelled users are not finite: cannot calibrate LTV")
     _, raw = predict(bundle.build_model(), bundle.standardizer.transform(x))
     return MoneyCalibration.fit(raw, np.expm1(y[:, 1].astype(np.float64)), horizon_days, currency)
+
+
+def record_scoring_use(ledger, decision, users, feature_names, run_id: str, round_: int, phase: str = "score") -> int:
+    """Append the consent ledger's usage record for scoring (scoring reads the users' data: a use).
+
+    ``ledger`` is the node's open ``ConsentLedger``; ``decision`` the gate decision that admitted
+    ``users``. Written before the scores are, so a failure leaves no unrecorded score file.
+    """
+    from fedretain.features import scopes_read
+
+    users = [str(u) for u in users]
+    scopes = [s for s in scopes_read(feature_names) if s in decision.grants.columns]
+    granted = decision.grants.reindex(pd.Index(users, dtype=decision.grants.index.dtype)).fillna(False)
+    return ledger.record_usage(
+        run_id=run_id or "unknown-run", round=int(round_), purpose=decision.purpose,
+        feature_set=f"{phase}:" + ",".join(feature_names),
+        scope_counts={s: int(granted[s].astype(bool).sum()) for s in scopes}, n_users=len(set(users)),
+        ledger_size=decision.ledger_size, ledger_root=decision.ledger_head, at=decision.at, subjects=users)

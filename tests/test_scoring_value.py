@@ -109,6 +109,22 @@ def test_score_cli_is_readable_and_in_the_shop_currency(trained, synth_silos, tm
         assert heading in out
     assert "EUR over the next 30 days" in out and "dtype" not in out and "Name: count" not in out
     assert "…" not in out  # no truncated column or cell
+    # scoring is a use of the users' data: the node's consent ledger records who was scored, for what
+    scored = pd.read_csv(tmp_path / "s.csv", dtype={"user_id": str})
+    with MerchantNode(NodeConfig.for_silo(silo)).ledger() as ledger:
+        uses = [u for u in ledger.usages() if u.feature_set.startswith("score:")]
+        assert len(uses) == 1 and uses[0].n_users == len(scored) and uses[0].purpose == PURPOSE
+        first = scored["user_id"].iloc[0]
+        assert any(u.feature_set.startswith("score:") for u in ledger.usages(subject=first))
+        assert any(u.feature_set.startswith("score-calibration:") for u in ledger.usages())
+    # back-test: scored as of an earlier day, with fewer customers known by then
+    res = CliRunner().invoke(main, ["score", "--model", str(model), "--data", str(silo), "--out",
+                                    str(tmp_path / "s_asof.csv"), "--as-of", "2026-09-01"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "s_asof.csv")) < len(scored)
+    res = CliRunner().invoke(main, ["score", "--model", str(model), "--data", str(silo), "--out",
+                                    str(tmp_path / "s_late.csv"), "--as-of", "2030-01-01"])
+    assert res.exit_code == 1 and "after the end of this shop's data" in res.output
     (silo / "merchant.json").write_text(json.dumps({**meta, "currency": 12}))
     res = CliRunner().invoke(main, ["score", "--model", str(model), "--data", str(silo), "--out",
                                     str(tmp_path / "s2.csv")])

@@ -154,8 +154,10 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
 @click.option("--purpose", default="retention_modeling", show_default=True)
 @click.option("--churn-threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Rows of the win-back list to print.")
+@click.option("--as-of", "as_of", default=None, type=click.DateTime(["%Y-%m-%d"]),
+              help="Back-test: score with the data before this day (default: the end of the data).")
 def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None, purpose: str,
-          churn_threshold: float, top: int) -> None:
+          churn_threshold: float, top: int, as_of: Any) -> None:
     """Score a merchant's own users with a global model: chance of leaving, value, win-back list.
 
     The list is ranked by expected value at risk (chance of not buying again within the model's
@@ -166,7 +168,9 @@ def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None,
     from fedretain.consent.gate import ConsentError
     from fedretain.ingest import write_table
     from fedretain.models import ModelBundle
-    from fedretain.scoring import Segmenter, fit_money_calibration, merchant_currency, score_users
+    import pandas as pd
+
+    from fedretain.scoring import Segmenter, fit_money_calibration, merchant_currency, record_scoring_use, score_users
 
     try:
         bundle = ModelBundle.load(model_path)
@@ -174,15 +178,24 @@ def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None,
         currency = merchant_currency(node.silo.merchant)
         horizon = float(bundle.meta.get("horizon_days", 30.0))
         names = [c for c in bundle.feature_names if not c.startswith("has_")]
+        cutoff = pd.Timestamp(as_of) if as_of else node.data_end()
+        if cutoff > node.data_end():
+            raise ValueError(f"--as-of {cutoff.date()} is after the end of this shop's data ({node.data_end().date()})")
         try:  # the shop's own factor from its labelled users of the last horizon (local, nothing leaves)
-            calibration = fit_money_calibration(bundle, node.prepare(purpose, names, horizon), horizon, currency)
+            prep = node.prepare(purpose, names, horizon, str(cutoff - pd.Timedelta(days=horizon)))
+            calibration = fit_money_calibration(bundle, prep, horizon, currency)
             note = (f"values in {currency or 'the shop currency'} over the next {horizon:g} days, calibrated on "
                     f"{calibration.n_users} of this shop's customers (×{calibration.scale:.3g})")
         except ValueError as exc:
             calibration = None
             note = f"values NOT calibrated in money ({exc}); use them to rank, not to budget"
         decision, gated = node.gate(purpose)
-        scores = score_users(bundle, gated, node.data_end(), Segmenter(churn_threshold=churn_threshold), calibration)
+        scores = score_users(bundle, gated, cutoff, Segmenter(churn_threshold=churn_threshold), calibration)
+        run_id, rnd = str(bundle.meta.get("run_id", "")), int(bundle.meta.get("round", 0) or 0)
+        with node.ledger() as ledger:  # scoring is a use of the users' data: recorded before any score is written
+            if calibration is not None:
+                record_scoring_use(ledger, prep.decision, prep.used_users, names, run_id, rnd, "score-calibration")
+            record_scoring_use(ledger, decision, scores["user_id"], names, run_id, rnd, "score")
     except (ValueError, FileNotFoundError, ConsentError) as exc:
         raise click.ClickException(str(exc)) from exc
     write_table(scores, out_path)
