@@ -6,8 +6,9 @@ consent are not scored, and the count is reported.
 
 The win-back list ranks by *expected value at risk*: P(not buying again within the horizon) ×
 the value the customer would bring if retained (the model's expected spend given a return,
-``LTV / P(return)``, in the shop's currency once calibrated). Past spend is shown, never ranked
-on: a loyal big spender is valuable but not at risk, and must not lead a win-back list.
+``LTV / P(return)``, in the shop's currency once calibrated), customers at risk (chance of leaving
+at or above the segmenter's threshold) first. Past spend is shown, never ranked on: a loyal big
+spender is valuable but not at risk, and must not lead a win-back list.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def score_users(
     segmenter: Segmenter | None = None,
     calibration: MoneyCalibration | None = None,
 ) -> pd.DataFrame:
-    """One row per admitted buyer, ranked by expected value at risk (full precision; round when showing)."""
+    """One row per admitted buyer: at-risk customers first, each group by expected value at risk (full precision)."""
     segmenter = segmenter or Segmenter()
     feature_names = [c for c in bundle.feature_names if not c.startswith("has_")]
     feats = compute_features(gated, cutoff, feature_names)
@@ -96,8 +97,11 @@ def score_users(
             "segment": segmenter.segment(churn, if_retained, tenure),
         }
     )
-    out = out.sort_values(["expected_value_at_risk", "churn_probability", "user_id"], ascending=[False, False, True],
-                          kind="mergesort")
+    # customers at risk (chance of leaving >= the threshold) first: a loyal big spender's small churn
+    # chance times a large value can exceed a leaving customer's, but a win-back list is for the leaving
+    out["_at_risk"] = churn >= segmenter.churn_threshold
+    out = out.sort_values(["_at_risk", "expected_value_at_risk", "churn_probability", "user_id"],
+                          ascending=[False, False, False, True], kind="mergesort").drop(columns="_at_risk")
     out.insert(0, "rank", np.arange(1, len(out) + 1))
     return out.reset_index(drop=True)[list(SCORE_COLUMNS)]
 

@@ -216,7 +216,7 @@ def win_back_table(scores: Any, top: int, title: str, currency: str = "") -> Tab
     unit = f"\n({currency})" if currency else ""
     table = Table(title=title)
     for col, justify in (("rank", "right"), ("customer", "left"), ("chance of\nleaving", "right"),
-                         (f"value if\nretained{unit}", "right"), (f"expected value\nat risk{unit}", "right"),
+                         (f"value if\nretained{unit}", "right"), (f"value at\nrisk{unit}", "right"),
                          (f"past\nspend{unit}", "right"), ("segment", "left")):
         table.add_column(col, justify=justify, no_wrap=col not in ("customer", "segment"), overflow="fold",
                          min_width={"rank": 4, "segment": 10}.get(col))
