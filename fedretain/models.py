@@ -1,4 +1,9 @@
-"""The retention model: a small MLP with a churn head and an LTV head.
+"""The retention models: a small MLP, or a logistic regression, with a churn head and an LTV head.
+
+``model = "logreg"`` is the same network without hidden layers: one ``nn.Linear`` from the
+standardised features to [retention logit, log1p(LTV)], i.e. a logistic regression and a
+linear regression sharing one parameter vector — so FedAvg/FedProx, the flat-array protocol,
+DP-SGD's book-keeping clipping and the aggregate mode all work on it unchanged.
 
 No BatchNorm (Opacus cannot clip per-sample gradients through it) and one output
 layer of width 2 — column 0 is the logit of "buys again within the horizon",
@@ -18,6 +23,52 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+
+MODEL_KINDS = ("mlp", "logreg")
+
+
+def check_model_kind(kind: str, hidden: Sequence[int]) -> tuple[int, ...]:
+    """The hidden widths a model kind uses (logreg: none); refuses unknown kinds and an MLP without layers."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+    if kind == "logreg":
+        return ()
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"model mlp needs at least one hidden layer of width >= 1, got hidden={list(hidden)}")
+    return hidden
+
+
+def model_kind(hidden: Sequence[int]) -> str:
+    """The kind a network's hidden widths make: no hidden layer is a logistic regression."""
+    return "mlp" if len(tuple(hidden)) else "logreg"
+
+
+def make_model(kind: str, n_inputs: int, hidden: Sequence[int] = (64, 32), prior_rate: float = 0.0) -> "RetentionNet":
+    """A fresh network of ``kind`` (``hidden`` is ignored for logreg).
+
+    ``prior_rate`` > 0 starts the retention logit at that repeat rate (``prior_bias``): with 1-3 %
+    positives a model started at p = 0.5 spends its first rounds only walking its bias down, and
+    few-round federated runs end miscalibrated (high log loss) and behind a logistic regression.
+    """
+    model = RetentionNet(n_inputs, check_model_kind(kind, hidden))
+    if kind == "logreg":  # convex: no symmetry to break, so start from "no opinion" rather than random weights
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+    if prior_rate:
+        if not 0 < prior_rate < 1:
+            raise ValueError(f"prior-rate must be in (0, 1), got {prior_rate}")
+        prior_bias(model, prior_rate)
+    return model
+
+
+def prior_bias(model: "RetentionNet", base_rate: float) -> None:
+    """Start the retention logit at the base rate's log-odds (rare positives: no long walk from p = 0.5)."""
+    p = min(max(float(base_rate), 1e-4), 1 - 1e-4)
+    with torch.no_grad():
+        model.head.bias[0] = float(np.log(p / (1 - p)))
 
 
 class RetentionNet(nn.Module):
@@ -97,9 +148,14 @@ class ModelBundle:
     standardizer: Standardizer
     hidden: tuple[int, ...] = (64, 32)
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""  # "mlp" | "logreg"; empty: from ``hidden`` (no hidden layer = logreg)
+
+    def __post_init__(self) -> None:
+        self.kind = self.kind or model_kind(self.hidden)
+        self.hidden = check_model_kind(self.kind, self.hidden)
 
     def build_model(self) -> RetentionNet:
-        model = RetentionNet(len(self.feature_names), self.hidden)
+        model = make_model(self.kind, len(self.feature_names), self.hidden)
         model.load_state_dict(self.state_dict)
         model.eval()
         return model
@@ -115,6 +171,7 @@ class ModelBundle:
             "mean": self.standardizer.mean.tolist(),
             "std": self.standardizer.std.tolist(),
             "hidden": list(self.hidden),
+            "model": self.kind,
             "meta": self.meta,
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -138,10 +195,14 @@ class ModelBundle:
             raise ValueError(f"{path}: not a readable fedretain checkpoint ({exc})") from exc
         if not isinstance(payload, dict) or payload.get("format") != "fedretain-model/1":
             raise ValueError(f"{path}: not a fedretain model checkpoint (missing format tag)")
-        return cls(
-            state_dict=payload["state_dict"],
-            feature_names=list(payload["feature_names"]),
-            standardizer=Standardizer(np.asarray(payload["mean"]), np.asarray(payload["std"])),
-            hidden=tuple(payload["hidden"]),
-            meta=dict(payload.get("meta", {})),
-        )
+        try:
+            return cls(
+                state_dict=payload["state_dict"],
+                feature_names=list(payload["feature_names"]),
+                standardizer=Standardizer(np.asarray(payload["mean"]), np.asarray(payload["std"])),
+                hidden=tuple(payload["hidden"]),
+                meta=dict(payload.get("meta", {})),
+                kind=str(payload.get("model", "")),  # checkpoints before model kinds: inferred from hidden
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a usable fedretain checkpoint ({exc})") from exc

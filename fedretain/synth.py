@@ -25,6 +25,12 @@ cutoff 30 days before the end of ``data_end`` (checked from the files in ``tests
   0.26..0.29 for ``organic``;
 * members (tier != none) about 1.9x as likely to repeat as non-members;
 * held-out AUC 0.83..0.84 for a logistic regression on simple RFM + engagement features (RFM alone ~0.77).
+
+``mode="rare-repeat"`` is a long-tail marketplace instead: thousands of small sellers with a few
+customers each beside a few large ones (``marketplace_sizes``), and buyers who rarely come back
+(purchase rate × ``_RARE_RATE``, churn hazard × ``_RARE_CHURN``): the 30-day repeat-purchase rate
+is 1..3 % (checked in ``tests/test_synth_rare.py``), the regime where a plain logistic regression
+is hard to beat and a model must handle rare positives.
 """
 
 from __future__ import annotations
@@ -116,6 +122,11 @@ _SCOPE_P = {
     "ltv_modeling": dict(zip(_SCOPE_KEYS, (0.98, 0.60, 0.60, 0.25, 0.35, 0.20, 0.05), strict=True)),
 }
 _WITHDRAW_RATE = 0.04
+MODES = ("default", "rare-repeat")
+# rare-repeat marketplace: fewer repeat purchases, shorter active spells, a few large sellers
+_RARE_RATE = 0.045
+_RARE_CHURN = 2.0
+_LARGE_SHARE = 0.5  # share of customers held by the large sellers
 _EXPIRING_RATE = 0.03
 
 
@@ -148,25 +159,59 @@ def merchant_sizes(n_users: int, n_merchants: int, rng: np.random.Generator, min
     return sizes
 
 
-def make_profiles(n_merchants: int, rng: np.random.Generator) -> list[MerchantProfile]:
+def n_large_sellers(n_merchants: int) -> int:
+    """How many large sellers a marketplace of ``n_merchants`` has: a few (1..5), one per ~100 sellers."""
+    return int(np.clip(n_merchants // 100, 1, 5))
+
+
+def marketplace_sizes(n_users: int, n_merchants: int, rng: np.random.Generator) -> np.ndarray:
+    """Long-tail marketplace sizes summing to ``n_users``, largest first.
+
+    A few large sellers (``n_large_sellers``) share ``_LARGE_SHARE`` of the customers (rank^-1);
+    every other seller gets one customer plus a log-normal share of the rest, so most hold a
+    handful and a few small ones a few dozen.
+    """
+    if n_merchants < 1:
+        raise ValueError(f"n_merchants must be >= 1, got {n_merchants}")
+    if n_users < 2 * n_merchants:
+        raise ValueError(f"n_users ({n_users}) must be >= 2 x n_merchants ({n_merchants}) in rare-repeat mode")
+    if n_merchants == 1:
+        return np.array([n_users], dtype=np.int64)
+    n_large = n_large_sellers(n_merchants)
+    n_small = n_merchants - n_large
+    w = 1.0 / np.arange(1, n_large + 1)
+    large = np.floor(_LARGE_SHARE * n_users * w / w.sum()).astype(np.int64)
+    rest = n_users - int(large.sum()) - n_small
+    if n_small:
+        w_small = rng.lognormal(0.0, 0.8, n_small)
+        small = 1 + rng.multinomial(rest, w_small / w_small.sum())
+    else:
+        small = np.zeros(0, np.int64)
+    sizes = np.sort(np.concatenate([large, small]).astype(np.int64))[::-1]
+    sizes[0] += n_users - sizes.sum()
+    return sizes
+
+
+def make_profiles(n_merchants: int, rng: np.random.Generator, mode: str = "default") -> list[MerchantProfile]:
     """One profile per merchant: categories cycle, every knob gets a little per-merchant jitter."""
+    rare = mode == "rare-repeat"
     out = []
     for k in range(n_merchants):
         (cat, subs, price, psig, loy, prate, eng, watch, cmix, kmix, refund) = _CATEGORIES[k % len(_CATEGORIES)]
         j = rng.normal(size=6)
-        mid = f"merchant_{k:02d}"
+        mid = f"seller_{k:04d}" if rare else f"merchant_{k:02d}"
         c0 = float(np.clip(_CONSENT_RATES[k % len(_CONSENT_RATES)] + 0.02 * j[5], 0.55, 0.85))
         out.append(
             MerchantProfile(
                 merchant_id=mid,
-                name=f"{cat.title()} shop {k:02d}",
+                name=f"{cat.title()} seller {k:04d}" if rare else f"{cat.title()} shop {k:02d}",
                 category=cat,
                 subcategories=subs,
                 price_median=round(price * float(np.exp(0.15 * j[0])), 2),
                 price_sigma=psig,
                 loyalty=loy + 0.05 * float(j[1]),
-                purchase_rate=_RATE_SCALE * prate,
-                churn_rate=_CHURN,
+                purchase_rate=_RATE_SCALE * prate * (_RARE_RATE if rare else 1.0),
+                churn_rate=_CHURN * (_RARE_CHURN if rare else 1.0),
                 engagement=eng * float(np.exp(0.1 * j[2])),
                 views_per_day=0.1,
                 watch_median=float(watch),
@@ -327,17 +372,19 @@ def _consent(p: MerchantProfile, user_ids: np.ndarray, first_s: np.ndarray, end_
 
 
 def simulate(n_merchants: int = 5, n_users: int = 20_000, seed: int = 0, *, data_end: str = "2026-10-31",
-             days: int = 180) -> list[SyntheticSilo]:
+             days: int = 180, mode: str = "default") -> list[SyntheticSilo]:
     """Generate the merchants in memory (see ``generate`` for the files). Deterministic for a seed."""
     if days < 1:
         raise ValueError(f"days must be >= 1, got {days}")
+    if mode not in MODES:
+        raise ValueError(f"unknown synthetic mode {mode!r}; choose one of {', '.join(MODES)}")
     last_day = pd.Timestamp(data_end).normalize()
     start = last_day + pd.Timedelta(days=1 - days)  # ``days`` whole days, the last one being data_end
     seqs = np.random.SeedSequence(seed).spawn(n_merchants + 1)
     top = np.random.default_rng(seqs[0])
-    sizes = merchant_sizes(n_users, n_merchants, top)
+    sizes = (marketplace_sizes if mode == "rare-repeat" else merchant_sizes)(n_users, n_merchants, top)
     silos = []
-    for p, n, sq in zip(make_profiles(n_merchants, top), sizes, seqs[1:], strict=True):
+    for p, n, sq in zip(make_profiles(n_merchants, top, mode), sizes, seqs[1:], strict=True):
         rng = np.random.default_rng(sq)
         (u, t, ev, amount, watch, item, ch), attrs = _simulate(p, int(n), rng, float(days))
         secs = np.minimum((t * _SEC_PER_DAY).astype(np.int64), days * _SEC_PER_DAY - 1)  # on or before data_end
@@ -364,7 +411,7 @@ def simulate(n_merchants: int = 5, n_users: int = 20_000, seed: int = 0, *, data
         consent = _consent(p, ids, first + base, base + days * _SEC_PER_DAY, rng)
         merchant = {"merchant_id": p.merchant_id, "name": p.name, "category": p.category,
                     "data_end": last_day.strftime("%Y-%m-%d"), "source": "synthetic", "seed": seed,
-                    "window_days": days, "n_users": int(n)}
+                    "window_days": days, "n_users": int(n), "mode": mode}
         silos.append(SyntheticSilo(merchant, events[list(EVENT_COLUMN_NAMES)], users[list(USER_COLUMN_NAMES)], consent))
     return silos
 
@@ -404,7 +451,7 @@ def write_silo(path: str | os.PathLike, merchant: dict, events: pd.DataFrame, us
 
 
 def generate(out_dir: str | os.PathLike, n_merchants: int = 5, n_users: int = 20_000, seed: int = 0, *,
-             data_end: str = "2026-10-31", days: int = 180) -> list[Path]:
+             data_end: str = "2026-10-31", days: int = 180, mode: str = "default") -> list[Path]:
     """Write ``out_dir/merchant_00`` ... (largest first); return the silo folders.
 
     ``n_users`` is the total over merchants. ``data_end`` is inclusive (a whole day, as a node reads
@@ -412,4 +459,4 @@ def generate(out_dir: str | os.PathLike, n_merchants: int = 5, n_users: int = 20
     """
     out = Path(out_dir)
     return [write_silo(out / s.merchant["merchant_id"], s.merchant, s.events, s.users, s.consent)
-            for s in simulate(n_merchants, n_users, seed, data_end=data_end, days=days)]
+            for s in simulate(n_merchants, n_users, seed, data_end=data_end, days=days, mode=mode)]

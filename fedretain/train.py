@@ -45,8 +45,27 @@ def to_targets(repurchase: np.ndarray, spend: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(repurchase, np.float32), np.log1p(np.asarray(spend, np.float32))], axis=1)
 
 
+SGD_LR_SCALE = 20.0  # a logistic regression's SGD step is learning-rate × this (see make_optimizer)
+
+
+def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    """Adam for the MLP; plain SGD with ``learning_rate × SGD_LR_SCALE`` for a logistic regression.
+
+    Why SGD for the convex model: FedAvg of local *Adam* runs on heterogeneous merchants converges
+    to a biased point — Adam rescales every node's steps to about ``lr`` per coordinate whatever its
+    gradient, so a seller with 3 customers pulls as hard per step as one with 3,000. Local SGD steps
+    are proportional to the gradient, and their example-weighted mean approaches the pooled optimum
+    (bench/bench_models.py: synthetic default 0.804 → 0.811 AUC against 0.813 for a pooled LR). The
+    scale keeps one run learning rate meaningful for both (0.01 → 0.2: standardised features give
+    gradients ~20× smaller than Adam's unit-size steps).
+    """
+    if len(getattr(model, "hidden", (0,))) == 0:
+        return torch.optim.SGD(model.parameters(), lr=learning_rate * SGD_LR_SCALE)
+    return torch.optim.Adam(model.parameters(), lr=learning_rate)
+
+
 class LocalTrainer:
-    """Mini-batch Adam on the node's own training users."""
+    """Mini-batch Adam (SGD for a logistic regression) on the node's own training users."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -61,7 +80,7 @@ class LocalTrainer:
         xt = torch.as_tensor(x, dtype=torch.float32)
         yt = torch.as_tensor(y, dtype=torch.float32)
         criterion = RetentionLoss(cfg.ltv_weight)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        optimizer = make_optimizer(model, cfg.learning_rate)
         model.train()
         total, seen, steps = 0.0, 0, 0
         for _ in range(cfg.epochs):
@@ -86,8 +105,10 @@ def predict(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(probability of buying again within the horizon, predicted spend in the horizon)."""
     model.eval()
     out = model(torch.as_tensor(x, dtype=torch.float32))
-    prob = torch.sigmoid(out[:, 0]).numpy().astype(np.float64)
-    ltv = np.expm1(out[:, 1].clamp(min=0.0, max=20.0).numpy()).astype(np.float64)
+    prob = torch.sigmoid(out[:, 0].double()).numpy()  # float64 before the sigmoid: full precision near 0 and 1
+    # softplus keeps the order of predictions below 0 (most users of a rare-repeat shop): a clamp at 0
+    # would tie them all and destroy the LTV ranking; ≈ expm1(out) for out >> 0.
+    ltv = np.expm1(torch.nn.functional.softplus(out[:, 1].double()).clamp(max=20.0).numpy())
     return prob, ltv
 
 

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedretain.features import feature_columns
-from fedretain.models import ModelBundle, RetentionNet, Standardizer
+from fedretain.models import ModelBundle, RetentionNet, Standardizer, make_model
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
 from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
@@ -256,7 +256,7 @@ class FederatedTraining:
             "num_examples": int(sum(r.metrics.get("num-examples", 0) for r in info if r.ok)),
         }
         torch.manual_seed(s.seed)
-        model = RetentionNet(len(self.columns), s.hidden)
+        model = make_model(s.model, len(self.columns), s.hidden, s.prior_rate)
         record.save()
         return record, model_arrays(model.state_dict()), scaler, 1
 

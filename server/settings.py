@@ -12,6 +12,7 @@ from typing import Any
 
 from fedretain.consent.vocab import check_purpose
 from fedretain.features import DEFAULT_FEATURES, check_features
+from fedretain.models import MODEL_KINDS, check_model_kind
 
 STRATEGIES = ("fedavg", "fedprox")
 DP_MODES = ("none", "local", "central", "aggregate")
@@ -32,6 +33,8 @@ class RunSettings:
     cutoff: str = ""  # feature cutoff (server's choice); consent is evaluated at each node's own clock
     features: tuple[str, ...] = DEFAULT_FEATURES
     hidden: tuple[int, ...] = (64, 32)
+    model: str = "mlp"  # one of MODEL_KINDS; logreg has no hidden layers (hidden is set to ())
+    prior_rate: float = 0.0  # > 0: start the retention logit at this repeat rate (rare repeat purchases)
     min_nodes: int = 2
     fraction_train: float = 1.0
     round_timeout: float = 600.0
@@ -68,6 +71,11 @@ class RunSettings:
             raise ValueError(f"person-epsilon-cap must be >= 0 (0: no cap), got {self.person_epsilon_cap}")
         check_purpose(self.purpose)
         check_features(self.features)
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+        object.__setattr__(self, "hidden", check_model_kind(self.model, self.hidden))
+        if not 0 <= self.prior_rate < 1:
+            raise ValueError(f"prior-rate must be in [0, 1), got {self.prior_rate}")
 
     # Flower run_config keys (kebab-case, as in pyproject's [tool.flwr.app.config])
     _KEYS = {
@@ -80,6 +88,7 @@ class RunSettings:
         "seed": "seed", "dp-mode": "dp_mode", "target-epsilon": "target_epsilon",
         "target-delta": "target_delta", "max-grad-norm": "max_grad_norm",
         "max-merchants-per-person": "max_merchants_per_person", "person-epsilon-cap": "person_epsilon_cap",
+        "model": "model", "prior-rate": "prior_rate",
     }
 
     @classmethod
@@ -106,7 +115,8 @@ class RunSettings:
             if name in kwargs:
                 kwargs[name] = typ(kwargs[name])
         for name in ("proximal_mu", "learning_rate", "horizon_days", "fraction_train", "round_timeout",
-                     "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm", "person_epsilon_cap"):
+                     "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm", "person_epsilon_cap",
+                     "prior_rate"):
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
         if "resume" in kwargs:

@@ -123,7 +123,8 @@ def test_scoring_ranks_consented_buyers(run, tmp_path):
     assert res.exit_code == 0, res.output
     scores = pd.read_csv(out)
     assert list(scores["rank"]) == list(range(1, len(scores) + 1))
-    assert scores["win_back_priority"].is_monotonic_decreasing
+    at_risk = scores["churn_probability"] >= 0.6
+    assert scores.loc[at_risk, "expected_value_at_risk"].is_monotonic_decreasing and not at_risk.iloc[at_risk.sum():].any()
     assert scores["churn_probability"].between(0, 1).all() and (scores["predicted_ltv"] >= 0).all()
     assert set(scores["segment"]) <= {"high-value at risk", "low-value at risk", "loyal", "active", "new"}
     assert "Win-back list" in res.output

@@ -265,14 +265,19 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
               show_default=True,
               help="events: the canonical tables; orderlines / marketplace: a shop's own export files plus "
                    "the mapping.json that reads them (and truth.csv with purchases and spend per customer).")
-def synth(n_merchants: int, n_users: int, seed: int, out_dir: Path, shape: str) -> None:
+@click.option("--mode", type=click.Choice(["default", "rare-repeat"]), default="default", show_default=True,
+              help="rare-repeat: a long-tail marketplace (a few large sellers, many with a few customers each; "
+                   "1-3% of buyers buy again within 30 days), e.g. --merchants 2000 --users 40000.")
+def synth(n_merchants: int, n_users: int, seed: int, out_dir: Path, shape: str, mode: str) -> None:
     """Generate synthetic merchant silos (one folder per merchant) and check each one."""
     try:
         if shape == "events":
             from fedretain.synth import generate
 
-            paths = generate(out_dir, n_merchants, n_users, seed)
+            paths = generate(out_dir, n_merchants, n_users, seed, mode=mode)
         else:
+            if mode != "default":
+                raise click.UsageError("--mode rare-repeat writes canonical silos: use it with --shape events")
             from fedretain.synth_exports import generate_exports
 
             paths = generate_exports(out_dir, shape, n_merchants, n_users, seed)

@@ -80,6 +80,10 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
               help="Folder of merchant silos (one virtual node each).")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
+@click.option("--model", type=click.Choice(["mlp", "logreg"]), default="mlp", show_default=True,
+              help="mlp: small neural network (hidden layers 64,32); logreg: logistic regression (no hidden layers).")
+@click.option("--prior-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Start the model at this repeat-purchase rate (e.g. 0.02 when few buyers come back); 0: at 0.5.")
 @click.option("--proximal-mu", default=0.0, show_default=True, type=float, help="FedProx μ (needs --strategy fedprox).")
 @click.option("--local-epochs", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
@@ -160,31 +164,86 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
 @click.option("--consent-db", type=click.Path(path_type=Path), default=None, help="Default: SILO/.node/consent.db")
 @click.option("--purpose", default="retention_modeling", show_default=True)
 @click.option("--churn-threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--top", default=10, show_default=True, type=int, help="Rows of the win-back list to print.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Rows of the win-back list to print.")
+@click.option("--as-of", "as_of", default=None, type=click.DateTime(["%Y-%m-%d"]),
+              help="Back-test: score with the data before this day (default: the end of the data).")
 def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None, purpose: str,
-          churn_threshold: float, top: int) -> None:
-    """Score a merchant's own users with a global model: churn risk, LTV, segment, win-back rank."""
+          churn_threshold: float, top: int, as_of: Any) -> None:
+    """Score a merchant's own users with a global model: chance of leaving, value, win-back list.
+
+    The list is ranked by expected value at risk (chance of not buying again within the model's
+    horizon × the value the customer would bring if retained), in the shop's currency
+    (merchant.json "currency") once calibrated on the shop's own last horizon.
+    """
     from fedretain.clients.node import MerchantNode, NodeConfig
     from fedretain.consent.gate import ConsentError
     from fedretain.ingest import write_table
     from fedretain.models import ModelBundle
-    from fedretain.scoring import Segmenter, score_users
+    import pandas as pd
+
+    from fedretain.scoring import Segmenter, fit_money_calibration, merchant_currency, record_scoring_use, score_users
 
     try:
         bundle = ModelBundle.load(model_path)
         node = MerchantNode(NodeConfig.for_silo(silo, consent_db=consent_db))
+        currency = merchant_currency(node.silo.merchant)
+        horizon = float(bundle.meta.get("horizon_days", 30.0))
+        names = [c for c in bundle.feature_names if not c.startswith("has_")]
+        cutoff = pd.Timestamp(as_of) if as_of else node.data_end()
+        if cutoff > node.data_end():
+            raise ValueError(f"--as-of {cutoff.date()} is after the end of this shop's data ({node.data_end().date()})")
+        try:  # the shop's own factor from its labelled users of the last horizon (local, nothing leaves)
+            prep = node.prepare(purpose, names, horizon, str(cutoff - pd.Timedelta(days=horizon)))
+            calibration = fit_money_calibration(bundle, prep, horizon, currency)
+            note = (f"values in {currency or 'the shop currency'} over the next {horizon:g} days, calibrated on "
+                    f"{calibration.n_users} of this shop's customers (×{calibration.scale:.3g})")
+        except ValueError as exc:
+            calibration = None
+            note = f"values NOT calibrated in money ({exc}); use them to rank, not to budget"
         decision, gated = node.gate(purpose)
-        scores = score_users(bundle, gated, node.data_end(), Segmenter(churn_threshold=churn_threshold))
+        scores = score_users(bundle, gated, cutoff, Segmenter(churn_threshold=churn_threshold), calibration)
+        run_id, rnd = str(bundle.meta.get("run_id", "")), int(bundle.meta.get("round", 0) or 0)
+        with node.ledger() as ledger:  # scoring is a use of the users' data: recorded before any score is written
+            if calibration is not None:
+                record_scoring_use(ledger, prep.decision, prep.used_users, names, run_id, rnd, "score-calibration")
+            record_scoring_use(ledger, decision, scores["user_id"], names, run_id, rnd, "score")
     except (ValueError, FileNotFoundError, ConsentError) as exc:
         raise click.ClickException(str(exc)) from exc
     write_table(scores, out_path)
-    table = Table(title=f"Win-back list: top {top} of {len(scores)} scored users "
-                        f"({decision.n_excluded} without consent for {purpose} not scored)")
-    for col in ("rank", "user_id", "churn_probability", "predicted_ltv", "past_spend", "segment"):
-        table.add_column(col)
+    console.print(win_back_table(scores, top, f"Win-back list: top {min(top, len(scores))} of {len(scores)} scored "
+                                              f"customers ({decision.n_excluded} without consent for {purpose} "
+                                              f"not scored)", currency))
+    console.print(note)
+    console.print(segment_table(scores))
+    console.print(f"scores written to {out_path} (full precision)")
+
+
+def _money(v: float) -> str:
+    return f"{v:,.2f}"
+
+
+def win_back_table(scores: Any, top: int, title: str, currency: str = "") -> Table:
+    """The top of the win-back list, with plain-word headings that fit 80 columns and are never cut."""
+    unit = f"\n({currency})" if currency else ""
+    table = Table(title=title)
+    for col, justify in (("rank", "right"), ("customer", "left"), ("chance of\nleaving", "right"),
+                         (f"value if\nretained{unit}", "right"), (f"value at\nrisk{unit}", "right"),
+                         (f"past\nspend{unit}", "right"), ("segment", "left")):
+        table.add_column(col, justify=justify, no_wrap=col not in ("customer", "segment"), overflow="fold",
+                         min_width={"rank": 4, "segment": 10}.get(col))
     for row in scores.head(top).itertuples():
-        table.add_row(str(row.rank), row.user_id, f"{row.churn_probability:.3f}", f"{row.predicted_ltv:.2f}",
-                      f"{row.past_spend:.2f}", row.segment)
-    console.print(table)
-    console.print(scores["segment"].value_counts().to_string())
-    console.print(f"scores written to {out_path}")
+        table.add_row(str(row.rank), str(row.user_id), f"{row.churn_probability:.1%}", _money(row.value_if_retained),
+                      _money(row.expected_value_at_risk), _money(row.past_spend), str(row.segment))
+    return table
+
+
+def segment_table(scores: Any) -> Table:
+    """Customers per segment, as a table (not a pandas dump)."""
+    table = Table(title="Customers per segment")
+    table.add_column("segment")
+    table.add_column("customers", justify="right")
+    table.add_column("share", justify="right")
+    counts = scores["segment"].value_counts()
+    for seg, n in counts.items():
+        table.add_row(str(seg), str(int(n)), f"{n / max(len(scores), 1):.0%}")
+    return table

@@ -1,0 +1,282 @@
+"""Which model: centralized logistic regression vs federated LR vs federated MLP, with and without DP.
+
+    python bench/bench_models.py [--datasets cdnow-hash,...,rare-repeat] [--rounds 10] [--dp local,aggregate]
+
+Datasets: CDNOW in 10 silos (``hash``, ``non-iid``, ``power-law`` splits; the issue-2 protocol of
+``cdnow_protocol``), the synthetic default (5 merchants) and the rare-repeat marketplace (a few
+large sellers and a long tail of sellers with a few customers each; 1-3 % repeat rate).
+
+Rows per dataset: ``central LR`` (scikit-learn on the pooled training customers — the yardstick
+pooling is exactly what fedretain avoids), ``fed LR`` and ``fed MLP`` (FedAvg of ``LocalTrainer``
+updates, federated standardisation moments), each also at ε = 3 with local DP-SGD (``DPTrainer``,
+each node's real budget ledger) and, with ``--dp aggregate``, in aggregate mode (one DP-SGD step
+per round over all merchants, ``bench_dp_utility.run_aggregate``). Every model is scored on the
+pooled held-out customers: AUC, log loss, LTV normalized Gini and LTV mean-calibration ratio (the
+money factor of ``fedretain.ltv`` fitted on the pooled *training* customers' two sums).
+
+The federation loop runs in this process (the same trainers and example-weighted mean as
+Flower's FedAvg; ``tests/test_simulation.py`` runs them through Flower). Targets (issue 12): the
+best federated non-private model within 0.01 AUC of central LR on every dataset, the best ε = 3
+model within 0.02. Writes ``bench/out/models.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdnow_protocol import REPO, make_silos, prepared, settings as cdnow_settings
+
+PURPOSE = "retention_modeling"
+DATASETS = ("cdnow-hash", "cdnow-non-iid", "cdnow-power-law", "synth-default", "rare-repeat")
+EPSILON = 3.0
+# local DP: clipping norm above most per-customer gradient norms (docs/PRIVACY.md); logreg takes a larger step
+LOCAL_DP = {"mlp": dict(max_grad_norm=10.0, learning_rate=0.01), "logreg": dict(max_grad_norm=10.0, learning_rate=0.05)}
+NON_PRIVATE_LR = {"mlp": None, "logreg": 0.01}  # None: the dataset's; logreg: SGD at 0.01 × SGD_LR_SCALE
+
+
+def synth_silos(workdir: Path, mode: str, n_merchants: int, n_users: int, seed: int = 0) -> list[Path]:
+    from fedretain.clients.provision import provision_node
+    from fedretain.synth import generate
+
+    silos = generate(workdir, n_merchants, n_users, seed, mode=mode)
+    for s in silos:
+        provision_node(s)
+    return silos
+
+
+def load(name: str, tmp: Path, rounds: int, scale: float):
+    """(silos, run settings, per-node prepared data) of one dataset; kept in ``tmp/name`` for reruns."""
+    import pickle
+
+    from fedretain.server.settings import RunSettings
+
+    folder = tmp / f"{name}-x{scale:g}"
+    cache = folder / "prepared.pkl"
+    if name.startswith("cdnow-"):
+        s = cdnow_settings(tmp / "unused", rounds)
+    else:
+        rare = name == "rare-repeat"
+        s = RunSettings(rounds=rounds, local_epochs=2, batch_size=128, learning_rate=0.01,
+                        hidden=(64, 32), out_dir=str(tmp / "unused"), consent_at="2026-11-01T00:00:00+00:00",
+                        prior_rate=0.02 if rare else 0.0)  # rare-repeat: the marketplace's known repeat rate
+    if cache.is_file():  # --workdir: a rerun reuses the silos, their ledgers and the prepared matrices
+        silos, preps = pickle.loads(cache.read_bytes())
+    else:
+        if name.startswith("cdnow-"):
+            silos = make_silos(folder, 10, name.removeprefix("cdnow-"))
+        else:
+            silos = synth_silos(folder, "rare-repeat" if rare else "default", int((400 if rare else 5) * scale),
+                                int((16_000 if rare else 10_000) * scale))
+        preps = prepared(silos, s)
+        cache.write_bytes(pickle.dumps((silos, preps)))
+    keep = [(silo, p) for silo, p in zip(silos, preps) if len(p.x_train)]  # a seller with no train buyer sits out
+    return [k[0] for k in keep], s, [k[1] for k in keep]
+
+
+def nodes_of(silos, preps):
+    from fedretain.models import Standardizer
+
+    count = sum(len(p.x_train) for p in preps)
+    scaler = Standardizer.from_moments(count, sum(p.x_train.sum(axis=0) for p in preps),
+                                       sum((p.x_train ** 2).sum(axis=0) for p in preps))  # federated moments
+    return [dict(name=silo.name, ledger=silo / ".node" / "privacy.db", x=scaler.transform(p.x_train), y=p.y_train,
+                 xt=scaler.transform(p.x_test), yt=p.y_test) for silo, p in zip(silos, preps)]
+
+
+def fedavg(nodes, s, kind: str, seed: int, trainer_for) -> torch.nn.Module:
+    """Rounds of: every node trains a copy of the global model; example-weighted mean (Flower's FedAvg)."""
+    from fedretain.models import make_model
+
+    torch.manual_seed(seed)
+    model = make_model(kind, nodes[0]["x"].shape[1], s.hidden or (64, 32), s.prior_rate)
+    for rnd in range(1, s.rounds + 1):
+        states, weights = [], []
+        for i, n in enumerate(nodes):
+            local = copy.deepcopy(model)
+            res = trainer_for(i, rnd).fit(local, n["x"], n["y"], [p.detach().clone() for p in model.parameters()])
+            states.append(local.state_dict())
+            weights.append(res.num_examples)
+        w = np.asarray(weights, float) / sum(weights)
+        model.load_state_dict({k: sum(wi * st[k] for wi, st in zip(w, states)) for k in states[0]})
+    return model
+
+
+def run_none(nodes, s, kind, seed):
+    from fedretain.train import LocalTrainer, TrainConfig
+
+    lr = NON_PRIVATE_LR[kind] or s.learning_rate
+    return fedavg(nodes, s, kind, seed, lambda i, r: LocalTrainer(TrainConfig(
+        epochs=s.local_epochs, batch_size=s.batch_size, learning_rate=lr, seed=seed * 7919 + r * 101 + i)))
+
+
+def run_local(nodes, s, kind, seed, run_id):
+    from fedretain.privacy.dp_trainer import DPConfig, DPTrainer
+    from fedretain.train import TrainConfig
+
+    hp = LOCAL_DP[kind]
+    cfg = TrainConfig(epochs=s.local_epochs, batch_size=s.batch_size, learning_rate=hp["learning_rate"])
+    return fedavg(nodes, s, kind, seed, lambda i, r: DPTrainer(
+        cfg, DPConfig(EPSILON, max_grad_norm=hp["max_grad_norm"], total_rounds=s.rounds,
+                      noise_seed=seed * 1_000_003 + r * 1009 + i), nodes[i]["ledger"], run_id, PURPOSE, r))
+
+
+def run_aggregate(nodes, s, kind, seed, run_id):
+    from bench_dp_utility import run_aggregate as agg
+
+    return agg(nodes, s, seed, EPSILON, run_id)[0]
+
+
+def set_budgets(nodes) -> None:
+    from fedretain.privacy.budget import BudgetLedger
+
+    for n in nodes:
+        with BudgetLedger.open(n["ledger"], create=True) as ledger:
+            ledger.set_budget(PURPOSE, 1e4, note="bench_models")  # the bench composes many runs
+
+
+def scores(nodes, predict_fn) -> dict:
+    """Pooled held-out metrics; LTV money factor from the pooled training customers' two sums."""
+    from fedretain.ltv import calibration_ratio, normalized_gini
+    from fedretain.metrics import log_loss, roc_auc
+
+    p_tr, v_tr = predict_fn(np.concatenate([n["x"] for n in nodes]))
+    ytr = np.concatenate([n["y"] for n in nodes])
+    p, v = predict_fn(np.concatenate([n["xt"] for n in nodes]))
+    yt = np.concatenate([n["yt"] for n in nodes])
+    spend_tr, spend = np.expm1(ytr[:, 1]), np.expm1(yt[:, 1])
+    k = spend_tr.sum() / max(v_tr.sum(), 1e-12)
+    return {"auc": roc_auc(yt[:, 0], p), "log_loss": log_loss(yt[:, 0], p), "mean_pred": float(p.mean()),
+            "base_rate": float(yt[:, 0].mean()), "ltv_gini": normalized_gini(spend, v),
+            "ltv_ratio_raw": calibration_ratio(spend, v), "ltv_ratio": calibration_ratio(spend, k * v)}
+
+
+def central_lr(nodes):
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    x = np.concatenate([n["x"] for n in nodes])
+    y = np.concatenate([n["y"] for n in nodes])
+    clf = LogisticRegression(max_iter=5000).fit(x, y[:, 0])
+    reg = LinearRegression().fit(x, y[:, 1])
+    return lambda z: (clf.predict_proba(z)[:, 1], np.expm1(np.clip(reg.predict(z), 0, 20)))
+
+
+def torch_predict(model):
+    from fedretain.train import predict
+
+    return lambda z: predict(model, z)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--dp", default="local", help="comma list of DP modes at ε=3: local, aggregate ('' for none)")
+    ap.add_argument("--models", default="logreg,mlp")
+    ap.add_argument("--scale", type=float, default=1.0, help="synthetic sizes × this (e.g. 0.3 for a quick run)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default="", help="keep silos and prepared data here for reruns (default: temp)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "models.json"))
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    dp_modes = [m for m in args.dp.split(",") if m]
+    kinds = args.models.split(",")
+    rows: list[dict] = []
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="fedretain-models-") as tmp:
+        tmp = args.workdir or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        for name in args.datasets.split(","):
+            t0 = time.time()
+            silos, s, preps = load(name, Path(tmp), args.rounds, args.scale)
+            nodes = nodes_of(silos, preps)
+            set_budgets(nodes)
+            n_train = sum(len(n["x"]) for n in nodes)
+            info = {"dataset": name, "nodes": len(nodes), "train": n_train,
+                    "test": sum(len(n["xt"]) for n in nodes),
+                    "base_rate": float(np.concatenate([n["y"][:, 0] for n in nodes]).mean())}
+            print(f"\n== {name}: {info['nodes']} nodes, {info['train']} train / {info['test']} test customers, "
+                  f"base rate {info['base_rate']:.3f} (loaded in {time.time() - t0:.0f} s)", flush=True)
+
+            def add(model: str, dp: str, fn, t0: float) -> None:
+                rows.append({**info, "model": model, "dp": dp, **scores(nodes, fn), "seconds": time.time() - t0})
+                _log(rows[-1])
+
+            t0 = time.time()
+            add("central LR", "none", central_lr(nodes), t0)
+            for kind in kinds:
+                label = {"logreg": "fed LR", "mlp": "fed MLP"}[kind]
+                sk = s if kind == "mlp" else _as_logreg(s)
+                t0 = time.time()
+                add(label, "none", torch_predict(run_none(nodes, sk, kind, args.seed)), t0)
+                for mode in dp_modes:
+                    t0 = time.time()
+                    run = run_local if mode == "local" else run_aggregate
+                    model = run(nodes, sk, kind, args.seed, f"{mode}-{name}-{kind}-{args.seed}-{time.time_ns()}")
+                    add(label, f"{mode} ε={EPSILON:g}", torch_predict(model), t0)
+    verdicts = verdict(rows)
+    print_table(rows, verdicts)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "local_dp": LOCAL_DP, "rows": rows, "verdicts": verdicts,
+                               "seconds": time.time() - t_start, "loadavg": os.getloadavg()}, indent=2,
+                              default=float))
+    print(f"\nwrote {out} ({time.time() - t_start:.0f} s, load average {os.getloadavg()[0]:.1f})")
+
+
+def _as_logreg(s):
+    from dataclasses import replace
+
+    return replace(s, model="logreg")
+
+
+def _log(r: dict) -> None:
+    print(f"  {r['model']:10s} {r['dp']:12s} AUC {r['auc']:.4f}  log loss {r['log_loss']:.4f}  "
+          f"LTV Gini {r['ltv_gini']:.3f}  LTV ratio {r['ltv_ratio']:.3f} (raw {r['ltv_ratio_raw']:.3f})  "
+          f"({r['seconds']:.0f} s)", flush=True)
+
+
+def verdict(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == name]
+        central = next(r["auc"] for r in rs if r["model"] == "central LR")
+        fed = [r for r in rs if r["model"] != "central LR" and r["dp"] == "none"]
+        private = [r for r in rs if r["dp"] != "none"]
+        v = {"dataset": name, "central_lr_auc": central}
+        for key, group, limit in (("non_private", fed, 0.01), ("epsilon_3", private, 0.02)):
+            if group:
+                best = max(group, key=lambda r: r["auc"])
+                v[key] = {"best": f"{best['model']} {best['dp']}", "auc": best["auc"], "gap": central - best["auc"],
+                          "limit": limit, "pass": central - best["auc"] <= limit}
+        out.append(v)
+    return out
+
+
+def print_table(rows: list[dict], verdicts: list[dict]) -> None:
+    print(f"\n{'dataset':16s} {'model':10s} {'DP':12s} {'AUC':>7s} {'log loss':>9s} {'LTV Gini':>9s} {'LTV ratio':>10s}")
+    for r in rows:
+        print(f"{r['dataset']:16s} {r['model']:10s} {r['dp']:12s} {r['auc']:7.4f} {r['log_loss']:9.4f} "
+              f"{r['ltv_gini']:9.3f} {r['ltv_ratio']:10.3f}")
+    print()
+    for v in verdicts:
+        for key in ("non_private", "epsilon_3"):
+            if key in v:
+                e = v[key]
+                print(f"{v['dataset']:16s} best {key:11s}: {e['best']:22s} AUC {e['auc']:.4f}, "
+                      f"{e['gap']:+.4f} behind central LR {v['central_lr_auc']:.4f} "
+                      f"(limit {e['limit']}) {'PASS' if e['pass'] else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
