@@ -134,6 +134,11 @@ class BudgetLedger:
     def controller(self) -> str:
         return self._store.controller
 
+    @property
+    def public_key_pem(self) -> str:
+        """PEM of the node key that signs this ledger's heads (what the platform's witness pins)."""
+        return signing.public_key_pem(self._store.key)
+
     # -- tamper evidence and witnessing (the consent ledger's interface) ------------------
     def verify(self) -> None:
         """Recheck the whole ledger against the node key; raise :class:`PrivacyError` if anything is off."""
