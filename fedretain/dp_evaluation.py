@@ -165,12 +165,11 @@ def pooled_metrics(releases: list[tuple[np.ndarray, np.ndarray, float]], draws: 
         noise_var = 0.0
         if noise_sd > 0:  # redraw the declared noise around the released counts
             rng = np.random.default_rng(seed)
-            sds = [float(r[2]) for r in releases]
-            sims = []
-            for _ in range(draws):
-                dp_ = pos + sum(rng.normal(0, s, N_BINS) for s in sds)
-                dn_ = neg + sum(rng.normal(0, s, N_BINS) for s in sds)
-                sims.append(_auc(dp_, dn_))
+            dp_ = pos + rng.normal(0, noise_sd, (draws, N_BINS))  # the pooled cells' noise: sd √Σ sd²
+            dn_ = neg + rng.normal(0, noise_sd, (draws, N_BINS))
+            below = np.concatenate([np.zeros((draws, 1)), np.cumsum(dn_, axis=1)[:, :-1]], axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sims = (dp_ * (below + dn_ / 2)).sum(axis=1) / (dp_.sum(axis=1) * dn_.sum(axis=1))
             noise_var = float(np.nanvar(sims))
         half = Z95 * math.sqrt(max(var, 0.0) + noise_var)
         out["auc-low"], out["auc-high"] = max(0.0, auc - half), min(1.0, auc + half)

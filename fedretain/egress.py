@@ -84,20 +84,35 @@ SECAGG_PUBLIC = {"pk1": "SecAgg+ public key", "pk2": "SecAgg+ public key",
                  "nids": "SecAgg+ node ids", "shares": "SecAgg+ secret shares for unmasking"}
 
 
-def _metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
-    """The numbers of a training or evaluation reply (regular ``metrics``/``evaluation`` or legacy metrics)."""
+def _counts(messages: str, record: str, prefix: str) -> list[Field]:
     k = lambda name: prefix + name  # noqa: E731
     return [
         Field(messages, record, k("num-examples"), X, "number of examples", NONE),
         Field(messages, record, k("num-examples"), P, "public constant weight 1 (unweighted mean)", DP_MODES, 1.0),
-        Field(messages, record, k("train_loss"), X, "training loss on the node's data", NONE),
         Field(messages, record, k("users-*"), X, "consent counts (users admitted, used)", NONE),
         Field(messages, record, k("scope-*"), X, "users used per consent scope", NONE),
+    ]
+
+
+def _train_metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
+    """The numbers of a training reply (regular ``metrics`` or legacy ``fitres.metrics``)."""
+    k = lambda name: prefix + name  # noqa: E731
+    return [
+        *_counts(messages, record, prefix),
+        Field(messages, record, k("train_loss"), X, "training loss on the node's data", NONE),
         Field(messages, record, k("epsilon"), P, "ε spent so far in this run (the node's accountant)", DP_MODES),
         Field(messages, record, k("delta"), P, "the announced δ of aggregate mode (server's plan)", ("aggregate",)),
         Field(messages, record, k("noise-multiplier"), P, "the announced σ of aggregate mode", ("aggregate",)),
         Field(messages, record, k("dp-steps"), P, "aggregate steps taken = rounds (public)", ("aggregate",)),
         Field(messages, record, k("dp-weight"), P, "central DP's public weight 1", ("central",), 1.0),
+    ]
+
+
+def _eval_metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
+    """The numbers of an evaluation (``fedretain.dp_evaluation``): exact only in dp-mode none."""
+    k = lambda name: prefix + name  # noqa: E731
+    return [
+        *_counts(messages, record, prefix),
         *[Field(messages, record, k(m), X, "exact held-out metric", NONE) for m in EXACT_METRICS],
         Field(messages, record, k("hist-pos"), X, "held-out score histogram, buyers (exact)", NONE),
         Field(messages, record, k("hist-neg"), X, "held-out score histogram, non-buyers (exact)", NONE),
@@ -113,14 +128,15 @@ MANIFEST: tuple[Field, ...] = (
     # -- Message-API training and evaluation replies (clients/client_app.py) -------------------------
     Field(TRAINING, "arrays", "*", R, "the model after local training (DP-SGD in local mode; central mode: "
           "noised by the server, which sees it raw; none: unprotected)"),
-    *_metrics(REPLIES, "metrics"),
-    *_metrics(TRAINING, EVAL_REC),
+    *_train_metrics(TRAINING, "metrics"),
+    *_eval_metrics("evaluate", "metrics"),
+    *_eval_metrics(TRAINING, EVAL_REC),
     *[Field(REPLIES, "lineage", key, P, "consent lineage: merchant id, purpose, signed ledger head, cutoff")
       for key in LINEAGE_KEYS],
     # -- SecAgg+ legacy replies (clients/secagg_app.py behind Flower's secaggplus_mod) -----------------
     Field(TRAINING, "fitres.parameters", "*", R, "cleared by secaggplus_mod: the model leaves masked"),
     Field(TRAINING, "fitres.num_examples", "num_examples", P, "public constant weight 1", ALL_MODES, 1.0),
-    *_metrics(TRAINING, "fitres.metrics"),
+    *_train_metrics(TRAINING, "fitres.metrics"),
     *[Field(TRAINING, "fitres.metrics", f"lineage-{key}", P, "consent lineage") for key in LINEAGE_KEYS],
     *[Field(TRAINING, "fitres.status", key, P, "Flower status") for key in ("code", "message")],
     Field(TRAINING, "secaggplus_configs", "masked_params", R, "the quantised update under SecAgg+ masks "
@@ -130,7 +146,7 @@ MANIFEST: tuple[Field, ...] = (
     Field("evaluate", "evaluateres.loss", "loss", O, "log loss computed from the noisy histogram", DP_MODES),
     Field("evaluate", "evaluateres.num_examples", "num_examples", X, "number of held-out examples", NONE),
     Field("evaluate", "evaluateres.num_examples", "num_examples", P, "public constant 1", DP_MODES, 1.0),
-    *_metrics("evaluate", "evaluateres.metrics"),
+    *_eval_metrics("evaluate", "evaluateres.metrics"),
     *[Field("evaluate", "evaluateres.metrics", f"lineage-{key}", P, "consent lineage") for key in LINEAGE_KEYS],
     *[Field("evaluate", "evaluateres.status", key, P, "Flower status") for key in ("code", "message")],
     # -- analytics queries (clients/analytics_handlers.py) ---------------------------------------------
@@ -249,10 +265,17 @@ def egress_guard(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 def render_markdown() -> str:
-    """The manifest as a Markdown table (docs/PRIVACY.md)."""
-    lines = ["| reply | record | key | protection | dp-modes | what |", "|---|---|---|---|---|---|"]
+    """The manifest as a Markdown table, one row per (reply, record, protection, modes) (docs/PRIVACY.md)."""
+    rows: dict[tuple, list[str]] = {}
+    whys: dict[tuple, list[str]] = {}
     for f in MANIFEST:
         const = f" (= {f.constant:g})" if f.constant is not None else ""
-        lines.append(f"| `{f.messages}` | `{f.record}` | `{f.key}` | {f.protection.value}{const} | "
-                     f"{', '.join(f.modes)} | {f.why} |")
+        row = (f.messages, f.record, f.protection.value + const, ", ".join(f.modes))
+        rows.setdefault(row, []).append(f"`{f.key}`")
+        if f.why not in whys.setdefault(row, []):
+            whys[row].append(f.why)
+    lines = ["| reply | record | keys | protection | dp-modes | what |", "|---|---|---|---|---|---|"]
+    for (messages, record, protection, modes), keys in rows.items():
+        why = "; ".join(whys[(messages, record, protection, modes)])
+        lines.append(f"| `{messages.replace('|', '`, `')}` | `{record}` | {' '.join(keys)} | {protection} | {modes} | {why} |")
     return "\n".join(lines)

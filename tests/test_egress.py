@@ -173,3 +173,13 @@ def test_every_reply_of_an_aggregate_run_under_secagg_is_declared(tmp_path, silo
     keys = {key for r in replies for rec in r["records"].values() for key in rec["items"]}
     assert {"masked_params", "pk1", "hist-pos"} <= keys  # SecAgg+ stages and the evaluation release were seen
     assert _record(s)["rounds"][-1]["evaluate"]["auc-high"] <= 1.0
+
+
+def test_privacy_md_shows_the_manifest_as_declared_in_code():
+    from fedretain.egress import render_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "PRIVACY.md").read_text()
+    start, end = "<!-- egress-manifest:start -->\n", "\n<!-- egress-manifest:end -->"
+    assert start in doc and end in doc, "docs/PRIVACY.md lost the egress manifest markers"
+    assert doc.split(start, 1)[1].split(end, 1)[0] == render_markdown(), (
+        "docs/PRIVACY.md's egress manifest is out of date: paste fedretain.egress.render_markdown()")
