@@ -1,10 +1,17 @@
 """Utility vs privacy on CDNOW: test AUC (and log loss, calibration) against ε per merchant.
 
     python bench/bench_dp_utility.py [--seeds 3] [--epsilons 1,3,8] [--splits hash,power-law]
+                                     [--variants before,after] [--eval-epsilon 0.3]
 
 Protocol of issue 2 (``cdnow_protocol``): CDNOW in 10 merchant silos, purchase-history
 features at 1997-10-01, label = any purchase up to 1998-06-30, each node's fixed 70/30
 customer split; every model is scored on the pooled held-out customers (and per merchant).
+
+Two variants run in the same process (issue 10): ``before`` — pooled exact standardisation
+moments, example-weighted FedAvg, the whole ε to training; ``after`` — what runs do now: the
+public transforms of ``fedretain.transforms``, unweighted FedAvg in DP modes, ε_train = ε −
+``--eval-epsilon`` and a DP evaluation release (``fedretain.dp_evaluation``, charged to each
+node's real ledger) whose pooled AUC and interval are printed beside the exact one.
 
 Rows, each over ``--seeds`` seeds (model init, sampling and — for reproducibility here
 only — the DP noise):
