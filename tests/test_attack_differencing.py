@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_egress import FEATURES, PURPOSE, numbers, run_audited
+from test_egress import FEATURES, PURPOSE, check_replies, exact_counts, numbers, run_audited
 
 pytestmark = pytest.mark.heavy
 
@@ -82,12 +82,22 @@ def attack(tmp_path_factory, synth_silos):
                            features=FEATURES, hidden=(8,), dp_mode="local", target_epsilon=3.0,
                            max_grad_norm=1.0, run_id=run)
 
-    first = _sent_by(run_audited(settings("run-a"), data, root / "audit-a"), 0)
+    exact = exact_counts(silos)
+    everything = run_audited(settings("run-a"), data, root / "audit-a")
     _withdraw(silos[0], [train_user, held_user])
     after = _prep(silos[0])
-    second = _sent_by(run_audited(settings("run-b"), data, root / "audit-b"), 0)
-    return {"before": before, "after": after, "first": first, "second": second, "train_user": train_user,
-            "label": 1.0, "held_user": held_user}
+    exact |= exact_counts(silos)
+    everything_b = run_audited(settings("run-b"), data, root / "audit-b")
+    return {"before": before, "after": after, "first": _sent_by(everything, 0), "second": _sent_by(everything_b, 0),
+            "all": everything + everything_b, "exact": exact, "train_user": train_user, "label": 1.0,
+            "held_user": held_user}
+
+
+def test_every_reply_of_both_local_dp_runs_is_declared_and_carries_no_exact_count(attack):
+    """The egress check of tests/test_egress.py for dp-mode local, on both runs of the attack."""
+    check_replies(attack["all"], "local", attack["exact"])
+    assert {r["message_type"] for r in attack["all"]} == {"train", "evaluate"}
+    assert len({r["node_config"].get("partition-id") for r in attack["all"]}) == 3
 
 
 def test_on_exact_values_the_attack_recovers_the_feature_vector_and_the_label(attack):
