@@ -99,7 +99,7 @@ def dp_release(ledger_file: Path, run_id: str, purpose: str, server_round: int, 
     rid = release_id(run_id, server_round)
     plan = RunPlan(run_id=rid, purpose=purpose, mode=EVAL_MODE, accountant=ACCOUNTANT, epsilon=float(epsilon),
                    delta=float(delta), noise_multiplier=mechanism.noise_multiplier, sample_rate=1.0,
-                   planned_steps=1, n_records=int(len(np.asarray(y))))
+                   planned_steps=1, n_records=len(np.asarray(y)))
     with BudgetLedger.open(ledger_file) as ledger:
         if ledger.spends(rid, purpose):
             raise PrivacyError(f"the evaluation of run {run_id} round {server_round} was already released by this "

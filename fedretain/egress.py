@@ -36,6 +36,7 @@ from typing import Any
 from flwr.app import Context, Message
 
 AUDIT_ENV = "FEDRETAIN_EGRESS_AUDIT"
+REQUIRE_DP = "require-dp"  # node_config flag: this merchant answers only DP runs
 DP_MODES = ("local", "central", "aggregate")
 ALL_MODES = ("none", *DP_MODES)
 
@@ -85,7 +86,7 @@ SECAGG_PUBLIC = {"pk1": "SecAgg+ public key", "pk2": "SecAgg+ public key",
 
 
 def _counts(messages: str, record: str, prefix: str) -> list[Field]:
-    k = lambda name: prefix + name  # noqa: E731
+    k = lambda name: prefix + name
     return [
         Field(messages, record, k("num-examples"), X, "number of examples", NONE),
         Field(messages, record, k("num-examples"), P, "public constant weight 1 (unweighted mean)", DP_MODES, 1.0),
@@ -96,7 +97,7 @@ def _counts(messages: str, record: str, prefix: str) -> list[Field]:
 
 def _train_metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
     """The numbers of a training reply (regular ``metrics`` or legacy ``fitres.metrics``)."""
-    k = lambda name: prefix + name  # noqa: E731
+    k = lambda name: prefix + name
     return [
         *_counts(messages, record, prefix),
         Field(messages, record, k("train_loss"), X, "training loss on the node's data", NONE),
@@ -110,7 +111,7 @@ def _train_metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
 
 def _eval_metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
     """The numbers of an evaluation (``fedretain.dp_evaluation``): exact only in dp-mode none."""
-    k = lambda name: prefix + name  # noqa: E731
+    k = lambda name: prefix + name
     return [
         *_counts(messages, record, prefix),
         *[Field(messages, record, k(m), X, "exact held-out metric", NONE) for m in EXACT_METRICS],
@@ -163,10 +164,9 @@ MANIFEST: tuple[Field, ...] = (
 
 def dp_mode_of(msg: Message) -> str:
     """The run's dp-mode as the incoming message states it; ``"unknown"`` (checked strictly) if absent."""
-    try:
-        configs = msg.content.config_records
-    except Exception:  # a message without content
+    if msg.has_error():
         return "unknown"
+    configs = msg.content.config_records
     for name in ("config", "fitins.config", "evaluateins.config"):
         if name in configs and "dp-mode" in configs[name]:
             return str(configs[name]["dp-mode"])
@@ -193,7 +193,7 @@ def items_of(content: Any) -> list[tuple[str, str, str, Any]]:
     for kind, records in (("array", content.array_records), ("metric", content.metric_records),
                           ("config", content.config_records)):
         for name, record in records.items():
-            out.extend((kind, name, key, record[key]) for key in record.keys())
+            out.extend((kind, name, key, record[key]) for key in record)
     return out
 
 
@@ -253,10 +253,22 @@ def audit_copy(folder: str | Path, msg: Message, reply: Message, mode: str, cont
     return out
 
 
+def requires_dp(context: Context) -> bool:
+    return str(dict(context.node_config).get(REQUIRE_DP, "false")).lower() in ("1", "true", "yes")
+
+
 def egress_guard(msg: Message, context: Context, call_next: Any) -> Message:
-    """ClientApp mod: check every reply against the manifest before it leaves (fail closed)."""
-    reply = call_next(msg, context)
+    """ClientApp mod: check every reply against the manifest before it leaves (fail closed).
+
+    The dp-mode is the run's, chosen by the platform; a merchant that accepts only DP runs sets
+    ``require-dp = true`` in its node config and the node then refuses ``dp-mode none`` before
+    computing anything.
+    """
     mode = dp_mode_of(msg)
+    if mode == "none" and requires_dp(context):
+        raise EgressError("this node requires a DP run (node config require-dp = true); the server asked for "
+                          "dp-mode none: refused, nothing computed or sent")
+    reply = call_next(msg, context)
     folder = os.environ.get(AUDIT_ENV)
     if folder:
         audit_copy(folder, msg, reply, mode, context)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -54,10 +53,11 @@ def eval_epsilon(settings: RunSettings) -> float:
     if not 0 < eps < settings.target_epsilon:
         raise ValueError(f"eval-epsilon must be in (0, target-epsilon={settings.target_epsilon:g}), got {eps:g}")
     from fedretain.dp_evaluation import calibrated
+    from fedretain.privacy.accountant import PrivacyError
 
     try:
         calibrated(eps, DEFAULT_EVAL_DELTA)  # refuse before any node spends, not at the last round
-    except Exception as exc:
+    except PrivacyError as exc:
         raise ValueError(str(exc)) from None
     return eps
 

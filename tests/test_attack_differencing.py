@@ -23,8 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from test_egress import FEATURES, PURPOSE, check_replies, exact_counts, numbers, run_audited
+from test_egress import (
+    FEATURES,
+    PURPOSE,
+    check_replies,
+    exact_counts,
+    numbers,
+    run_audited,
+)
 
 pytestmark = pytest.mark.heavy
 
@@ -61,8 +67,9 @@ def _value(replies: list[dict], record: str, key: str, kind: str = "evaluate"):
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory, synth_silos):
     """Two local-DP runs around the withdrawal of one training and one held-out user of merchant 0."""
-    from fedretain.privacy.budget import BudgetLedger, ledger_path
     from fedretain.server.settings import RunSettings
+
+    from fedretain.privacy.budget import BudgetLedger, ledger_path
 
     root = tmp_path_factory.mktemp("differencing")
     data = root / "silos"

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
-from fedretain.egress import AUDIT_ENV, MANIFEST, EgressError, Protection, egress_guard, violations
+from fedretain.egress import (
+    AUDIT_ENV,
+    MANIFEST,
+    EgressError,
+    Protection,
+    egress_guard,
+    violations,
+)
 
 PURPOSE = "retention_modeling"
 FEATURES = ("recency_days", "frequency", "monetary_total", "views_30d")
@@ -29,8 +36,8 @@ def _incoming(mode: str, kind: str = "train") -> Message:
     return Message(content=RecordDict({"config": ConfigRecord({"dp-mode": mode})}), metadata=md)
 
 
-def _guard(msg: Message, content: RecordDict) -> Message:
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+def _guard(msg: Message, content: RecordDict, node_config: dict | None = None) -> Message:
+    ctx = Context(run_id=1, node_id=1, node_config=node_config or {}, state=RecordDict(), run_config={})
     return egress_guard(msg, ctx, lambda m, c: Message(content, reply_to=m))
 
 
@@ -53,6 +60,15 @@ def test_dp_mode_none_may_send_exact_values_but_not_undeclared_ones():
     _guard(_incoming("none"), RecordDict({"metrics": MetricRecord({"num-examples": 250, "users-used": 260})}))
     with pytest.raises(EgressError, match="sumsq"):
         _guard(_incoming("none"), RecordDict({"stats": MetricRecord({"sumsq": [1.0]})}))
+
+
+def test_a_node_that_requires_dp_refuses_a_run_without_it():
+    calls = []
+    ctx = Context(run_id=1, node_id=1, node_config={"require-dp": True}, state=RecordDict(), run_config={})
+    with pytest.raises(EgressError, match="require-dp"):
+        egress_guard(_incoming("none"), ctx, lambda m, c: calls.append(m))
+    assert calls == []  # refused before the handler ran
+    _guard(_incoming("local"), RecordDict({"metrics": MetricRecord({"num-examples": 1})}), {"require-dp": True})
 
 
 def test_witness_record_is_public_by_declaration_only_for_its_header_fields():
