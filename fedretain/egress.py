@@ -71,9 +71,13 @@ TRAINING = "train"
 REPLIES = "train|evaluate"
 EVAL_REC = "evaluation"
 
-# Keys a witness record (the signed tree head of the node's ledgers) may carry.
-WITNESS_KEYS = ("merchant-id", "kind", "size", "root", "signature", "timestamp", "key-fingerprint", "public-key",
-                "consistency-proof")
+# Keys a witness record (the signed tree heads of the node's ledgers, consent/witness_record.py's
+# ``encode``: ``<kind>-<head field>`` per ledger kind) may carry.
+WITNESS_HEAD_FIELDS = ("format", "controller", "size", "root", "signature", "timestamp", "key-fingerprint",
+                       "public-key", "proof-from", "proof", "error")
+WITNESS_KEYS = ("merchant-id", "kinds", "kind", "size", "root", "signature", "timestamp", "key-fingerprint",
+                "public-key", "consistency-proof",
+                *(f"{kind}-{f}" for kind in ("consent", "budget") for f in WITNESS_HEAD_FIELDS))
 LINEAGE_KEYS = ("merchant-id", "purpose", "consent-at", "ledger-root", "ledger-size", "cutoff")
 EXACT_METRICS = ("auc", "log_loss", "brier", "ece", "base_rate", "mean_pred", "loss", "ltv_spearman")
 STATUS_KEYS = ("merchant-id", "data-end", "ledger-found", "budget-epsilon", "budget-delta", "committed-epsilon",

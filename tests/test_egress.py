@@ -72,7 +72,9 @@ def test_a_node_that_requires_dp_refuses_a_run_without_it():
 
 
 def test_witness_record_is_public_by_declaration_only_for_its_header_fields():
-    ok = RecordDict({"witness": ConfigRecord({"merchant-id": "m", "size": 9, "root": "ab", "signature": "cd"})})
+    ok = RecordDict({"witness": ConfigRecord({"merchant-id": "m", "kinds": ["consent"], "consent-size": 9,
+                                              "consent-root": "ab", "consent-signature": "cd",
+                                              "consent-proof": ["ef"], "budget-error": "no signed head"})})
     _guard(_incoming("aggregate"), ok)
     with pytest.raises(EgressError, match="subjects"):
         _guard(_incoming("aggregate"), RecordDict({"witness": ConfigRecord({"subjects": "u1,u2"})}))
