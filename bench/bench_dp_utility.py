@@ -1,10 +1,17 @@
 """Utility vs privacy on CDNOW: test AUC (and log loss, calibration) against ε per merchant.
 
     python bench/bench_dp_utility.py [--seeds 3] [--epsilons 1,3,8] [--splits hash,power-law]
+                                     [--variants before,after] [--eval-epsilon 0.3]
 
 Protocol of issue 2 (``cdnow_protocol``): CDNOW in 10 merchant silos, purchase-history
 features at 1997-10-01, label = any purchase up to 1998-06-30, each node's fixed 70/30
 customer split; every model is scored on the pooled held-out customers (and per merchant).
+
+Two variants run in the same process (issue 10): ``before`` — pooled exact standardisation
+moments, example-weighted FedAvg, the whole ε to training; ``after`` — what runs do now: the
+public transforms of ``fedretain.transforms``, unweighted FedAvg in DP modes, ε_train = ε −
+``--eval-epsilon`` and a DP evaluation release (``fedretain.dp_evaluation``, charged to each
+node's real ledger) whose pooled AUC and interval are printed beside the exact one.
 
 Rows, each over ``--seeds`` seeds (model init, sampling and — for reproducibility here
 only — the DP noise):
@@ -49,13 +56,19 @@ LOCAL = dict(max_grad_norm=10.0, learning_rate=0.01)
 AGGREGATE = dict(max_grad_norm=10.0, server_learning_rate=0.02, batch=4096, steps=50)
 
 
-def _nodes(silos, s):
+def _nodes(silos, s, transform: str = "public"):
+    """Each node's inputs under the run's transform: ``public`` (fedretain.transforms, what runs use)
+    or ``moments`` (the pooled exact mean/std that runs used before issue 10; for comparison)."""
     from fedretain.models import Standardizer
+    from fedretain.transforms import public_standardizer
 
     preps = prepared(silos, s)
-    count = sum(len(p.x_train) for p in preps)
-    scaler = Standardizer.from_moments(count, sum(p.x_train.sum(axis=0) for p in preps),
-                                       sum((p.x_train ** 2).sum(axis=0) for p in preps))  # federated moments
+    if transform == "public":
+        scaler = public_standardizer(s.features)
+    else:
+        count = sum(len(p.x_train) for p in preps)
+        scaler = Standardizer.from_moments(count, sum(p.x_train.sum(axis=0) for p in preps),
+                                           sum((p.x_train ** 2).sum(axis=0) for p in preps))
     nodes = [dict(name=silo.name, ledger=silo / ".node" / "privacy.db", x=scaler.transform(p.x_train), y=p.y_train,
                   xt=scaler.transform(p.x_test), yt=p.y_test) for silo, p in zip(silos, preps)]
     return nodes, preps
@@ -69,8 +82,9 @@ def _set_budgets(nodes, epsilon: float) -> None:
             ledger.set_budget(PURPOSE, epsilon, note="bench_dp_utility")
 
 
-def fedavg(nodes, s, seed: int, trainer_for) -> torch.nn.Module:
-    """Rounds of: every node trains a copy of the global model; example-weighted mean (Flower's FedAvg)."""
+def fedavg(nodes, s, seed: int, trainer_for, weighted: bool = True) -> torch.nn.Module:
+    """Rounds of: every node trains a copy of the global model; example-weighted mean (Flower's FedAvg),
+    or the unweighted mean (what DP modes do since issue 10: nodes send the public weight 1)."""
     from fedretain.models import RetentionNet
 
     torch.manual_seed(seed)
@@ -81,7 +95,7 @@ def fedavg(nodes, s, seed: int, trainer_for) -> torch.nn.Module:
             local = copy.deepcopy(model)
             res = trainer_for(i, rnd).fit(local, n["x"], n["y"], [p.detach().clone() for p in model.parameters()])
             states.append(local.state_dict())
-            weights.append(res.num_examples)
+            weights.append(res.num_examples if weighted else 1)
         w = np.asarray(weights, float) / sum(weights)
         model.load_state_dict({k: sum(wi * st[k] for wi, st in zip(w, states)) for k in states[0]})
     return model
@@ -94,7 +108,7 @@ def run_none(nodes, s, seed):
         epochs=s.local_epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=seed * 7919 + r * 101 + i)))
 
 
-def run_local(nodes, s, seed, epsilon, run_id):
+def run_local(nodes, s, seed, epsilon, run_id, weighted=True):
     from fedretain.privacy.dp_trainer import DPConfig, DPTrainer
     from fedretain.train import TrainConfig
 
@@ -102,7 +116,7 @@ def run_local(nodes, s, seed, epsilon, run_id):
     return fedavg(nodes, s, seed, lambda i, r: DPTrainer(
         cfg, DPConfig(epsilon, max_grad_norm=LOCAL["max_grad_norm"], total_rounds=s.rounds,
                       noise_seed=seed * 1_000_003 + r * 1009 + i),
-        nodes[i]["ledger"], run_id, PURPOSE, r))
+        nodes[i]["ledger"], run_id, PURPOSE, r), weighted)
 
 
 def secagg_sum(vectors: list[list[np.ndarray]], plan) -> list[np.ndarray]:
@@ -137,13 +151,24 @@ def run_aggregate(nodes, s, seed, epsilon, run_id):
     return model, plan
 
 
-def scores(model, nodes) -> dict:
-    from fedretain.train import evaluate
+def scores(model, nodes, eval_epsilon: float = 0.0, run_id: str = "") -> dict:
+    """Exact pooled held-out metrics (the yardstick) and, with ``eval_epsilon``, what the server gets
+    from the nodes' DP evaluation releases (``fedretain.dp_evaluation``, charged to each node's ledger)."""
+    from fedretain.dp_evaluation import dp_release, exact_release, pooled_metrics
+    from fedretain.train import evaluate, predict
 
     xt = np.concatenate([n["xt"] for n in nodes])
     yt = np.concatenate([n["yt"] for n in nodes])
     rep = evaluate(model, xt, yt)
     rep["per_merchant_auc"] = {n["name"]: evaluate(model, n["xt"], n["yt"])["auc"] for n in nodes}
+    releases = []
+    for n in nodes:
+        prob = predict(model, n["xt"])[0]
+        r = (dp_release(n["ledger"], run_id, PURPOSE, 0, n["yt"][:, 0], prob, eval_epsilon) if eval_epsilon > 0
+             else exact_release(n["yt"][:, 0], prob))
+        releases.append((r.pos, r.neg, r.sd))
+    pooled = pooled_metrics(releases)
+    rep.update({f"released_{k}": pooled[k] for k in ("auc", "auc-low", "auc-high", "log_loss") if k in pooled})
     return {k: (float(v) if not isinstance(v, dict) else v) for k, v in rep.items()}
 
 
@@ -164,45 +189,62 @@ def main() -> None:
     ap.add_argument("--modes", default="local,aggregate")
     ap.add_argument("--power-law-epsilons", default="3", help="ε values run on the power-law split")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "dp_utility"))
+    ap.add_argument("--eval-epsilon", type=float, default=0.3,
+                    help="ε of the held-out evaluation release, taken out of each run's total ε")
+    ap.add_argument("--variants", default="before,after",
+                    help="before: pooled exact moments, example-weighted FedAvg, all ε to training (the code "
+                         "before issue 10); after: public transforms, unweighted FedAvg in DP modes, "
+                         "ε_train = ε - eval-epsilon and a DP evaluation release")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     modes = args.modes.split(",")
     rows: list[dict] = []
     t_start = time.time()
+    variants = args.variants.split(",")
     with tempfile.TemporaryDirectory(prefix="fedretain-dp-utility-") as tmp:
         for split in args.splits.split(","):
             silos = make_silos(Path(tmp) / split, 10, split)
             s = settings(Path(tmp) / "unused", 10)
-            nodes, preps = _nodes(silos, s)
-            _set_budgets(nodes, 1e4)  # the bench composes many runs on the same merchants
-            sizes = {n["name"]: len(n["x"]) + len(n["xt"]) for n in nodes}
-            print(f"\n== {split}: {len(nodes)} silos, customers per merchant {sorted(sizes.values(), reverse=True)}",
-                  flush=True)
             epsilons = [float(e) for e in (args.epsilons if split == "hash" else args.power_law_epsilons).split(",")]
-            for seed in range(args.seeds):
-                t0 = time.time()
-                rows.append({"split": split, "model": "centralized MLP, no DP", "epsilon": None, "seed": seed,
-                             **centralized(preps, s, seed), "seconds": time.time() - t0})
-                t0 = time.time()
-                rows.append({"split": split, "model": "federated, no DP", "epsilon": None, "seed": seed,
-                             **scores(run_none(nodes, s, seed), nodes), "seconds": time.time() - t0})
-                _log(rows[-1])
-                for eps in epsilons:
-                    if "local" in modes:
+            for variant in variants:
+                after = variant == "after"
+                nodes, preps = _nodes(silos, s, "public" if after else "moments")
+                _set_budgets(nodes, 1e4)  # the bench composes many runs on the same merchants
+                sizes = {n["name"]: len(n["x"]) + len(n["xt"]) for n in nodes}
+                print(f"\n== {split} / {variant}: {len(nodes)} silos, customers per merchant "
+                      f"{sorted(sizes.values(), reverse=True)}", flush=True)
+                eval_eps = args.eval_epsilon if after else 0.0
+                tag = f" [{variant}]"
+                for seed in range(args.seeds):
+                    if not after:
                         t0 = time.time()
-                        model = run_local(nodes, s, seed, eps, f"local-{split}-{eps}-{seed}")
-                        rows.append({"split": split, "model": "local DP", "epsilon": eps, "seed": seed,
-                                     **scores(model, nodes), "seconds": time.time() - t0})
-                        _log(rows[-1])
-                    if "aggregate" in modes:
-                        t0 = time.time()
-                        model, plan = run_aggregate(nodes, s, seed, eps, f"agg-{split}-{eps}-{seed}")
-                        rows.append({"split": split, "model": "aggregate DP", "epsilon": eps, "seed": seed,
-                                     "noise_multiplier": plan.noise_multiplier, **scores(model, nodes),
-                                     "seconds": time.time() - t0})
-                        _log(rows[-1])
-            rows.append({"split": split, "model": "_sizes", "sizes": sizes})
+                        rows.append({"split": split, "model": "centralized MLP, no DP", "epsilon": None, "seed": seed,
+                                     **centralized(preps, s, seed), "seconds": time.time() - t0})
+                    t0 = time.time()
+                    rows.append({"split": split, "model": "federated, no DP" + tag, "epsilon": None, "seed": seed,
+                                 **scores(run_none(nodes, s, seed), nodes), "seconds": time.time() - t0})
+                    _log(rows[-1])
+                    for eps in epsilons:
+                        rid = f"{variant}-{split}-{eps}-{seed}"
+                        if "local" in modes:
+                            t0 = time.time()
+                            model = run_local(nodes, s, seed, eps - eval_eps, "local-" + rid, weighted=not after)
+                            rows.append({"split": split, "model": "local DP" + tag, "epsilon": eps, "seed": seed,
+                                         "epsilon_train": eps - eval_eps, "epsilon_eval": eval_eps,
+                                         **scores(model, nodes, eval_eps, "local-eval-" + rid),
+                                         "seconds": time.time() - t0})
+                            _log(rows[-1])
+                        if "aggregate" in modes:
+                            t0 = time.time()
+                            model, plan = run_aggregate(nodes, s, seed, eps - eval_eps, "agg-" + rid)
+                            rows.append({"split": split, "model": "aggregate DP" + tag, "epsilon": eps, "seed": seed,
+                                         "epsilon_train": eps - eval_eps, "epsilon_eval": eval_eps,
+                                         "noise_multiplier": plan.noise_multiplier,
+                                         **scores(model, nodes, eval_eps, "agg-eval-" + rid),
+                                         "seconds": time.time() - t0})
+                            _log(rows[-1])
+                rows.append({"split": split, "model": "_sizes", "sizes": sizes})
     summary = summarize(rows)
     print_summary(summary, rows)
     out = Path(args.out)
@@ -216,8 +258,10 @@ def main() -> None:
 
 def _log(r: dict) -> None:
     eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
+    released = (f"  released AUC {r['released_auc']:.4f} [{r['released_auc-low']:.4f}, {r['released_auc-high']:.4f}]"
+                if "released_auc-low" in r else "")
     print(f"  seed {r['seed']} {r['model']:18s} ε={eps:>3s}  AUC {r['auc']:.4f}  log loss {r['log_loss']:.4f}  "
-          f"ECE {r['ece']:.4f}  ({r['seconds']:.0f} s)", flush=True)
+          f"ECE {r['ece']:.4f}{released}  ({r['seconds']:.0f} s)", flush=True)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -228,7 +272,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (split, model, eps), rs in groups.items():
         entry = {"split": split, "model": model, "epsilon": eps, "seeds": len(rs)}
-        for k in ("auc", "log_loss", "brier", "ece", "mean_pred", "base_rate"):
+        for k in ("auc", "log_loss", "brier", "ece", "mean_pred", "base_rate", "released_auc", "released_auc-low",
+                  "released_auc-high"):
             vals = [r[k] for r in rs if k in r]
             if vals:
                 entry[k] = statistics.mean(vals)
@@ -241,37 +286,27 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def print_summary(summary: list[dict], rows: list[dict]) -> None:
-    print(f"\n{'split':10s} {'model':24s} {'ε':>4s} {'AUC':>15s} {'log loss':>9s} {'Brier':>7s} {'ECE':>7s}")
+    print(f"\n{'split':10s} {'model':32s} {'ε':>4s} {'AUC':>15s} {'log loss':>9s} {'Brier':>7s} {'ECE':>7s} "
+          f"{'released AUC [95% interval]':>28s}")
     for e in summary:
         eps = "∞" if e["epsilon"] is None else f"{e['epsilon']:g}"
-        print(f"{e['split']:10s} {e['model']:24s} {eps:>4s} {e['auc']:.4f} ± {e['auc_sd']:.4f} {e['log_loss']:9.4f} "
-              f"{e.get('brier', float('nan')):7.4f} {e.get('ece', float('nan')):7.4f}")
+        rel = (f"{e['released_auc']:.4f} [{e['released_auc-low']:.4f}, {e['released_auc-high']:.4f}]"
+               if "released_auc-low" in e else "")
+        print(f"{e['split']:10s} {e['model']:32s} {eps:>4s} {e['auc']:.4f} ± {e['auc_sd']:.4f} {e['log_loss']:9.4f} "
+              f"{e.get('brier', float('nan')):7.4f} {e.get('ece', float('nan')):7.4f} {rel:>28s}")
     for split in sorted({e["split"] for e in summary}):
-        base = next((e for e in summary if e["split"] == split and e["model"] == "federated, no DP"), None)
-        if base is None:
-            continue
-        sizes = next(r["sizes"] for r in rows if r["model"] == "_sizes" and r["split"] == split)
-        dp = [e for e in summary if e["split"] == split and e["epsilon"] == 3.0]
-        print(f"\n{split}: per-merchant test AUC (mean over seeds), merchants by size")
-        names = sorted(sizes, key=lambda m: -sizes[m])
-        print(f"{'merchant':14s} {'customers':>9s} {'no DP':>7s} " + " ".join(f"{e['model'][:12]:>12s}" for e in dp))
-        for m in names:
-            print(f"{m:14s} {sizes[m]:9d} {base['per_merchant_auc'][m]:7.3f} "
-                  + " ".join(f"{e['per_merchant_auc'][m]:12.3f}" for e in dp))
-        for e in dp:
-            loss = base["auc"] - e["auc"]
-            print(f"{split}: {e['model']} at ε=3: AUC {e['auc']:.4f} (loss {loss:+.4f} vs federated no DP "
-                  f"{base['auc']:.4f}); log loss {e['log_loss']:.4f} vs {base['log_loss']:.4f}")
-        if dp:
-            best = max(dp, key=lambda e: e["auc"])
-            limit = 0.01 if split == "hash" else 0.015
-            ok = base["auc"] - best["auc"] <= limit and (split != "hash" or best["auc"] >= 0.745)
-            print(f"{split}: best mode at ε=3 is {best['model']} — {'PASS' if ok else 'FAIL'} "
-                  f"(loss ≤ {limit}{' and AUC ≥ 0.745' if split == 'hash' else ''})")
-        if split == "hash":
-            for e in dp:
-                ok = base["auc"] - e["auc"] <= 0.01 and e["auc"] >= 0.745
-                print(f"hash: {e['model']} at ε=3 — {'PASS' if ok else 'FAIL'} (AUC ≥ 0.745, loss ≤ 0.01)")
+        def find(model: str, eps):
+            return next((e for e in summary if e["split"] == split and e["model"] == model and e["epsilon"] == eps),
+                        None)
+
+        print(f"\n{split}: issue 10 utility check (ε = 3 total for the run, evaluation release included)")
+        for model, eps in (("federated, no DP", None), ("local DP", 3.0), ("aggregate DP", 3.0)):
+            before, after = find(model + " [before]", eps), find(model + " [after]", eps)
+            if before is None or after is None:
+                continue
+            loss = before["auc"] - after["auc"]
+            verdict = "" if eps is None else (" PASS" if loss <= 0.005 else " FAIL") + " (loss ≤ 0.005)"
+            print(f"  {model:18s} before {before['auc']:.4f}  after {after['auc']:.4f}  change {-loss:+.4f}{verdict}")
 
 
 def plot(summary: list[dict], path: Path) -> None:
@@ -283,13 +318,13 @@ def plot(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     split = "hash"
     for ax, metric, label in ((axes[0], "auc", "test AUC"), (axes[1], "log_loss", "test log loss")):
-        for model, marker in (("local DP", "o"), ("aggregate DP", "s")):
+        for model, marker in (("local DP [after]", "o"), ("aggregate DP [after]", "s")):
             pts = sorted((e["epsilon"], e[metric], e[f"{metric}_sd"]) for e in summary
                          if e["split"] == split and e["model"] == model)
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                            capsize=3, label=f"{model} (ε per merchant)" if model == "local DP" else model)
-        for model, style in (("federated, no DP", "--"), ("centralized MLP, no DP", ":")):
+                            capsize=3, label=model)
+        for model, style in (("federated, no DP [after]", "--"), ("centralized MLP, no DP", ":")):
             e = next((e for e in summary if e["split"] == split and e["model"] == model), None)
             if e:
                 ax.axhline(e[metric], linestyle=style, color="grey", label=f"{model} (ε = ∞)")

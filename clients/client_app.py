@@ -4,6 +4,13 @@ Every message re-evaluates consent first (withdrawals take effect at the next ro
 then computes features of granted scopes only, trains or evaluates on the node's own
 users, records the usage in the node's ledger, and replies with arrays and aggregate
 numbers only — never user ids, rows, per-user features or scores.
+
+What a reply may carry is declared in ``fedretain.egress`` (the egress manifest); the
+app's :func:`fedretain.egress.egress_guard` mod checks every reply against it before it
+leaves. Inputs are scaled by the public transforms of ``fedretain.transforms`` (no
+statistics are exchanged). In a DP mode a reply carries no exact count: the weight is the
+public constant 1, consent counts stay in the node's ledger, and held-out evaluation
+leaves only as a noisy histogram charged to the node's budget (``fedretain.dp_evaluation``).
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ from fedretain.consent.vocab import SCOPES
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.clients.training import make_trainer
 from fedretain.clients.witnessing import install as install_witness, witness_mod
+from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, dp_release, exact_release
+from fedretain.egress import egress_guard
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_record, model_arrays, state_dict_from
-from fedretain.train import evaluate
+from fedretain.train import evaluate, predict
+from fedretain.transforms import TRANSFORM_ID, public_standardizer
 
 torch.set_num_threads(1)  # one thread per node process is faster on small CPUs (see docs)
 
-app = ClientApp(mods=[witness_mod])  # every reply carries the node's signed ledger heads (clients/witnessing.py)
+# every reply carries the node's signed ledger heads (clients/witnessing.py); the egress guard is the
+# outer mod so that it checks the whole reply, witness record included, against the manifest
+app = ClientApp(mods=[egress_guard, witness_mod])
 install_witness(app)
 _log = logging.getLogger(__name__)
 
@@ -91,7 +103,33 @@ def _model(arrays: ArrayRecord, n_inputs: int, cfg: ConfigRecord) -> RetentionNe
 
 
 def _standardizer(cfg: ConfigRecord) -> Standardizer:
-    return Standardizer(np.asarray(cfg["mean"], dtype=float), np.asarray(cfg["std"], dtype=float))
+    """The public input transform of the run's features (computed here, from nothing but their names)."""
+    asked = str(cfg.get("transform", TRANSFORM_ID))
+    if asked != TRANSFORM_ID:
+        raise RuntimeError(f"the server asks for input transform {asked!r}; this node applies only the public "
+                           f"transform {TRANSFORM_ID!r} (fedretain/transforms.py)")
+    return public_standardizer(list(cfg["features"]))
+
+
+def dp_mode(cfg: Any) -> str:
+    return str(cfg.get("dp-mode", "none"))
+
+
+# What a DP trainer may report beside ε in each mode (the rest stays in the node's budget ledger:
+# local DP's δ, σ and step count are functions of the node's number of examples).
+_DP_REPORTED = {"local": ("epsilon",), "central": ("dp-weight",),
+                "aggregate": ("epsilon", "delta", "noise-multiplier", "dp-steps")}
+
+
+def train_metrics(cfg: Any, loss: float, num_examples: int, extra: dict[str, Any] | None, prep: Prepared) -> dict[str, Any]:
+    """A train reply's numbers: exact in dp-mode none; the public weight 1 and ε spent in DP modes."""
+    mode = dp_mode(cfg)
+    if mode == "none":
+        out = {"train_loss": float(loss), "num-examples": int(num_examples), **(extra or {})}
+        out.update(consent_metrics(prep, "train"))
+        return out
+    keep = _DP_REPORTED.get(mode, ())
+    return {"num-examples": 1, **{k: v for k, v in (extra or {}).items() if k in keep}}
 
 
 def lineage(node: MerchantNode, prep: Prepared) -> ConfigRecord:
@@ -142,23 +180,6 @@ def record_usage(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phase: s
         )
 
 
-@app.query("feature_stats")
-def feature_stats(msg: Message, context: Context) -> Message:
-    """Summed moments of the node's training features, for federated standardisation."""
-    cfg = msg.content["config"]
-    node = node_for(context)
-    prep = prepare_from_config(node, cfg)
-    x = prep.x_train
-    stats = MetricRecord(
-        {
-            "num-examples": int(len(x)),
-            "sum": x.sum(axis=0).astype(float).tolist(),
-            "sumsq": (x**2).sum(axis=0).astype(float).tolist(),
-        }
-    )
-    return Message(RecordDict({"stats": stats, "lineage": lineage(node, prep)}), reply_to=msg)
-
-
 def _legacy(msg: Message, context: Context) -> Message | None:
     """SecAgg+ runs speak Flower's legacy protocol; hand those messages to the legacy app."""
     from fedretain.clients.secagg_app import is_legacy_message, legacy_app  # late: it imports this module
@@ -166,13 +187,39 @@ def _legacy(msg: Message, context: Context) -> Message | None:
     return legacy_app(msg, context) if is_legacy_message(msg) else None
 
 
-def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, model: RetentionNet) -> dict[str, Any]:
-    """Held-out metrics of ``model`` on the node's consented test users; the usage is recorded first."""
-    report = evaluate(model, _standardizer(cfg).transform(prep.x_test), prep.y_test)
-    record_usage(node, prep, cfg, "evaluate")
-    metrics = {k: float(v) for k, v in report.items() if k != "num_examples"}
-    metrics["num-examples"] = int(prep.n_test)
-    metrics.update(consent_metrics(prep, "evaluate"))
+def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: Any, model: RetentionNet) -> dict[str, Any]:
+    """What leaves the node about ``model`` on its consented held-out users; the usage is recorded first.
+
+    dp-mode none: exact metrics, counts and the exact score histogram. DP modes: only the
+    noisy score histogram (``fedretain.dp_evaluation``), charged to the node's budget under
+    the run's purpose at the run's ``eval-epsilon`` — the held-out users get DP like the
+    training users.
+    """
+    x = _standardizer(cfg).transform(prep.x_test)
+    mode = dp_mode(cfg)
+    y = prep.y_test[:, 0] if len(prep.y_test) else np.zeros(0)
+    prob = predict(model, x)[0] if len(x) else np.zeros(0)
+    if mode == "none":
+        record_usage(node, prep, cfg, "evaluate")
+        report = evaluate(model, x, prep.y_test)
+        metrics: dict[str, Any] = {k: float(v) for k, v in report.items() if k != "num_examples"}
+        metrics["num-examples"] = int(prep.n_test)
+        metrics.update(consent_metrics(prep, "evaluate"))
+        release = exact_release(y, prob)
+    else:
+        from fedretain.privacy.budget import ledger_path
+
+        eps = float(cfg.get("eval-epsilon", 0.0))
+        delta = float(cfg.get("eval-delta", DEFAULT_EVAL_DELTA))
+        if eps <= 0:
+            raise RuntimeError(f"dp-mode {mode}: the run names no eval-epsilon; the held-out evaluation is a DP "
+                               f"release and is refused without one")
+        release = dp_release(ledger_path(node.config.state_dir), str(cfg.get("run-id", "")), str(cfg["purpose"]),
+                             int(cfg.get("server-round", 0)), y, prob, eps, delta)
+        record_usage(node, prep, cfg, "evaluate")
+        metrics = {"eval-epsilon": release.epsilon, "eval-delta": release.delta}
+    metrics.update({"hist-pos": [float(v) for v in release.pos], "hist-neg": [float(v) for v in release.neg],
+                    "hist-sd": float(release.sd)})
     return metrics
 
 
@@ -193,9 +240,7 @@ def train(msg: Message, context: Context) -> Message:
     trainer = make_trainer(cfg, context, node, prep)
     result = trainer.fit(model, scaler.transform(prep.x_train), prep.y_train, global_params)
     record_usage(node, prep, cfg, "train")
-    metrics = {"train_loss": float(result.loss), "num-examples": int(result.num_examples)}
-    metrics.update(getattr(result, "extra_metrics", {}) or {})
-    metrics.update(consent_metrics(prep, "train"))
+    metrics = train_metrics(cfg, result.loss, result.num_examples, getattr(result, "extra_metrics", None), prep)
     content = RecordDict(
         {"arrays": model_arrays(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}
     )

@@ -2,19 +2,22 @@
 
 In flwr 1.42 SecAgg+ exists only for the legacy stack (``NumPyClient`` behind
 ``secaggplus_mod``, driven by the server's ``SecAggPlusWorkflow``). This app wraps that
-legacy client in a Message-API ``ClientApp`` so the same node also answers fedretain's
-``query.feature_stats`` (federated standardisation) with the regular handler.
+legacy client in a Message-API ``ClientApp`` whose replies pass the same egress guard
+(``fedretain.egress``) as the regular app's.
 
 What a node sends per round depends on the run's ``dp-mode``:
 
 * ``none`` / ``local`` — its trained model (plain or DP-SGD, ``clients/training.py``),
-  weighted by its number of examples; the server only sees the weighted mean;
+  with the public weight 1 (no count leaves the node: Flower's legacy reply carries the
+  weight in the clear beside the masked vector); the server only sees the mean;
 * ``aggregate`` — the clipped, scaled sum of its sampled customers' gradients
   (``fedretain.privacy.aggregate.contribute``) with weight 1; the server adds the noise.
 
 The node re-runs the consent gate every round, records its usage in the consent
 ledger and its privacy spend in the budget ledger before anything leaves, exactly like
-the regular ClientApp. Metrics are aggregate numbers and lineage strings only.
+the regular ClientApp. Metrics are the regular app's (``train_metrics``,
+``evaluation_metrics``: no exact numbers in DP modes) plus lineage strings; legacy
+metrics hold scalars only, so the histograms travel as ``json:`` strings.
 """
 
 from __future__ import annotations
@@ -33,13 +36,19 @@ from fedretain.clients import client_app as regular
 from fedretain.clients.node import MerchantNode, Prepared
 from fedretain.clients.training import make_trainer
 from fedretain.clients.witnessing import install as install_witness, witness_mod
+from fedretain.dp_evaluation import pooled_metrics
+from fedretain.egress import egress_guard
 from fedretain.models import RetentionNet
-from fedretain.train import evaluate
 
 
 def from_legacy_config(config: dict[str, Any]) -> dict[str, Any]:
     """Undo the server's encoding of lists as ``json:`` strings (legacy configs hold scalars only)."""
     return {k: json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v for k, v in config.items()}
+
+
+def to_legacy_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Legacy metrics are scalars: lists travel as ``json:`` strings (``from_legacy_config`` undoes it)."""
+    return {k: ("json:" + json.dumps(v)) if isinstance(v, (list, tuple)) else v for k, v in metrics.items()}
 
 
 def lineage_metrics(node: MerchantNode, prep: Prepared) -> dict[str, Any]:
@@ -84,28 +93,29 @@ class MerchantClient(NumPyClient):
                 ledger_path(node.config.state_dir), str(cfg.get("run-id", "")), str(cfg["purpose"]),
                 int(cfg.get("server-round", 0)), AggregatePlan.from_config(cfg), model, x, prep.y_train,
             )
-            weight = 1  # the server needs the plain sum; the sampled batch size is not released
-            metrics: dict[str, Any] = {"train_loss": float("nan"), **dp_metrics}
+            loss, n, extra = float("nan"), 1, dp_metrics  # the sampled batch size is not released
         else:
             global_params = [p.detach().clone() for p in model.parameters()]
             result = make_trainer(cfg, self.context, node, prep).fit(model, x, prep.y_train, global_params)
-            arrays, weight = parameters_of(model), int(result.num_examples)
-            metrics = {"train_loss": float(result.loss), **(getattr(result, "extra_metrics", None) or {})}
+            arrays = parameters_of(model)
+            loss, n, extra = float(result.loss), int(result.num_examples), getattr(result, "extra_metrics", None)
         regular.record_usage(node, prep, cfg, "train")
-        metrics.update(regular.consent_metrics(prep, "train"))
+        metrics = regular.train_metrics(cfg, loss, n, extra, prep)
         metrics.update(lineage_metrics(node, prep))
-        return arrays, weight, metrics
+        return arrays, 1, metrics  # weight 1: an unweighted mean, no example count in the clear
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         cfg = from_legacy_config(config)
         prep = regular.prepare_from_config(self.node, cfg)
         model = model_from(parameters, len(prep.columns), cfg)
-        report = evaluate(model, regular._standardizer(cfg).transform(prep.x_test), prep.y_test)
-        regular.record_usage(self.node, prep, cfg, "evaluate")
-        metrics: dict[str, Any] = {k: float(v) for k, v in report.items() if k != "num_examples"}
-        metrics.update(regular.consent_metrics(prep, "evaluate"))
+        metrics = regular.evaluation_metrics(self.node, prep, cfg, model)
+        if regular.dp_mode(cfg) == "none":
+            loss, n = float(metrics["loss"]), int(metrics["num-examples"])
+        else:  # post-processing of the node's own noisy histogram; the weight is the constant 1
+            own = pooled_metrics([(metrics["hist-pos"], metrics["hist-neg"], metrics["hist-sd"])])
+            loss, n = float(own.get("log_loss", float("nan"))), 1
         metrics.update(lineage_metrics(self.node, prep))
-        return float(report["loss"]), int(prep.n_test), metrics
+        return loss, n, to_legacy_metrics(metrics)
 
 
 def is_legacy_message(msg: Message) -> bool:
@@ -122,9 +132,9 @@ def _client_fn(context: Context):
 
 
 legacy_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
-app = ClientApp(mods=[witness_mod])  # every reply, each SecAgg+ stage too, carries the signed ledger heads
+# every reply, each SecAgg+ stage too, carries the signed ledger heads; the guard checks all of it
+app = ClientApp(mods=[egress_guard, witness_mod])
 install_witness(app)
-app.query("feature_stats")(regular.feature_stats)
 
 
 @app.train()

@@ -115,10 +115,18 @@ class RetentionLoss(nn.Module):
 
 @dataclass
 class Standardizer:
-    """Feature-wise (x - mean) / std with statistics that may come from a federation."""
+    """Feature-wise (clip(x, lower, upper) - mean) / std.
+
+    Runs use the public transform of :mod:`fedretain.transforms` (declared ranges, no
+    statistics from any node); ``from_moments``/``fit`` remain for local, centralised use
+    and for bundles written before that change (no clip bounds: ``lower``/``upper`` None).
+    """
 
     mean: np.ndarray
     std: np.ndarray
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    source: str = "moments"
 
     @classmethod
     def from_moments(cls, count: float, total: np.ndarray, total_sq: np.ndarray) -> "Standardizer":
@@ -136,7 +144,26 @@ class Standardizer:
         return cls.from_moments(len(x), x.sum(axis=0), (x**2).sum(axis=0))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+        x = np.asarray(x, dtype=np.float64)
+        if self.lower is not None and self.upper is not None:
+            x = np.clip(x, self.lower, self.upper)
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def to_payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mean": np.asarray(self.mean).tolist(), "std": np.asarray(self.std).tolist(),
+                               "transform": self.source}
+        if self.lower is not None and self.upper is not None:
+            out["lower"] = np.asarray(self.lower).tolist()
+            out["upper"] = np.asarray(self.upper).tolist()
+        return out
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "Standardizer":
+        lower, upper = payload.get("lower"), payload.get("upper")
+        return cls(np.asarray(payload["mean"], float), np.asarray(payload["std"], float),
+                   None if lower is None else np.asarray(lower, float),
+                   None if upper is None else np.asarray(upper, float),
+                   str(payload.get("transform", "moments")))
 
 
 @dataclass
@@ -168,8 +195,7 @@ class ModelBundle:
             "format": "fedretain-model/1",
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
             "feature_names": list(self.feature_names),
-            "mean": self.standardizer.mean.tolist(),
-            "std": self.standardizer.std.tolist(),
+            **self.standardizer.to_payload(),
             "hidden": list(self.hidden),
             "model": self.kind,
             "meta": self.meta,
@@ -199,7 +225,7 @@ class ModelBundle:
             return cls(
                 state_dict=payload["state_dict"],
                 feature_names=list(payload["feature_names"]),
-                standardizer=Standardizer(np.asarray(payload["mean"]), np.asarray(payload["std"])),
+                standardizer=Standardizer.from_payload(payload),
                 hidden=tuple(payload["hidden"]),
                 meta=dict(payload.get("meta", {})),
                 kind=str(payload.get("model", "")),  # checkpoints before model kinds: inferred from hidden

@@ -7,7 +7,8 @@ every record and every array of a message as a separate object over gRPC:
   per tensor, so a message carries one array object, not six;
 * a train message may ask the node to **evaluate the global model it received**
   before training on it (``evaluate-received``); the node replies with those held-out
-  metrics in an ``evaluation`` record beside its update. The evaluation of round r's
+  metrics in an ``evaluation`` record beside its update (in DP modes: the noisy score
+  histograms of ``fedretain.dp_evaluation``, and only for the final model). The evaluation of round r's
   model therefore rides in round r+1's train exchange, and a run needs N+1 exchanges
   for N rounds instead of 2N.
 
@@ -71,4 +72,9 @@ def evaluation_of(content: RecordDict) -> RecordDict | None:
     if EVALUATION not in content.config_records:
         return None
     rec = content.config_records[EVALUATION]
-    return RecordDict({"metrics": MetricRecord({k: v for k, v in rec.items() if isinstance(v, (int, float))})})
+    return RecordDict({"metrics": MetricRecord({k: v for k, v in rec.items() if _is_number(v) or (
+        isinstance(v, list) and v and all(_is_number(x) for x in v))})})
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

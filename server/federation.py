@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedretain.features import feature_columns
+from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, pooled_metrics
 from fedretain.models import ModelBundle, RetentionNet, Standardizer, make_model
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
@@ -31,12 +31,60 @@ from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 from fedretain.server.witness_grid import witnessed
+from fedretain.transforms import TRANSFORM_ID, public_standardizer
 
 log = logging.getLogger("fedretain.server")
 
 
 class RunAborted(RuntimeError):
     """The run cannot go on (too few nodes, every retry failed); the record says why."""
+
+
+# Share of a DP run's total ε spent on the held-out evaluation release (run_config ``eval-epsilon``
+# overrides it): training gets the rest, so ε = ε_train + ε_eval per record (basic composition,
+# as the node's budget ledger composes). Evaluated once, on the final model.
+DEFAULT_EVAL_SHARE = 0.1
+
+
+def eval_epsilon(settings: RunSettings) -> float:
+    """ε of the held-out evaluation release of a DP run (0 in dp-mode none)."""
+    if settings.dp_mode == "none":
+        return 0.0
+    eps = float(settings.extra.get("eval-epsilon", settings.target_epsilon * DEFAULT_EVAL_SHARE))
+    if not 0 < eps < settings.target_epsilon:
+        raise ValueError(f"eval-epsilon must be in (0, target-epsilon={settings.target_epsilon:g}), got {eps:g}")
+    from fedretain.dp_evaluation import calibrated
+    from fedretain.privacy.accountant import PrivacyError
+
+    try:
+        calibrated(eps, DEFAULT_EVAL_DELTA)  # refuse before any node spends, not at the last round
+    except PrivacyError as exc:
+        raise ValueError(str(exc)) from None
+    return eps
+
+
+def train_epsilon(settings: RunSettings) -> float:
+    """ε left for training once the evaluation release is taken out (local and aggregate modes).
+
+    Central mode's ε is merchant-level and spent by the server (``server/strategies.py``); the
+    evaluation release there is a record-level release charged to each node's own budget."""
+    if settings.dp_mode in ("local", "aggregate"):
+        return settings.target_epsilon - eval_epsilon(settings)
+    return settings.target_epsilon
+
+
+def evaluation_metrics(records: list[RecordDict]) -> dict[str, float]:
+    """A round's held-out metrics: pooled from the nodes' score histograms (noisy in DP modes),
+    plus, in dp-mode none, the example-weighted mean of the exact per-node metrics."""
+    if not records:
+        return {}
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    hists = [(m["hist-pos"], m["hist-neg"], float(m.get("hist-sd", 0.0))) for m in metrics
+             if "hist-pos" in m and "hist-neg" in m]
+    out = dict(weighted_mean(records, "num-examples"))
+    out.pop("hist-sd", None)
+    out.update(pooled_metrics(hists))
+    return out
 
 
 COUNT_PREFIXES = ("users-", "scope-")  # per-node counts (consent_metrics): summed, not averaged
@@ -174,28 +222,25 @@ class FederatedTraining:
         return {
             "run-id": s.run_id, "purpose": s.purpose, "features": list(s.features),
             "horizon-days": float(s.horizon_days), "cutoff": s.cutoff,
-            "hidden": list(s.hidden), "dp-mode": s.dp_mode, "target-epsilon": float(s.target_epsilon),
+            "hidden": list(s.hidden), "dp-mode": s.dp_mode, "target-epsilon": float(train_epsilon(s)),
+            "total-epsilon": float(s.target_epsilon), "eval-epsilon": float(eval_epsilon(s)),
+            "eval-delta": DEFAULT_EVAL_DELTA, "transform": TRANSFORM_ID,
             "target-delta": float(s.target_delta), "max-grad-norm": float(s.max_grad_norm),
             "total-rounds": int(s.rounds),
             "dp-accountant": str(s.extra.get("dp-accountant", "rdp")),
             "dp-clipping": str(s.extra.get("dp-clipping", "bk")),
         }
 
-    def federated_standardizer(self) -> tuple[Standardizer, list[NodeReply]]:
-        """Global mean/std from the nodes' summed moments (counts and sums, never rows)."""
-        nodes = self.wait_for_nodes(self.settings.min_nodes)
-        content = RecordDict({"config": ConfigRecord(self.base_config())})
-        msgs = [Message(content, dst_node_id=n, message_type="query.feature_stats") for n in nodes]
-        replies = send_and_receive(self.grid, msgs, self.settings.round_timeout)
-        ok = [r for r in replies if not r.has_error()]
-        info = read_replies(list(replies), "feature_stats")
-        if len(ok) < self.settings.min_nodes:
-            errors = "; ".join(f"node {r.node_id}: {r.error}" for r in info if not r.ok)
-            raise RunAborted(f"feature statistics: {len(ok)} of {len(nodes)} nodes answered ({errors})")
-        count = sum(float(r.content["stats"]["num-examples"]) for r in ok)
-        total = np.sum([np.asarray(r.content["stats"]["sum"], float) for r in ok], axis=0)
-        total_sq = np.sum([np.asarray(r.content["stats"]["sumsq"], float) for r in ok], axis=0)
-        return Standardizer.from_moments(count, total, total_sq), info
+    def input_transform(self) -> Standardizer:
+        """The public input transform (``fedretain.transforms``): nothing is asked of the nodes."""
+        return public_standardizer(self.settings.features)
+
+    def standardization_record(self) -> dict[str, Any]:
+        s = self.settings
+        return {"source": TRANSFORM_ID, "exchanged": "nothing (fixed public ranges, fedretain/transforms.py)",
+                "epsilon_train": train_epsilon(s), "epsilon_evaluation": eval_epsilon(s),
+                "evaluation": "every round, exact" if s.dp_mode == "none" else
+                "final model only, noisy score histograms charged to each node's budget"}
 
     def bundle(self, arrays: ArrayRecord, scaler: Standardizer, server_round: int) -> ModelBundle:
         return ModelBundle(
@@ -214,16 +259,17 @@ class FederatedTraining:
         s = self.settings
         record, arrays, scaler, first = self._start_or_resume()
         train_cfg = ConfigRecord({
-            **self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist(),
-            "local-epochs": s.local_epochs, "batch-size": s.batch_size, "learning-rate": s.learning_rate,
-            "proximal-mu": s.proximal_mu,
+            **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
+            "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,
         })
-        eval_cfg = ConfigRecord({**self.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist()})
-        unevaluated = self._unevaluated_round(record, first)
+        eval_cfg = ConfigRecord(self.base_config())
+        # DP modes release one evaluation (of the final model): each release costs ε
+        every_round = s.dp_mode == "none"
+        unevaluated = self._unevaluated_round(record, first) if every_round else None
         with progress.tracked_run(record, s.rounds, first, self.out_dir / "model.pt"):
             for rnd in range(first, s.rounds + 1):
                 arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg, unevaluated)
-                unevaluated = rnd
+                unevaluated = rnd if every_round or rnd == s.rounds else None
             if unevaluated:
                 self._final_evaluation(record, unevaluated, arrays, eval_cfg)
         return record
@@ -249,12 +295,9 @@ class FederatedTraining:
             log.info("resuming run %s after round %d from %s", record.data["run_id"], rnd, path)
             return record, model_arrays(bundle.state_dict), bundle.standardizer, rnd + 1
         record = RunRecord.create(self.out_dir, s.run_id, s.as_dict())
-        scaler, info = self.federated_standardizer()
+        scaler = self.input_transform()
         record.data["feature_columns"] = self.columns
-        record.data["standardization"] = {
-            "source": "federated moments", "nodes": [r.as_dict() for r in info],
-            "num_examples": int(sum(r.metrics.get("num-examples", 0) for r in info if r.ok)),
-        }
+        record.data["standardization"] = self.standardization_record()
         torch.manual_seed(s.seed)
         model = make_model(s.model, len(self.columns), s.hidden, s.prior_rate)
         record.save()
@@ -323,7 +366,7 @@ class FederatedTraining:
         """Put the held-out metrics of round ``rnd``'s model into that round's entry."""
         info, records = read_evaluations(replies)
         entry = next(r for r in record.data["rounds"] if r["round"] == rnd)
-        entry["evaluate"] = dict(weighted_mean(records, "num-examples")) if records else {}
+        entry["evaluate"] = evaluation_metrics(records)
         entry["evaluated_in_round"] = in_round
         entry["nodes"] = [n for n in entry.get("nodes", []) if n.get("phase") != "evaluate"]
         entry["nodes"] += [r.as_dict() for r in info]

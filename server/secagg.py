@@ -2,10 +2,10 @@
 
 flwr 1.42 offers SecAgg+ only through the legacy stack, so this app drives Flower's
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy strategy, after
-the same federated standardisation query the regular ServerApp sends. Two strategies:
+the same public input transform the regular ServerApp uses (nothing is asked of the nodes). Two strategies:
 
 * :class:`SecureFedAvg` (``dp-mode`` ``none`` or ``local``): FedAvg of the nodes' models;
-  SecAgg+ reveals only the example-weighted mean to the server.
+  SecAgg+ reveals only their (unweighted: every node sends weight 1) mean to the server.
 * :class:`AggregateDPSGD` (``dp-mode aggregate``): each round is one DP-SGD step; nodes
   send their clipped gradient sums under SecAgg+, the server adds the Gaussian noise
   once and steps (``fedretain.privacy.aggregate``).
@@ -15,7 +15,11 @@ consent lineage) and per-round checkpoints as the regular ServerApp. Settings be
 ``RunSettings`` are read from its ``extra`` (run_config keys): ``aggregate-batch-size``
 (expected customers per step over all merchants, default 4096), ``server-learning-rate``
 (Adam on the server in aggregate mode, default ``learning-rate``), ``dp-accountant``,
-``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (fractions, defaults 1.0 / 0.7).
+``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (fractions, defaults 1.0 / 0.7), and
+``aggregate-population`` (aggregate mode: the platform's *declared*, public number of customers over
+all merchants; it sets the sampling rate q = B/N, the expected batch the noisy sum is divided by,
+and the default δ — nodes no longer send exact example counts, and the accounting holds for any N
+because every record is Poisson-sampled with rate q).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.server import progress
 from fedretain.server.checkpoints import save_checkpoint
-from fedretain.server.federation import FederatedTraining, RunAborted
+from fedretain.server.federation import FederatedTraining, RunAborted, evaluation_metrics, train_epsilon
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 
@@ -67,6 +71,19 @@ def extra(settings: RunSettings, key: str, default: Any) -> Any:
     return settings.extra.get(key, default)
 
 
+def declared_population(settings: RunSettings) -> int:
+    """Aggregate mode's N: declared by the platform (public), never counted from the nodes' data."""
+    value = settings.extra.get("aggregate-population")
+    try:
+        n = int(float(value)) if value not in (None, "") else 0
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError("dp-mode aggregate needs the declared number of customers over all merchants "
+                         "(run_config aggregate-population = N, a public figure; nodes do not send exact counts)")
+    return n
+
+
 def weighted_metrics(pairs: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
     """Weighted mean of the numeric, finite metrics (strings such as lineage are per node only)."""
     out: dict[str, float] = {}
@@ -93,6 +110,11 @@ def node_entry(proxy: Any, phase: str, num_examples: int, metrics: dict[str, Any
         "phase": phase, "num_examples": num_examples, "epsilon": numbers.get("epsilon"), "metrics": numbers,
         "lineage": lineage, "error": None,
     }
+
+
+def decode_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Undo the nodes' ``json:`` encoding of list-valued legacy metrics (clients/secagg_app.py)."""
+    return {k: json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v for k, v in metrics.items()}
 
 
 class _RecordedStrategy(LegacyFedAvg):
@@ -127,21 +149,40 @@ class _RecordedStrategy(LegacyFedAvg):
         self.model.load_state_dict({k: torch.as_tensor(np.asarray(a, dtype=np.float32)) for k, a in zip(keys, arrays)})
         return ndarrays_to_parameters([v.detach().numpy() for v in self.model.state_dict().values()])
 
-    def aggregate_evaluate(self, server_round: int, results, failures):
-        if self._round.get("round") != server_round:  # SecAgg+ halted this round: nothing was aggregated
-            raise RunAborted(f"round {server_round}: secure aggregation did not complete (too few nodes "
-                             f"answered a SecAgg+ stage); stopping the run")
-        pairs = [(r.num_examples, r.metrics) for _, r in results]
-        evaluate = weighted_metrics(pairs)
-        evaluate["num-examples"] = float(sum(r.num_examples for _, r in results))
+    def evaluates(self, server_round: int) -> bool:
+        """DP runs release one evaluation (of the final model): each release costs ε."""
+        return self.run.settings.dp_mode == "none" or server_round == self.run.settings.rounds
+
+    def configure_evaluate(self, server_round: int, parameters, client_manager):
+        return super().configure_evaluate(server_round, parameters, client_manager) if self.evaluates(
+            server_round) else []
+
+    def _finish_round(self, server_round: int, evaluate: dict[str, Any], eval_nodes: list[dict[str, Any]]) -> None:
         bundle = self.run.bundle(self._arrayrecord(), self.scaler, server_round)
         ckpt = save_checkpoint(self.run.out_dir, server_round, bundle)
         entry = {**self._round, "finished": now_iso(), "evaluate": evaluate, "checkpoint": str(ckpt)}
-        entry["nodes"] = entry.get("nodes", []) + [node_entry(p, "evaluate", r.num_examples, r.metrics)
-                                                   for p, r in results]
+        entry["nodes"] = entry.get("nodes", []) + eval_nodes
         self.record.add_round(entry)
         progress.notify("on_round", entry)
-        return float(evaluate.get("loss", float("nan"))), evaluate
+
+    def _fitted(self, server_round: int) -> None:
+        """After aggregate_fit: a round without an evaluation is finished here."""
+        if not self.evaluates(server_round):
+            self._finish_round(server_round, {}, [])
+
+    def aggregate_evaluate(self, server_round: int, results, failures):
+        from flwr.app import MetricRecord, RecordDict
+
+        if self._round.get("round") != server_round:  # SecAgg+ halted this round: nothing was aggregated
+            raise RunAborted(f"round {server_round}: secure aggregation did not complete (too few nodes "
+                             f"answered a SecAgg+ stage); stopping the run")
+        decoded = [(p, r, decode_metrics(r.metrics)) for p, r in results]
+        records = [RecordDict({"metrics": MetricRecord({k: v for k, v in m.items() if not isinstance(v, str)})})
+                   for _, _, m in decoded]
+        evaluate = evaluation_metrics(records)
+        self._finish_round(server_round, evaluate, [node_entry(p, "evaluate", r.num_examples, m)
+                                                    for p, r, m in decoded])
+        return float(evaluate.get("log_loss", float("nan"))), evaluate
 
     def _arrayrecord(self):
         from flwr.app import ArrayRecord
@@ -159,6 +200,7 @@ class SecureFedAvg(_RecordedStrategy):
         params = self._set_model(mean)
         train = weighted_metrics([(r.num_examples, r.metrics) for _, r in results])
         self._round["train"] = train
+        self._fitted(server_round)
         return params, train
 
 
@@ -184,6 +226,7 @@ class AggregateDPSGD(_RecordedStrategy):
         train.update({"aggregate-epsilon": epsilon, "aggregate-delta": self.plan.delta,
                       "aggregate-noise-multiplier": self.plan.noise_multiplier, "contributors": float(len(results))})
         self._round["train"] = train
+        self._fitted(server_round)
         return params, train
 
 
@@ -199,16 +242,13 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
     record = RunRecord.create(run.out_dir, settings.run_id,
                               {**settings.as_dict(), "secure_aggregation": "secagg+"})
     with progress.tracked_run(record, settings.rounds, 1, run.out_dir / "model.pt"):
-        scaler, info = run.federated_standardizer()
-        counts = [int(r.metrics.get("num-examples", 0)) for r in info if r.ok]
+        scaler = run.input_transform()
         record.data["feature_columns"] = run.columns
-        record.data["standardization"] = {"source": "federated moments", "nodes": [r.as_dict() for r in info],
-                                          "num_examples": int(sum(counts))}
+        record.data["standardization"] = run.standardization_record()
         torch.manual_seed(settings.seed)
         model = RetentionNet(len(run.columns), settings.hidden)
-        n_nodes = len(counts)
-        fit_config = {**run.base_config(), "mean": scaler.mean.tolist(), "std": scaler.std.tolist(),
-                      "local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
+        n_nodes = len(run.wait_for_nodes(settings.min_nodes))
+        fit_config = {**run.base_config(), "local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
                       "learning-rate": settings.learning_rate, "proximal-mu": settings.proximal_mu,
                       "dp-accountant": str(extra(settings, "dp-accountant", "rdp")),
                       "dp-clipping": str(extra(settings, "dp-clipping", "bk"))}
@@ -216,7 +256,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         if settings.dp_mode == "aggregate":
             from fedretain.privacy.aggregate import plan_aggregate
 
-            plan = plan_aggregate(settings.target_epsilon, settings.target_delta, sum(counts),
+            plan = plan_aggregate(train_epsilon(settings), settings.target_delta, declared_population(settings),
                                   float(extra(settings, "aggregate-batch-size", DEFAULT_AGGREGATE_BATCH)),
                                   settings.rounds, settings.max_grad_norm, fit_config["dp-accountant"])
             fit_config.update(plan.to_config())
@@ -234,7 +274,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
             workflow = SecAggPlusWorkflow(
                 float(extra(settings, "secagg-num-shares", 1.0)),
                 float(extra(settings, "secagg-reconstruction-threshold", 0.7)),
-                max_weight=float(max(counts)) * 1.25, timeout=settings.round_timeout)
+                max_weight=1.0, timeout=settings.round_timeout)  # every node sends weight 1
         record.save()
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.rounds,
                                                            round_timeout=settings.round_timeout), strategy=strategy)

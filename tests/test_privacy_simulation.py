@@ -83,14 +83,14 @@ def test_central_dp_runs_with_flowers_wrapper_and_accounts(tmp_path, silos):
     assert all(r["train"]["central-noise-multiplier"] > 1 for r in rec["rounds"])
     for entry in rec["rounds"]:
         assert all(n["metrics"]["dp-weight"] == 1.0 for n in _train_nodes(entry))
-        assert 0.0 <= entry["evaluate"]["auc"] <= 1.0
+    assert 0.0 <= rec["rounds"][-1]["evaluate"]["auc"] <= 1.0  # DP runs evaluate the final model only
 
 
 def test_aggregate_mode_under_secagg_plus(tmp_path, silos):
     from fedretain.server.secagg import run_secagg_simulation
 
     s = _settings(tmp_path, dp_mode="aggregate", target_epsilon=3.0, rounds=3, run_id="agg",
-                  extra={"aggregate-batch-size": 600, "server-learning-rate": 0.05})
+                  extra={"aggregate-batch-size": 600, "server-learning-rate": 0.05, "aggregate-population": 3000})
     rec = _record(run_secagg_simulation(s, silos[0].parent))
     assert rec["status"] == "completed" and [r["round"] for r in rec["rounds"]] == [1, 2, 3]
     plan = rec["aggregate_plan"]
@@ -121,7 +121,8 @@ def test_local_dp_models_summed_under_secagg_plus(tmp_path, silos):
     for entry in rec["rounds"]:
         nodes = _train_nodes(entry)
         assert len(nodes) == 3 and all(0 < n["epsilon"] <= 3.0 for n in nodes)
-        assert entry["evaluate"]["num-examples"] > 0 and 0.0 <= entry["evaluate"]["auc"] <= 1.0
+    final = rec["rounds"][-1]["evaluate"]  # DP runs evaluate the final model only (a noisy histogram)
+    assert final["num-examples"] > 0 and final["auc-low"] <= final["auc"] <= final["auc-high"]
     first, last = (ModelBundle.load(Path(r["checkpoint"])).state_dict for r in rec["rounds"])
     assert any(not torch.equal(first[k], last[k]) for k in first)
     for silo in silos:

@@ -107,6 +107,8 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
               help="The platform's declared bound k: person-level ε is reported (and capped) for it.")
 @click.option("--person-epsilon-cap", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Refuse a DP run whose ε for a person at up to k merchants exceeds this (0: no cap).")
+@click.option("--aggregate-population", default=None, type=int,
+              help="Aggregate mode: declared (public) number of customers over all merchants.")
 @click.option("--lifetime-epsilon", default=None, type=float,
               help="Set this lifetime budget for the purpose on nodes that have none yet (DP runs need one).")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(path_type=Path))
@@ -122,6 +124,9 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     extra = {"dp-accountant": opts.pop("dp_accountant"), "dp-clipping": opts.pop("dp_clipping"),
              "secure-aggregation": opts.pop("secure_aggregation"),
              "aggregate-batch-size": opts.pop("aggregate_batch_size")}
+    population = opts.pop("aggregate_population")
+    if population is not None:
+        extra["aggregate-population"] = population
     server_lr = opts.pop("server_learning_rate")
     if server_lr is not None:
         extra["server-learning-rate"] = server_lr
