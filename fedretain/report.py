@@ -48,7 +48,7 @@ def plot_rounds(rounds: Sequence[dict[str, Any]]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot(r, auc, "o-", color="tab:blue", label="AUC")
     ax.set_xlabel("round")
-    ax.set_ylabel("AUC (held-out users)", color="tab:blue")
+    ax.set_ylabel("AUC (mean over merchants)", color="tab:blue")
     ax.set_xticks(r)
     ax2 = ax.twinx()
     ax2.plot(r, ll, "s--", color="tab:red", label="log loss")
@@ -305,10 +305,23 @@ def _ltv_section(ltv: dict[str, Any], path: Path, currency: str, horizon_days: f
         f"{html.escape(cur)}. The money factor was fitted on {html.escape(merchant)}'s training customers and is "
         "checked here on its held-out customers: bars of the same height per decile mean the predicted value can "
         "be used to budget.</p>"
+        + f"<p>{_ratio_verdict(float(ltv['ratio']))}</p>"
         + img_tag(png.read_bytes(), "LTV decile calibration")
         + table_html(stats, titles=metric_titles(("gini", "ratio")))
         + "<details><summary>Per-decile numbers</summary>" + table_html(deciles) + "</details>"
     )
+
+
+def _ratio_verdict(ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return "No held-out customer spent anything in the horizon: the money level cannot be checked."
+    if 0.85 <= ratio <= 1.15:
+        return (f"On held-out customers the mean prediction is {ratio:.2f}× the mean actual spend: within the "
+                "0.85–1.15 target, usable for budgeting.")
+    side = "below" if ratio < 0.85 else "above"
+    return (f"<b>On held-out customers the mean prediction is {ratio:.2f}× the mean actual spend, {side} the "
+            "0.85–1.15 target</b>: rank customers by it, but budget with care (more training data or rounds, or "
+            "fitting the factor on all labelled customers as <code>fedretain score</code> does, usually helps).")
 
 
 def _joining_section(joining: Sequence[dict[str, Any]]) -> str:

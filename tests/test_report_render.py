@@ -68,12 +68,14 @@ def _fixture_run(tmp_path: Path, currency: str) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def report_eur(tmp_path_factory) -> Path:
-    return _fixture_run(tmp_path_factory.mktemp("report-eur"), "EUR")[0]
+def report_eur(tmp_path_factory) -> tuple[Path, float]:
+    path, ltv = _fixture_run(tmp_path_factory.mktemp("report-eur"), "EUR")
+    return path, float(ltv["ratio"])
 
 
 def test_report_explains_metrics_and_shows_money_in_the_shops_currency(report_eur):
-    page = report_eur.read_text(encoding="utf-8")
+    path, ltv_ratio = report_eur
+    page = path.read_text(encoding="utf-8")
     for term in ("AUC", "log loss", "Brier", "ECE", "LTV ρ", "normalized Gini", "mean-calibration ratio"):
         assert f"<dt>{term}</dt>" in page, term  # the glossary explains every metric shown
     assert 'title="How well the model ranks customers' in page  # and each table heading has it as a tooltip
@@ -83,9 +85,10 @@ def test_report_explains_metrics_and_shows_money_in_the_shops_currency(report_eu
     assert "value if retained (EUR)" in page and "1,234.50" in page
     assert re.search(r"\d,?\d*\.\d\d EUR", page)  # LTV check: money with 2 decimals and the currency
     assert "next 30 days" in page
+    assert f"{ltv_ratio:.2f}× the mean actual spend" in page  # the LTV level judged against the ±15 % target
     assert "What a merchant gains by joining" in page and "+0.0300 – +0.0900" in page
     assert "joining helps (significant)" in page and "training alone did better (not significant)" in page
-    assert (report_eur.parent / "ltv_deciles.png").stat().st_size > 1000
+    assert (path.parent / "ltv_deciles.png").stat().st_size > 1000
 
 
 def test_report_says_when_merchant_json_sets_no_currency(tmp_path):
@@ -133,4 +136,4 @@ def test_a_too_wide_page_is_caught_by_the_measurement(tmp_path):
 
 
 def test_demo_report_has_no_horizontal_overflow_at_1400px(report_eur, tmp_path):
-    assert _scroll_width(report_eur, tmp_path) <= WIDTH
+    assert _scroll_width(report_eur[0], tmp_path) <= WIDTH
