@@ -34,15 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedretain.procs import ProcRef, free_port, stop_tree
-from fedretain.report import (
-    img_tag,
-    plot_consent_coverage,
-    plot_merchant_auc,
-    plot_rounds,
-    plot_score_distribution,
-    table_html,
-    write_html,
-)
+from fedretain.report import write_demo_report
 from fedretain.server.deploy import Platform, PlatformConfig, run_progress
 
 
@@ -62,11 +54,12 @@ def run_demo(plan: DemoPlan, say: Callable[[str], Any] = print, ensure_nodes: Ca
     from fedretain.clients.node import MerchantNode, NodeConfig
     from fedretain.ingest import write_table
     from fedretain.models import ModelBundle
-    from fedretain.scoring import score_users
+    from fedretain.scoring import fit_money_calibration, merchant_currency, score_users
     from fedretain.server.run_record import write_json_atomic
     from fedretain.server.settings import RunSettings
     from fedretain.server.simulation import run_in_simulation
     from fedretain.synth import generate
+    from fedretain.train import predict
 
     ws = plan.workspace
     data = ws / "silos"
@@ -87,14 +80,32 @@ def run_demo(plan: DemoPlan, say: Callable[[str], Any] = print, ensure_nodes: Ca
     at = None
     prepared = [n.prepare(settings.purpose, list(settings.features), settings.horizon_days, at=at) for n in nodes]
     pooled = pool(prepared)
-    _, _, central = train_centralized(pooled, settings.hidden, epochs=plan.rounds * plan.local_epochs,
-                                      learning_rate=settings.learning_rate, seed=plan.seed)
+    central_model, central_scaler, central = train_centralized(
+        pooled, settings.hidden, epochs=plan.rounds * plan.local_epochs, learning_rate=settings.learning_rate,
+        seed=plan.seed)
     federated = evaluate_bundle(bundle, pooled)
 
-    say(f"[5/5] scoring {nodes[0].merchant_id}'s users locally and writing the report")
+    say(f"[5/5] scoring {nodes[0].merchant_id}'s users locally, checking value in money and the value of joining")
+    horizon = float(settings.horizon_days)
+    notes: list[str] = []
+    try:
+        currency = merchant_currency(nodes[0].silo.merchant)
+    except ValueError as exc:
+        currency = ""
+        notes.append(f"{exc}; money shown without a currency")
+    try:  # the shop's own factor, as `fedretain score` fits it (its labelled customers of the last horizon)
+        calibration = fit_money_calibration(bundle, prepared[0], horizon, currency)
+    except ValueError as exc:
+        calibration = None
+        notes.append(f"Predicted value not calibrated in money: {exc}.")
     decision, gated = nodes[0].gate(settings.purpose)
-    scores = score_users(bundle, gated, nodes[0].data_end())
+    scores = score_users(bundle, gated, nodes[0].data_end(), calibration=calibration)
     scores_csv = write_table(scores, ws / f"scores_{nodes[0].merchant_id}.csv")
+    ltv = ltv_check(bundle, prepared[0], horizon, currency)
+    if ltv is None:
+        notes.append(f"No LTV decile check for {nodes[0].merchant_id}: too few buyers among its training customers "
+                     f"to fit a money factor on them and check it on the held-out ones.")
+    joining = value_of_joining(bundle, nodes, prepared, settings, epochs=plan.rounds * plan.local_epochs)
 
     coverage = {}
     for node, prep in zip(nodes, prepared):
@@ -103,45 +114,70 @@ def run_demo(plan: DemoPlan, say: Callable[[str], Any] = print, ensure_nodes: Ca
     last = record["rounds"][-1]
     per_merchant = {n["merchant_id"]: {"auc": n["metrics"].get("auc"), "num_examples": n["num_examples"]}
                     for n in last["nodes"] if n["phase"] == "evaluate" and not n.get("error")}
+    y_test, fed_model = pooled.y_test[:, 0], bundle.build_model()
+    federated.update(auc_interval(y_test, predict(fed_model, bundle.standardizer.transform(pooled.x_test))[0],
+                                  plan.seed))
+    central.update(auc_interval(y_test, predict(central_model, central_scaler.transform(pooled.x_test))[0], plan.seed))
     summary = {
         "workspace": str(ws), "merchants": [n.merchant_id for n in nodes],
         "federated": federated, "centralized": central, "auc_gap": central["auc"] - federated["auc"],
+        "mean_merchant_auc": last.get("evaluate", {}).get("auc"),
         "consent_coverage": coverage, "per_merchant_auc": per_merchant,
         "segments": scores["segment"].value_counts().to_dict(),
+        "currency": currency, "horizon_days": horizon,
+        "money_calibration": calibration.as_dict() if calibration else None,
+        "ltv_check": {k: v for k, v in ltv.items() if k != "deciles"} if ltv else None,
+        "joining": joining,
         "scores_csv": str(scores_csv), "run_json": str(ws / "run.json"), "report_html": str(ws / "report.html"),
     }
     shutil.copyfile(run_dir / "run.json", ws / "run.json")
     write_json_atomic(ws / "summary.json", summary)
-    _write_report(ws / "report.html", record, summary, scores)
+    write_demo_report(ws / "report.html", record, summary, scores, currency=currency, horizon_days=horizon,
+                      calibrated=calibration is not None, ltv=ltv, joining=joining, notes=notes)
     return summary
 
 
-def _write_report(path: Path, record: dict, summary: dict, scores) -> Path:
-    fed, cen = summary["federated"], summary["centralized"]
-    keys = ("auc", "log_loss", "brier", "ece", "ltv_spearman")
-    comparison = [
-        {"model": "federated (global model, FedAvg)", **{k: fed[k] for k in keys}},
-        {"model": "centralized on pooled data (yardstick)", **{k: cen[k] for k in keys}},
-    ]
-    rounds = [{"round": r["round"], **{k: r["evaluate"].get(k) for k in ("auc", "log_loss", "ece", "ltv_spearman")},
-               "train_loss": r["train"].get("train_loss")} for r in record["rounds"]]
-    coverage_rows = [{"merchant": m, **c, "used share": c["used"] / max(c["candidates"], 1)}
-                     for m, c in summary["consent_coverage"].items()]
-    sections = [
-        ("Summary", f"<p>Run <code>{record['run_id']}</code>: {len(record['rounds'])} rounds over "
-                    f"{len(summary['merchants'])} merchants; status <b>{record['status']}</b>. "
-                    "No raw data left a node: the server received model arrays and aggregate counts only.</p>"
-                    + table_html(comparison)),
-        ("Global model per round", img_tag(plot_rounds(record["rounds"]), "metrics per round") + table_html(rounds)),
-        ("Per-merchant AUC", img_tag(plot_merchant_auc(summary["per_merchant_auc"], cen["auc"]), "per-merchant AUC")),
-        ("Consent coverage", img_tag(plot_consent_coverage(summary["consent_coverage"]), "consent coverage")
-         + table_html(coverage_rows)),
-        ("Scores (win-back list)", img_tag(plot_score_distribution(scores["churn_probability"].to_numpy(np.float64),
-                                                                   scores["segment"].tolist(), summary["merchants"][0]),
-                                           "score distribution")
-         + table_html(scores.head(15).to_dict("records"))),
-    ]
-    return write_html(path, "fedretain demo report", sections)
+def auc_interval(y: np.ndarray, prob: np.ndarray, seed: int = 0, resamples: int = 200) -> dict[str, float]:
+    """95 % percentile-bootstrap interval of the pooled held-out AUC (empty when a class has < 5 customers)."""
+    from scipy.stats import bootstrap
+
+    from fedretain.metrics import roc_auc
+
+    y = np.asarray(y, np.float64)
+    if min(y.sum(), len(y) - y.sum()) < 5:
+        return {}
+    res = bootstrap((y, np.asarray(prob, np.float64)), roc_auc, paired=True, vectorized=False,
+                    n_resamples=resamples, method="percentile", random_state=seed)
+    return {"auc_low": float(res.confidence_interval.low), "auc_high": float(res.confidence_interval.high)}
+
+
+def ltv_check(bundle, prep, horizon_days: float, currency: str) -> dict[str, Any] | None:
+    """Money factor fitted on the node's training customers, checked on its held-out ones (None: too few buyers)."""
+    from fedretain.ltv import holdout_check
+    from fedretain.train import predict
+
+    model, tr = bundle.build_model(), bundle.standardizer.transform
+    return holdout_check(predict(model, tr(prep.x_train))[1], np.expm1(prep.y_train[:, 1].astype(np.float64)),
+                         predict(model, tr(prep.x_test))[1], np.expm1(prep.y_test[:, 1].astype(np.float64)),
+                         horizon_days, currency)
+
+
+def value_of_joining(bundle, nodes, prepared, settings, epochs: int) -> list[dict[str, Any]]:
+    """Per merchant, on its own node: local-only vs global vs fine-tuned (``fedretain.joining``), nothing sent."""
+    from fedretain.joining import compare
+    from fedretain.train import TrainConfig
+
+    cfg = TrainConfig(epochs=1, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                      seed=settings.seed)
+    out = []
+    for node, prep in zip(nodes, prepared):
+        if len(prep.x_train) == 0 or len(prep.x_test) == 0:
+            continue
+        tr = bundle.standardizer.transform
+        res = compare(node.merchant_id, bundle.build_model(), tr(prep.x_train), prep.y_train, tr(prep.x_test),
+                      prep.y_test, cfg, local_epochs=epochs, prior_rate=settings.prior_rate)
+        out.append(res.as_dict())
+    return out
 
 
 # -- the deployment demo: platform and nodes as separate processes -----------------------------------

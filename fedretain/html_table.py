@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -19,11 +20,29 @@ def cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def html_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = cell) -> str:
-    """``<table>`` with one header row and one row per sequence of cells (each formatted by ``fmt``)."""
+LONG_TOKEN = 24
+NUMERIC = re.compile(r"[-+–]?[\d,.]+%?( [A-Z]{3})?|[-+]?[\d.]+ \[[-+\d., ]+\]|[-+]?[\d,.]+ [/–] [-+]?[\d,.]+")
+
+
+def td(text: str) -> str:
+    """A cell; numbers get ``class="num"`` (right-aligned, one line), unbreakable long tokens ``class="long"``."""
+    cls = ' class="num"' if NUMERIC.fullmatch(text) else ""
+    if not cls and any(len(w) > LONG_TOKEN for w in text.split()):
+        cls = ' class="long"'  # may break anywhere: one long id must not push the table off-screen
+    return f"<td{cls}>{html.escape(text)}</td>"
+
+
+def html_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = cell,
+               titles: Mapping[str, str] | None = None) -> str:
+    """``<table>`` with one header row and one row per sequence of cells (each formatted by ``fmt``).
+
+    ``titles`` maps a heading to a plain-words explanation, shown as the heading's tooltip.
+    """
     e = html.escape
-    head = "".join(f"<th>{e(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{e(fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    titles = titles or {}
+    head = "".join(f'<th title="{e(titles[str(h)])}">{e(str(h))}</th>' if str(h) in titles else f"<th>{e(str(h))}</th>"
+                   for h in headers)
+    body = "".join("<tr>" + "".join(td(fmt(c)) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

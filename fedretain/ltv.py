@@ -78,7 +78,7 @@ class MoneyCalibration:
 
     @classmethod
     def fit(cls, raw_pred: np.ndarray, actual: np.ndarray, horizon_days: float, currency: str = "",
-            min_spenders: int = MIN_SPENDERS) -> "MoneyCalibration":
+            min_spenders: int = MIN_SPENDERS) -> MoneyCalibration:
         """Ratio estimator on labelled users; refuses too few spenders (a factor from 3 buyers is noise)."""
         raw_pred = np.asarray(raw_pred, float)
         actual = np.asarray(actual, float)
@@ -100,6 +100,25 @@ class MoneyCalibration:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def holdout_check(raw_train: np.ndarray, actual_train: np.ndarray, raw_test: np.ndarray, actual_test: np.ndarray,
+                  horizon_days: float, currency: str = "", min_test: int = 10) -> dict | None:
+    """Fit the money factor on training users, judge it on held-out ones (None: too few buyers or users).
+
+    Returns the decile table, normalized Gini, mean-calibration ratio and both means (in ``currency``).
+    """
+    actual_test = np.asarray(actual_test, float)
+    if actual_test.size < min_test:
+        return None
+    try:
+        cal = MoneyCalibration.fit(raw_train, actual_train, horizon_days, currency)
+    except ValueError:
+        return None
+    pred = cal.apply(raw_test)
+    return {"deciles": decile_table(actual_test, pred), "n_users": int(actual_test.size),
+            "gini": normalized_gini(actual_test, pred), "ratio": calibration_ratio(actual_test, pred),
+            "mean_predicted": float(pred.mean()), "mean_actual": float(actual_test.mean()), "scale": cal.scale}
 
 
 def plot_deciles(table: pd.DataFrame, path: str | Path, *, currency: str = "", horizon_days: float | None = None,
