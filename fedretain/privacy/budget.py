@@ -107,7 +107,9 @@ class BudgetLedger:
             except signing.KeyFileError as exc:
                 raise PrivacyError(f"privacy ledger {path}: the node key is needed to verify and sign it: "
                                    f"{exc}") from None
-            _check_pinned_key(key_file, key)
+            pin = _check_pinned_key(key_file, key)
+            if controller is None and pin is not None:
+                controller = pin.merchant_id  # a node's budget ledger is named after its merchant, like its consent ledger
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = FULL")  # a reservation, once acknowledged, survives power loss
             store = Store(path, conn, key)
@@ -407,7 +409,7 @@ class BudgetLedger:
         }
 
 
-def _check_pinned_key(key_file: Path, key: Any) -> None:
+def _check_pinned_key(key_file: Path, key: Any) -> Any:
     """Refuse a node key that is not the node's pinned key (``node.json`` beside it, when the node has one).
 
     Without this, an operator who swapped both ``node_key.pem`` and ``privacy.db`` for a fresh
@@ -425,3 +427,4 @@ def _check_pinned_key(key_file: Path, key: Any) -> None:
             f"privacy ledger: the node key {key_file} is {signing.fingerprint(key)}, but this node's pinned key "
             f"({pin.path}) is {pin.key_fingerprint}: the key was replaced; refusing the budget ledger. Restore "
             f"the node's own key from a backup")
+    return pin
