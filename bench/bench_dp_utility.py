@@ -295,7 +295,7 @@ def print_summary(summary: list[dict], rows: list[dict]) -> None:
         print(f"{e['split']:10s} {e['model']:32s} {eps:>4s} {e['auc']:.4f} ± {e['auc_sd']:.4f} {e['log_loss']:9.4f} "
               f"{e.get('brier', float('nan')):7.4f} {e.get('ece', float('nan')):7.4f} {rel:>28s}")
     for split in sorted({e["split"] for e in summary}):
-        def find(model: str, eps):
+        def find(model: str, eps, split: str = split):
             return next((e for e in summary if e["split"] == split and e["model"] == model and e["epsilon"] == eps),
                         None)
 

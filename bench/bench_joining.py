@@ -19,10 +19,9 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-
 from bench_models import REPO, load, nodes_of, run_none
+
 from fedretain.joining import compare, summarize
 from fedretain.train import TrainConfig
 
@@ -65,7 +64,8 @@ def main() -> None:
                   f"— target ≥ 80 % of customers: "
                   f"{'PASS' if summary['share_customers_joining_helps'] >= 0.8 else 'FAIL'}")
             big = sorted(results, key=lambda r: -(r.n_train + r.n_test))[:5]
-            print(f"{'merchant':14s} {'users':>6s} {'local':>7s} {'global':>7s} {'personal':>8s} {'gain':>8s} 95% interval")
+            print(f"{'merchant':14s} {'users':>6s} {'local':>7s} {'global':>7s} {'personal':>8s} {'gain':>8s} "
+                  "95% interval")
             for r in big:
                 ll = r.log_loss
                 print(f"{r.merchant:14s} {r.n_train + r.n_test:6d} {ll['local']:7.4f} {ll['global']:7.4f} "

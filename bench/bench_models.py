@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cdnow_protocol import REPO, make_silos, prepared, settings as cdnow_settings
+from cdnow_protocol import REPO, make_silos, prepared
+from cdnow_protocol import settings as cdnow_settings
 
 PURPOSE = "retention_modeling"
 DATASETS = ("cdnow-hash", "cdnow-non-iid", "cdnow-power-law", "synth-default", "rare-repeat")
@@ -208,7 +208,7 @@ def main() -> None:
             print(f"\n== {name}: {info['nodes']} nodes, {info['train']} train / {info['test']} test customers, "
                   f"base rate {info['base_rate']:.3f} (loaded in {time.time() - t0:.0f} s)", flush=True)
 
-            def add(model: str, dp: str, fn, t0: float) -> None:
+            def add(model: str, dp: str, fn, t0: float, info: dict = info, nodes: list = nodes) -> None:
                 rows.append({**info, "model": model, "dp": dp, **scores(nodes, fn), "seconds": time.time() - t0})
                 _log(rows[-1])
 
@@ -264,7 +264,8 @@ def verdict(rows: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict], verdicts: list[dict]) -> None:
-    print(f"\n{'dataset':16s} {'model':10s} {'DP':12s} {'AUC':>7s} {'log loss':>9s} {'LTV Gini':>9s} {'LTV ratio':>10s}")
+    print(f"\n{'dataset':16s} {'model':10s} {'DP':12s} {'AUC':>7s} {'log loss':>9s} {'LTV Gini':>9s} "
+          f"{'LTV ratio':>10s}")
     for r in rows:
         print(f"{r['dataset']:16s} {r['model']:10s} {r['dp']:12s} {r['auc']:7.4f} {r['log_loss']:9.4f} "
               f"{r['ltv_gini']:9.3f} {r['ltv_ratio']:10.3f}")

@@ -35,7 +35,8 @@ from flwr.clientapp import ClientApp
 from fedretain.clients import client_app as regular
 from fedretain.clients.node import MerchantNode, Prepared
 from fedretain.clients.training import make_trainer
-from fedretain.clients.witnessing import install as install_witness, witness_mod
+from fedretain.clients.witnessing import install as install_witness
+from fedretain.clients.witnessing import witness_mod
 from fedretain.dp_evaluation import pooled_metrics
 from fedretain.egress import egress_guard
 from fedretain.models import RetentionNet
@@ -85,6 +86,7 @@ class MerchantClient(NumPyClient):
         model = model_from(parameters, len(prep.columns), cfg)
         x = regular._standardizer(cfg).transform(prep.x_train)
         mode = str(cfg.get("dp-mode", "none"))
+        extra: dict[str, Any] | None  # DP accounting figures or the trainer's extra metrics
         if mode == "aggregate":
             from fedretain.privacy.aggregate import AggregatePlan, contribute
             from fedretain.privacy.budget import ledger_path

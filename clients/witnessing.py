@@ -115,7 +115,8 @@ def _consent_proof(ledger: Any, old: int, new: int) -> tuple[str, ...] | None:
         frontier = Frontier.from_bytes(old, bytes(row[0]))
     except ValueError:
         return None
-    starts, at = {}, 0
+    starts: dict[tuple[int, int], bytes] = {}
+    at = 0
     for h in range(old.bit_length() - 1, -1, -1):
         if old >> h & 1:
             starts[(at, at + (1 << h))] = frontier.nodes[len(starts)]

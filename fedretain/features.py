@@ -55,7 +55,8 @@ class Window:
         self.users = users  # index user_id (the population), attribute columns
         self.cutoff = cutoff
         self.n = len(users)
-        self.never_days = max(NEVER_DAYS, float(events.get_column("age_days").max() or 0.0)) if events.height else NEVER_DAYS
+        oldest = events.select(pl.col("age_days").max()).item() if events.height else None
+        self.never_days = max(NEVER_DAYS, float(oldest or 0.0))
         # per-(user, type) accumulators: one bincount per statistic, linear in the events, each kept
         # only for the (user, type) pairs that occur, so memory stays at one dense array at a time
         k = len(EVENT_TYPES)
@@ -162,7 +163,8 @@ class Feature:
 FEATURES: dict[str, Feature] = {}
 
 
-def feature(name: str, scopes: Iterable[str], doc: str) -> Callable[[Callable[[Window], pd.Series]], Callable[[Window], pd.Series]]:
+def feature(name: str, scopes: Iterable[str],
+            doc: str) -> Callable[[Callable[[Window], pd.Series]], Callable[[Window], pd.Series]]:
     """Register a feature function under ``name``; unknown scopes fail at import time."""
 
     def register(fn: Callable[[Window], pd.Series]) -> Callable[[Window], pd.Series]:
@@ -414,7 +416,8 @@ def _window_events(events: pd.DataFrame, population: pd.Index, cutoff: pd.Timest
     del user
     frame = pl.DataFrame({
         "code": code, "ev": _codes(events["event"], EVENT_TYPES), "ts": ts,
-        "amount": events["amount"].to_numpy(dtype=float), "watch_seconds": events["watch_seconds"].to_numpy(dtype=float),
+        "amount": events["amount"].to_numpy(dtype=float),
+        "watch_seconds": events["watch_seconds"].to_numpy(dtype=float),
         "channel": channel, "live": channel == CHANNELS.index("live"),
     })
     del code

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 MODEL_KINDS = ("mlp", "logreg")
 
 
@@ -45,7 +44,7 @@ def model_kind(hidden: Sequence[int]) -> str:
     return "mlp" if len(tuple(hidden)) else "logreg"
 
 
-def make_model(kind: str, n_inputs: int, hidden: Sequence[int] = (64, 32), prior_rate: float = 0.0) -> "RetentionNet":
+def make_model(kind: str, n_inputs: int, hidden: Sequence[int] = (64, 32), prior_rate: float = 0.0) -> RetentionNet:
     """A fresh network of ``kind`` (``hidden`` is ignored for logreg).
 
     ``prior_rate`` > 0 starts the retention logit at that repeat rate (``prior_bias``): with 1-3 %
@@ -64,7 +63,7 @@ def make_model(kind: str, n_inputs: int, hidden: Sequence[int] = (64, 32), prior
     return model
 
 
-def prior_bias(model: "RetentionNet", base_rate: float) -> None:
+def prior_bias(model: RetentionNet, base_rate: float) -> None:
     """Start the retention logit at the base rate's log-odds (rare positives: no long walk from p = 0.5)."""
     p = min(max(float(base_rate), 1e-4), 1 - 1e-4)
     with torch.no_grad():
@@ -129,7 +128,7 @@ class Standardizer:
     source: str = "moments"
 
     @classmethod
-    def from_moments(cls, count: float, total: np.ndarray, total_sq: np.ndarray) -> "Standardizer":
+    def from_moments(cls, count: float, total: np.ndarray, total_sq: np.ndarray) -> Standardizer:
         """Build from summed moments (what nodes send: counts and sums, never rows)."""
         if count <= 1:
             raise ValueError("cannot standardise with fewer than 2 examples")
@@ -139,7 +138,7 @@ class Standardizer:
         return cls(mean=mean, std=np.where(std < 1e-6, 1.0, std))
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Standardizer":
+    def fit(cls, x: np.ndarray) -> Standardizer:
         x = np.asarray(x, dtype=np.float64)
         return cls.from_moments(len(x), x.sum(axis=0), (x**2).sum(axis=0))
 
@@ -158,7 +157,7 @@ class Standardizer:
         return out
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> "Standardizer":
+    def from_payload(cls, payload: dict[str, Any]) -> Standardizer:
         lower, upper = payload.get("lower"), payload.get("upper")
         return cls(np.asarray(payload["mean"], float), np.asarray(payload["std"], float),
                    None if lower is None else np.asarray(lower, float),
@@ -211,7 +210,7 @@ class ModelBundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelBundle":
+    def load(cls, path: str | Path) -> ModelBundle:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model checkpoint not found: {path}")

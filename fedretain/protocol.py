@@ -18,7 +18,7 @@ Receivers also accept a state dict keyed by tensor name (checkpoints, older peer
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -72,9 +72,13 @@ def evaluation_of(content: RecordDict) -> RecordDict | None:
     if EVALUATION not in content.config_records:
         return None
     rec = content.config_records[EVALUATION]
-    return RecordDict({"metrics": MetricRecord({k: v for k, v in rec.items() if _is_number(v) or (
-        isinstance(v, list) and v and all(_is_number(x) for x in v))})})
+    return RecordDict({"metrics": MetricRecord({k: v for k, v in rec.items() if _is_metric(v)})})
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_metric(v: Any) -> TypeGuard[int | float | list[int] | list[float]]:
+    """What a MetricRecord holds: a number, or a non-empty list of numbers (no text, bytes or flags)."""
+    return _is_number(v) or (isinstance(v, list) and bool(v) and all(_is_number(x) for x in v))

@@ -122,7 +122,8 @@ def canonical_events(df: pd.DataFrame) -> pd.DataFrame:
             "event": pd.Categorical(df["event"], categories=EVENT_TYPES),
             "item_id": (df["item_id"] if "item_id" in df else pd.Series(pd.NA, index=df.index)).astype("string"),
             "category": (df["category"] if "category" in df else pd.Series(pd.NA, index=df.index)).astype("string"),
-            "amount": (df["amount"] if "amount" in df else pd.Series(0.0, index=df.index)).astype("float64").fillna(0.0),
+            "amount": (df["amount"] if "amount" in df else pd.Series(0.0, index=df.index))
+            .astype("float64").fillna(0.0),
             "watch_seconds": (df["watch_seconds"] if "watch_seconds" in df else pd.Series(0.0, index=df.index))
             .astype("float64")
             .fillna(0.0),

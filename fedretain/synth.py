@@ -198,7 +198,8 @@ class _Blocks:
     """Collects event blocks as parallel arrays; concatenated once at the end (no per-event loop)."""
 
     def __init__(self, rng: np.random.Generator, p: MerchantProfile) -> None:
-        self.rng, self.p, self.parts = rng, p, []
+        self.rng, self.p = rng, p
+        self.parts: list[tuple[np.ndarray, ...]] = []
 
     def add(self, ev: str, u: np.ndarray, t: np.ndarray, *, amount=None, watch=None, item=None, channel=None) -> None:
         m, content = u.size, ev in _CONTENT

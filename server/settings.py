@@ -109,8 +109,8 @@ class RunSettings:
                 continue
             kwargs[name] = value
         kwargs["extra"] = extra
-        types = {f: type(getattr(cls(), f)) for f in ("rounds", "local_epochs", "batch_size", "min_nodes", "seed", "round_retries",
-                                                          "max_merchants_per_person")}
+        types = {f: type(getattr(cls(), f)) for f in ("rounds", "local_epochs", "batch_size", "min_nodes", "seed",
+                                                          "round_retries", "max_merchants_per_person")}
         for name, typ in types.items():
             if name in kwargs:
                 kwargs[name] = typ(kwargs[name])

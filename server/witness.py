@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from fedretain.consent import signing
 from fedretain.consent.merkle import verify_consistency
@@ -174,7 +174,7 @@ class WitnessStore:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WitnessStore:  # typing.Self is 3.11+; the floor is 3.10
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedretain.compat.flower import error_in_place_of
 from fedretain.consent.witness_record import (
     SEEN_RECORD,
     WITNESS_ACTION,
@@ -105,8 +106,7 @@ class Witness:
         if record is not None:
             record.alert("witness", merchant=merchant, node_id=node_id, round=server_round,
                          message_type=reply.metadata.message_type, ledgers=sorted(refused), reason=reason)
-        return Message(metadata=reply.metadata,
-                       error=Error(WITNESS_REFUSED, f"witness refused merchant {merchant}: {reason}"))
+        return error_in_place_of(reply, Error(WITNESS_REFUSED, f"witness refused merchant {merchant}: {reason}"))
 
 
 def _round_of(msg: Message) -> int:

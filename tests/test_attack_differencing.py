@@ -67,9 +67,8 @@ def _value(replies: list[dict], record: str, key: str, kind: str = "evaluate"):
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory, synth_silos):
     """Two local-DP runs around the withdrawal of one training and one held-out user of merchant 0."""
-    from fedretain.server.settings import RunSettings
-
     from fedretain.privacy.budget import BudgetLedger, ledger_path
+    from fedretain.server.settings import RunSettings
 
     root = tmp_path_factory.mktemp("differencing")
     data = root / "silos"

@@ -54,3 +54,20 @@ def test_compat_modules_refuse_to_load_on_an_untested_release(monkeypatch):
     with pytest.raises(compat.CompatError, match="flwr 1.50.0"):
         importlib.import_module("fedretain.compat.flower")
     monkeypatch.delitem(sys.modules, "fedretain.compat.flower", raising=False)
+
+
+def test_a_refused_reply_keeps_its_metadata_and_carries_only_the_error():
+    """``error_in_place_of`` relies on Flower's internal ``Message(metadata=, error=)`` form."""
+    from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+
+    from fedretain.compat.flower import error_in_place_of
+
+    md = Metadata(run_id=7, message_id="r3", src_node_id=3, dst_node_id=0, reply_to_message_id="i3",
+                  group_id="2", created_at=0.0, ttl=60.0, message_type="train")
+    reply = Message(metadata=md, content=RecordDict({"c": ConfigRecord({"x": 1})}))
+    out = error_in_place_of(reply, Error(901, "refused"))
+    kept = (out.metadata.run_id, out.metadata.message_id, out.metadata.src_node_id,
+            out.metadata.reply_to_message_id, out.metadata.message_type)
+    assert kept == (7, "r3", 3, "i3", "train")
+    assert out.has_error() and not out.has_content()
+    assert (out.error.code, out.error.reason) == (901, "refused")

@@ -110,7 +110,8 @@ def test_every_feature_has_a_public_range_and_maps_into_it():
     hi = np.array([column_range(c).upper for c in cols])
     x = np.vstack([lo - 100, hi + 100, (lo + hi) / 2])
     out = scaler.transform(x)
-    assert np.array_equal(out[0], scaler.transform(lo[None])[0]) and np.array_equal(out[1], scaler.transform(hi[None])[0])
+    assert np.array_equal(out[0], scaler.transform(lo[None])[0])
+    assert np.array_equal(out[1], scaler.transform(hi[None])[0])
     assert np.all(np.abs(out) <= 1.0 / np.min(scaler.std) * np.max(hi - lo))  # clipped: bounded whatever the input
 
 

@@ -100,7 +100,8 @@ def test_bad_row_is_named_quarantined_and_good_rows_kept(tmp_path, bad, field, r
     assert report.rejected_by_reason == {reason: 1}
     assert list(df["user_id"]) == ["u1", "u2"]
     [problem] = report.problems
-    assert (problem.file, problem.row, problem.field, problem.reason, problem.value) == (str(path), 4, field, reason, value)
+    assert (problem.file, problem.row, problem.field, problem.reason, problem.value) == (
+        str(path), 4, field, reason, value)
     assert str(path) in problem.message and "row 4" in problem.message and repr(field) in problem.message
 
     q = read_quarantine(report.quarantine_path)
@@ -123,7 +124,8 @@ def test_exact_duplicate_rejected_naming_first_copy_across_chunks(tmp_path):
     path = write_csv(tmp_path / "events.csv", rows)
     df, report = read_events(path, now=NOW, chunksize=1)  # every copy lands in its own chunk
     assert report.rejected_by_reason == {"duplicate row": 2}
-    assert [(p.row, p.field, p.detail) for p in report.problems] == [(5, "*", "same as row 2"), (6, "*", "same as row 2")]
+    assert [(p.row, p.field, p.detail) for p in report.problems] == [
+        (5, "*", "same as row 2"), (6, "*", "same as row 2")]
     assert "row 5" in report.problems[0].message and "same as row 2" in report.problems[0].message
     assert len(df) == 3 and report.rows_accepted == 3
     q = read_quarantine(report.quarantine_path)
@@ -181,10 +183,10 @@ def test_chunked_reading_matches_single_chunk(tmp_path):
     rng = np.random.default_rng(3)
     events = np.array(["view", "like", "purchase", "refund", "cart", "oops"])
     rows = []
-    for i in range(300):
+    for _ in range(300):
         ev = rng.choice(events, p=[0.4, 0.2, 0.15, 0.05, 0.15, 0.05])
         amount = f"{rng.uniform(-5, 50):.2f}" if ev in ("purchase", "refund") else "0"
-        ts = "2025-0{}-1{} 10:00:00".format(rng.integers(1, 10), rng.integers(0, 10))
+        ts = f"2025-0{rng.integers(1, 10)}-1{rng.integers(0, 10)} 10:00:00"
         rows.append(f"u{rng.integers(0, 40)},{ts},{ev},i{rng.integers(0, 5)},c,{amount},{rng.integers(-1, 30)},live")
     rows += rows[:25]  # duplicates that land in other chunks
     path = write_csv(tmp_path / "events.csv", rows)
@@ -193,7 +195,8 @@ def test_chunked_reading_matches_single_chunk(tmp_path):
     pd.testing.assert_frame_equal(big_df, small_df)
     assert big.rejected_by_reason == small.rejected_by_reason
     assert big.rejected_by_reason["duplicate row"] > 0 and len(big.rejected_by_reason) >= 4
-    assert (big.rows_read, big.rows_accepted, big.rows_rejected) == (small.rows_read, small.rows_accepted, small.rows_rejected)
+    assert (big.rows_read, big.rows_accepted, big.rows_rejected) == (
+        small.rows_read, small.rows_accepted, small.rows_rejected)
     pd.testing.assert_frame_equal(read_quarantine(tmp_path / "q1.csv"), read_quarantine(tmp_path / "q7.csv"))
     assert_balanced(small)
 
@@ -211,7 +214,8 @@ def test_mapping_renames_columns_labels_and_timestamp_format(tmp_path):
     rows = ["c1,05/01/2025 10:00,BUY,12.50,LIVE", "c1,05/01/2025 11:00,WATCH,,VID", "c2,31/02/2025 10:00,WATCH,,VID",
             "c3,06/01/2025 10:00,TELEPORT,,VID"]
     path = write_csv(tmp_path / "events.csv", rows, header=header)
-    mapping = {"columns": {"customer": "user_id", "when": "ts", "action": "event", "amt": "amount", "source": "channel"},
+    mapping = {"columns": {"customer": "user_id", "when": "ts", "action": "event", "amt": "amount",
+                           "source": "channel"},
                "events": {"BUY": "purchase", "WATCH": "view"}, "channels": {"LIVE": "live", "VID": "short_video"},
                "timestamp_format": "%d/%m/%Y %H:%M"}
     df, report = read_events(path, mapping=mapping, now=NOW)
@@ -284,8 +288,10 @@ def test_parquet_round_trip_and_one_based_rows(tmp_path):
     pd.testing.assert_frame_equal(back, df)
     assert report.rows_rejected == 0
 
-    raw = pd.DataFrame({"user_id": ["a", "b", "a"], "ts": pd.to_datetime(["2025-01-01", "2025-01-02", "2025-01-01"], utc=True),
-                        "event": ["view", "like", "view"], "amount": [0.0, np.nan, 0.0], "watch_seconds": [1.0, -2.0, 1.0]})
+    raw = pd.DataFrame({"user_id": ["a", "b", "a"],
+                        "ts": pd.to_datetime(["2025-01-01", "2025-01-02", "2025-01-01"], utc=True),
+                        "event": ["view", "like", "view"], "amount": [0.0, np.nan, 0.0],
+                        "watch_seconds": [1.0, -2.0, 1.0]})
     write_table(raw, tmp_path / "raw.parquet")
     out, rep = read_events(tmp_path / "raw.parquet", now=NOW, chunksize=2)
     assert [(p.row, p.field, p.reason) for p in rep.problems] == [
@@ -353,7 +359,8 @@ def _replay(rng_seed: int):
 # ------------------------------------------------------------------ users and silos
 
 
-def make_silo(root: Path, events: list[str] | None = None, users: str | None = None, merchant: dict | None = None) -> Path:
+def make_silo(root: Path, events: list[str] | None = None, users: str | None = None,
+              merchant: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     write_csv(root / "events.csv", GOOD + ["u9,2025-03-03,like,,,,,"] if events is None else events)
     if users is not None:
@@ -409,9 +416,11 @@ def test_load_silo_uses_mapping_json_and_quarantine_dir(tmp_path):
     (lambda r: make_silo(r) and write_table(pd.read_csv(r / "events.csv"), r / "events.parquet"), "keep exactly one"),
     (lambda r: make_silo(r) and (r / "merchant.json").unlink(), "merchant.json not found"),
     (lambda r: make_silo(r) and (r / "merchant.json").write_text("{oops"), "invalid JSON at line 1"),
-    (lambda r: make_silo(r, merchant={"name": "x", "data_end": "2025-01-01"}), "'merchant_id' must be a non-empty string"),
+    (lambda r: make_silo(r, merchant={"name": "x", "data_end": "2025-01-01"}),
+     "'merchant_id' must be a non-empty string"),
     (lambda r: make_silo(r, merchant={"merchant_id": "m", "data_end": "01/02/2025"}), "'data_end' must be a date"),
-    (lambda r: make_silo(r) and (r / "events.csv").write_text("user_id,event\nu1,view\n"), "missing required column(s) ts"),
+    (lambda r: make_silo(r) and (r / "events.csv").write_text("user_id,event\nu1,view\n"),
+     "missing required column(s) ts"),
 ])
 def test_load_silo_file_level_errors(tmp_path, setup, needle):
     root = tmp_path / "silo"

@@ -61,10 +61,11 @@ def test_rows_are_conserved_over_batches(tmp_path):
     rng = np.random.default_rng(7)
     labels = np.array(["view", "like", "purchase", "refund", "cart", "bogus"])
     rows = []
-    for i in range(500):
+    for _ in range(500):
         ev = rng.choice(labels)
         amount = f"{rng.uniform(-3, 40):.2f}" if ev in ("purchase", "refund") else rng.choice(["0", "", "x"])
-        ts = rng.choice(["2025-02-0{}T08:00:00", "2025-02-0{} 08:00", "2030-01-0{}", "0{}/02/2025"]).format(rng.integers(1, 9))
+        ts = rng.choice(["2025-02-0{}T08:00:00", "2025-02-0{} 08:00", "2030-01-0{}", "0{}/02/2025"])
+        ts = ts.format(rng.integers(1, 9))
         rows.append(f"u{rng.integers(0, 30)},{ts},{ev},i{rng.integers(0, 3)},,{amount},{rng.integers(-2, 20)},live")
     rows += [rows[i] for i in rng.integers(0, 500, size=60)] + [""]
     path = write_csv(tmp_path / "events.csv", rows)

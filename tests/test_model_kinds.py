@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedretain.models import RetentionLoss, ModelBundle, Standardizer, make_model, model_kind
+from fedretain.models import ModelBundle, RetentionLoss, Standardizer, make_model, model_kind
 from fedretain.privacy.budget import BudgetLedger, ledger_path
 from fedretain.privacy.dp_trainer import DPConfig, DPTrainer, LinearCapture
 from fedretain.server.settings import RunSettings

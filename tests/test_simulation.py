@@ -52,8 +52,8 @@ def run(tmp_path_factory, synth_silos):
     prep = MerchantNode(NodeConfig.for_silo(silos[0])).prepare("retention_modeling", ["recency_days"], 30)
     subject = str(prep.train_users[0])
     observer = WithdrawAfterRound(silos[0], subject)
-    settings = RunSettings(rounds=ROUNDS, local_epochs=3, learning_rate=0.02, out_dir=str(data.parent / "run"), min_nodes=3,
-                           run_id="simtest")
+    settings = RunSettings(rounds=ROUNDS, local_epochs=3, learning_rate=0.02, out_dir=str(data.parent / "run"),
+                           min_nodes=3, run_id="simtest")
     progress.add_observer(observer)
     try:
         run_dir = run_in_simulation(settings, data)
@@ -124,7 +124,8 @@ def test_scoring_ranks_consented_buyers(run, tmp_path):
     scores = pd.read_csv(out)
     assert list(scores["rank"]) == list(range(1, len(scores) + 1))
     at_risk = scores["churn_probability"] >= 0.6
-    assert scores.loc[at_risk, "expected_value_at_risk"].is_monotonic_decreasing and not at_risk.iloc[at_risk.sum():].any()
+    assert scores.loc[at_risk, "expected_value_at_risk"].is_monotonic_decreasing
+    assert not at_risk.iloc[at_risk.sum():].any()
     assert scores["churn_probability"].between(0, 1).all() and (scores["predicted_ltv"] >= 0).all()
     assert set(scores["segment"]) <= {"high-value at risk", "low-value at risk", "loyal", "active", "new"}
     assert "Win-back list" in res.output

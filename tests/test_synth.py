@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedretain.ingest import load_silo
 from fedretain.consent.vocab import ACTIONS, PURPOSES, SCOPES
+from fedretain.ingest import load_silo
 from fedretain.schema import CHANNELS, EVENT_COLUMN_NAMES, EVENT_TYPES, MEMBER_TIERS, REFERRALS, USER_COLUMN_NAMES
 from fedretain.synth import SILO_FILES, generate, merchant_sizes, simulate, write_silo
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import click
 import pandas as pd
 from rich import box
@@ -219,9 +220,10 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
         rej.add_column("examples (row, field, value)", overflow="fold")
         for reason, n in sorted(r.rejected_by_reason.items(), key=lambda kv: -kv[1]):
             examples = [p for p in r.problems if p.reason == reason][:EXAMPLES_SHOWN]
-            rej.add_row(reason, f"{n:,}", "\n".join(f"row {p.row}, {p.field!r}" + (f" = {p.value!r}" if p.value else "")
-                                                     + (f" ({p.detail})" if p.detail and p.detail.startswith("same") else "")
-                                                     for p in examples))
+            rej.add_row(reason, f"{n:,}", "\n".join(
+                f"row {p.row}, {p.field!r}" + (f" = {p.value!r}" if p.value else "")
+                + (f" ({p.detail})" if p.detail and p.detail.startswith("same") else "")
+                for p in examples))
         console.print(rej)
         console.print(f"quarantine: {r.quarantine_path}", soft_wrap=True)
 
@@ -248,7 +250,8 @@ def _print_check(console: Console, path: Path, silo: Silo | None, reports: list[
         else:
             read = sum(s.rows_read for s in export.sources)
             skipped = sum(s.rows_skipped for s in export.sources)
-            console.print(f"[green]OK[/green]: all {read:,} source rows accepted or skipped by rule ({skipped:,} skipped)")
+            console.print(f"[green]OK[/green]: all {read:,} source rows accepted or skipped by rule "
+                          f"({skipped:,} skipped)")
     elif rejected:
         console.print(f"[red]{rejected:,} row(s) rejected[/red] (exit status {EXIT_REJECTED})")
     else:

@@ -139,6 +139,18 @@ def set_task_identity(run_id: int, node_id: int, task_id: str = "") -> None:
     TaskIdentity.task_id = task_id  # type: ignore[assignment]  # declared int, Flower stores the API's str
 
 
+def error_in_place_of(reply: Any, error: Any) -> Any:
+    """``reply`` with its metadata kept (sender, reply-to, run, type) but ``error`` instead of its content.
+
+    Flower's public constructors build an error reply only from the instruction (``reply_to=``), with
+    fresh metadata; a server-side grid that refuses a node's reply must hand the strategy that same
+    reply as failed, so this uses ``Message(metadata=, error=)``, the form Flower keeps for itself.
+    """
+    from flwr.app import Message
+
+    return Message(metadata=reply.metadata, error=error)  # type: ignore[call-overload]  # internal form
+
+
 # -- the SuperNode launcher ---------------------------------------------------------------------------
 class CappedSleep:
     """Stands in for the ``time`` module inside ``start_client_internal`` only."""

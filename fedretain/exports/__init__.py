@@ -49,7 +49,7 @@ def example_mapping(name: str) -> dict:
     """One of the shipped example mappings (``orderlines``, ``marketplace``, ``cdnow``), decoded."""
     if name not in EXAMPLES:
         raise ValueError(f"unknown example mapping {name!r}; choose one of {', '.join(EXAMPLES)}")
-    return json.loads(resources.files("fedretain.exports").joinpath("examples", f"{name}.json").read_text("utf-8"))
+    return json.loads((resources.files("fedretain.exports") / "examples" / f"{name}.json").read_text("utf-8"))
 
 
 def export_silo(folder: Path, merchant: dict, mapping: Any, *, now=None, quarantine_dir=None, chunksize=100_000):

@@ -93,7 +93,7 @@ def _check(node: ast.AST, text: str, cols: list) -> None:
             arg = node.args[0] if len(node.args) == 1 else None
             if not isinstance(arg, ast.Constant) or not isinstance(arg.value, str):
                 raise ExprError(f"in {text!r}: col() takes one column name")
-            cols.append((None, node.args[0].value))
+            cols.append((None, arg.value))
             return
         if name not in FUNCTIONS:
             raise ExprError(f"in {text!r}: unknown function {name!r}; allowed: {', '.join(FUNCTIONS)}")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeAlias
 
 import pandas as pd
 import pyarrow as pa
@@ -36,7 +37,7 @@ __all__ = ["DEFAULT_CHUNKSIZE", "Silo", "load_silo", "read_events", "read_raw_ev
 
 DEFAULT_CHUNKSIZE = 1_000_000  # records per batch (a CSV block of ~32 MiB holds about half that)
 
-NowLike = datetime | str | pd.Timestamp | None
+NowLike: TypeAlias = datetime | str | pd.Timestamp | None
 
 
 @dataclass
@@ -74,8 +75,8 @@ def read_raw_events(path: str | Path, mapping: MappingLike = None, *,
     return open_raw(Path(path), chunksize, serial=serial)
 
 
-def validate_events(raw: RawTable | Callable[[bool], RawTable], *, mapping: MappingLike = None,
-                    now: NowLike = None, quarantine_path: str | Path | None = None) -> tuple[pd.DataFrame, IngestReport]:
+def validate_events(raw: RawTable | Callable[[bool], RawTable], *, mapping: MappingLike = None, now: NowLike = None,
+                    quarantine_path: str | Path | None = None) -> tuple[pd.DataFrame, IngestReport]:
     """Validate and canonicalise a raw events table; see ``read_events``.
 
     ``raw`` may be a function ``serial -> RawTable`` so that a CSV with ragged rows can be read again

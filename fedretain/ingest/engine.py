@@ -31,7 +31,8 @@ __all__ = ["run"]
 
 def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
         quarantine_path: Path) -> tuple[list[pa.Table], IngestReport]:
-    """Validate every batch of ``raw``; return the accepted canonical rows (one Arrow table per batch) and the report."""
+    """Validate every batch of ``raw``; return the accepted canonical rows (one Arrow table per batch) and the
+    report."""
     file = raw.file
     renamed = mapping.rename(raw.columns, file=file)
     names = {ours: theirs for theirs, ours in renamed.items()}
@@ -161,7 +162,8 @@ def _row_reasons(checks: list[Check], bad: np.ndarray) -> tuple[pl.Series, pl.Se
 
 
 def _column(frames: list[pa.Table], name: str) -> pa.ChunkedArray:
-    return pa.chunked_array([chunk for f in frames for chunk in f.column(name).chunks], frames[0].schema.field(name).type)
+    return pa.chunked_array([chunk for f in frames for chunk in f.column(name).chunks],
+                            frames[0].schema.field(name).type)
 
 
 def _summarise(report: IngestReport, frames: list[pa.Table]) -> None:

@@ -43,7 +43,7 @@ class Quarantine:
         self._late: list[pl.DataFrame] = []
         self._columns: list[str] | None = None
 
-    def __enter__(self) -> "Quarantine":
+    def __enter__(self) -> Quarantine:
         return self
 
     def _open(self) -> IO[bytes]:
@@ -106,7 +106,7 @@ class Quarantine:
             for batch in reader:
                 part = pl.from_arrow(pa.Table.from_batches([batch]))
                 assert isinstance(part, pl.DataFrame)
-                last = int(part.get_column("_row").cast(pl.Int64).max())  # type: ignore[arg-type]
+                last = int(part.get_column("_row").cast(pl.Int64).max())
                 upto = int(np.searchsorted(late_rows, last, side="right"))
                 if upto > taken:
                     part = pl.concat([part, late.slice(taken, upto - taken)]).sort(pl.col("_row").cast(pl.Int64))

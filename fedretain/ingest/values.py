@@ -9,6 +9,9 @@ in the mapping's ``timestamp_unit``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import polars as pl
 
@@ -63,7 +66,7 @@ def timestamps(s: pl.Series, fmt: str | None, unit: str) -> pl.Series:
     if fmt is not None:
         return _strptime(text, fmt)
     out = _strptime(text, ISO_FORMATS[0])
-    readers = [lambda t, f=f: _strptime(t, f) for f in ISO_FORMATS[1:]]
+    readers: list[Callable[[pl.Series], pl.Series]] = [partial(_strptime, fmt=f) for f in ISO_FORMATS[1:]]
     readers += [lambda t: _from_epoch(_only(t, EPOCH_INT_RE).cast(pl.Int64, strict=False), unit),
                 lambda t: _from_epoch(_only(t, EPOCH_NUM_RE).cast(pl.Float64, strict=False), unit)]
     for read in readers:  # each later reading sees only the rows still unparsed

@@ -374,7 +374,7 @@ class BudgetLedger:
         for purpose in purposes:
             budget = self.budget(purpose)
             eps, delta = self.committed(purpose)
-            runs = []
+            runs: list[dict[str, Any]] = []
             for plan in self.runs(purpose):
                 spends = self.spends(plan.run_id, purpose)
                 runs.append({

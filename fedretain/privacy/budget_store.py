@@ -328,7 +328,9 @@ class Store:
         cur = self.conn.execute(
             f"INSERT INTO {kind} ({', '.join(cols)}, log_seq) VALUES ({', '.join('?' * len(cols))}, ?)",
             [_typed(c, values[c]) for c in cols] + [seq])
-        return int(cur.lastrowid)
+        if cur.lastrowid is None:  # sqlite3 sets it after every INSERT; None would mean no row was written
+            raise sqlite3.DatabaseError(f"INSERT into {kind} returned no rowid")
+        return cur.lastrowid
 
     def next_seq(self, table: str) -> int:
         """The AUTOINCREMENT value the next row of ``table`` gets (known before hashing the row)."""
