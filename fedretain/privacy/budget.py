@@ -109,7 +109,7 @@ class BudgetLedger:
                                    f"{exc}") from None
             pin = _check_pinned_key(key_file, key)
             if controller is None and pin is not None:
-                controller = pin.merchant_id  # a node's budget ledger is named after its merchant, like its consent ledger
+                controller = pin.merchant_id  # named after the node's merchant, like its consent ledger
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = FULL")  # a reservation, once acknowledged, survives power loss
             store = Store(path, conn, key)
