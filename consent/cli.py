@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from . import cli_identity
+from . import cli_identity, cli_impact
 from .cli_base import (
     _TRUST_OPT,
     EMBEDDED_WARNING,
@@ -235,17 +235,25 @@ def show(obj: _Ctx, user: str, as_json: bool, at: str | None) -> None:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder for report.html and report.json")
 @click.option("--at", "at", default=None, help="report the state at this time [default: now]")
+@click.option("--runs", "runs", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="a platform run record (run.json) naming each round's model (repeatable)")
+@click.option("--subject", "subjects", multiple=True,
+              help="add an erasure-impact section for this subject (repeatable)")
 @_TRUST_OPT
 @click.pass_obj
 @_loc
 @_friendly
-def report(obj: _Ctx, out: Path, at: str | None, trust_embedded_key: bool) -> None:
-    """Write an HTML + JSON compliance report (coverage, withdrawals, usage, verification)."""
+def report(obj: _Ctx, out: Path, at: str | None, runs: tuple[Path, ...], subjects: tuple[str, ...],
+           trust_embedded_key: bool) -> None:
+    """Write an HTML + JSON compliance report (coverage, withdrawals, usage, models trained on withdrawn users)."""
     from .report import build_report
 
+    run_models = cli_impact.read_runs(runs)
+    bounds, source = cli_impact.dp_bounds_for(obj)
     with _open(obj) as ledger:
         _require_trust(obj, ledger, False, trust_embedded_key)
-        paths = build_report(ledger, out, at=at)
+        paths = build_report(ledger, out, at=at, runs=run_models, subjects=subjects, privacy=bounds,
+                             dp_source=source)
         res = ledger.verify()
     click.echo(f"wrote {paths['html']} and {paths['json']}")
     if res.key_source.startswith("ledger"):
@@ -294,5 +302,5 @@ def export(obj: _Ctx, fmt: str, out: Path) -> None:
     click.echo(f"exported {n} record(s) to {out}")
 
 
-for _command in (cli_identity.init, cli_identity.verify, cli_identity.pin):
+for _command in (cli_identity.init, cli_identity.verify, cli_identity.pin, cli_impact.impact):
     consent.add_command(_command)

@@ -19,12 +19,30 @@ def cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def html_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = cell) -> str:
-    """``<table>`` with one header row and one row per sequence of cells (each formatted by ``fmt``)."""
+class Abbrev:
+    """A long cell shown shortened to ``limit`` characters, the whole text in its ``title`` (hover)."""
+
+    def __init__(self, text: str, limit: int = 60) -> None:
+        self.text = text
+        self.limit = limit
+
+    def html(self) -> str:
+        e = html.escape
+        if len(self.text) <= self.limit:
+            return e(self.text)
+        return f'<span title="{e(self.text)}">{e(self.text[: self.limit - 1])}…</span>'
+
+
+def html_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = cell,
+               cls: str = "") -> str:
+    """``<table>`` with one header row and one row per sequence of cells (each formatted by ``fmt``;
+    an :class:`Abbrev` cell is shortened with its full text as a title). ``cls``: the table's CSS class."""
     e = html.escape
     head = "".join(f"<th>{e(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{e(fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{c.html() if isinstance(c, Abbrev) else e(fmt(c))}</td>" for c in r)
+                   + "</tr>" for r in rows)
+    attr = f' class="{e(cls)}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-__all__ = ["cell", "html_table"]
+__all__ = ["Abbrev", "cell", "html_table"]
