@@ -140,3 +140,25 @@ def test_impact_takes_the_dp_bound_from_the_nodes_privacy_ledger(tmp_path):
     dp = data["uses"][0]["dp"]
     assert (dp["epsilon"], dp["delta"], dp["source"]) == (2.5, 1e-5, "privacy ledger (reserved)")
     assert "privacy ledger" in data["dp_source"]
+
+
+def test_export_filtered_by_subject_with_the_usage_log(tmp_path, monkeypatch):
+    import fedretain.consent.cli_export as cli_export
+
+    monkeypatch.setattr(cli_export, "PROGRESS_FROM", 0)  # the progress bar (stderr) runs on this small export
+    db = tmp_path / "consent.sqlite"
+    _run("init", "--controller", "shop1", "--db", db)
+    _node(tmp_path, ["--db", db])
+    _uses(db)
+    _run("withdraw", "alice", "--purpose", PURPOSE, "--db", db)
+    res = _run("export", "--format", "json", "--out", tmp_path / "a.json", "--subject", "alice", "--with-usage",
+               "--db", db)
+    assert "exported 2 record(s)" in res.output and "3 usage entries" in res.output
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert {r["subject_id"] for r in data["records"]} == {"alice"} and data["subjects"] == ["alice"]
+    assert [(u["run_id"], u["round"]) for u in data["usage"]] == [("run-a", 1), ("run-a", 2), ("run-a", 2)]
+    _run("export", "--format", "csv", "--out", tmp_path / "b.csv", "--subject", "bob", "--with-usage", "--db", db)
+    assert "alice" not in (tmp_path / "b.csv").read_text()
+    assert (tmp_path / "b.usage.csv").read_text().count("run-a") == 2  # bob: two training rounds
+    res = _run("export", "--format", "csv", "--out", tmp_path / "c.csv", "--subject", "alcie", "--db", db, ok=False)
+    assert "'alcie'" in res.output and not (tmp_path / "c.csv").exists()
