@@ -82,6 +82,15 @@ def _us(text: Any) -> int | None:
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
+@dataclass
+class _Progress:
+    """How far verification got: records checked, signed heads checked, the root recomputed."""
+
+    n: int = 0
+    heads: int = 0
+    root: str = ""
+
+
 class _Bad(Exception):
     def __init__(self, seq: int | None, record_id: str | None, reason: str) -> None:
         super().__init__(reason)
@@ -103,13 +112,13 @@ def verify_ledger(ledger: ConsentLedger, public_key: Ed25519PublicKey | None = N
     else:
         pub, source = ledger.public_key, "ledger (self-declared)"
     fp = signing.fingerprint(pub)
-    state = {"n": 0, "heads": 0, "root": ""}
+    state = _Progress()
 
     def result(bad: _Bad | None) -> VerifyResult:
         if bad is None:
-            return VerifyResult(True, state["n"], None, None, "", state["heads"], fp, source, state["root"])
-        return VerifyResult(False, state["n"], bad.seq, bad.record_id, bad.reason, state["heads"], fp, source,
-                            state["root"])
+            return VerifyResult(True, state.n, None, None, "", state.heads, fp, source, state.root)
+        return VerifyResult(False, state.n, bad.seq, bad.record_id, bad.reason, state.heads, fp, source,
+                            state.root)
 
     conn = ledger.connection
     own_txn = not conn.in_transaction
@@ -126,7 +135,7 @@ def verify_ledger(ledger: ConsentLedger, public_key: Ed25519PublicKey | None = N
     return result(None)
 
 
-def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[str, Any]) -> None:
+def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: _Progress) -> None:
     from .ledger import TRIGGERS, checkpoint_text
 
     conn = ledger.connection
@@ -144,7 +153,7 @@ def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[st
     heads = conn.execute(
         "SELECT head_id, size, root_hex, timestamp, signature_hex, key_fingerprint, frontier FROM heads "
         "ORDER BY head_id").fetchall()
-    state["heads"] = len(heads)
+    state.heads = len(heads)
     if not heads:
         raise _Bad(None, None, "the ledger has no signed head")
     checkpoints: dict[int, list[tuple[str, str]]] = {}  # size -> [(root_hex, label)]
@@ -177,7 +186,7 @@ def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[st
     with step("verify: records (fast pass)"):
         fast = _fast_records(conn, controller, checkpoints, max_head)
     if fast is not None:
-        state["n"], state["root"] = fast
+        state.n, state.root = fast
     else:
         with step("verify: records (exact pass)"):
             _exact_records(conn, controller, checkpoints, max_head, state)
@@ -189,7 +198,7 @@ def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: dict[st
 
 
 def _exact_records(conn: Any, controller: str, checkpoints: dict[int, list[tuple[str, str]]], max_head: int,
-                   state: dict[str, Any]) -> None:
+                   state: _Progress) -> None:
     """Check every record one by one, in order, and raise :class:`_Bad` naming the first bad one.
 
     The reference implementation: slow (a JSON parse per record) but simple enough to
@@ -256,8 +265,8 @@ def _exact_records(conn: Any, controller: str, checkpoints: dict[int, list[tuple
                     good_size = seq
     frontier.extend(pending)
     n = expected - 1
-    state["n"] = n
-    state["root"] = frontier.root().hex()
+    state.n = n
+    state.root = frontier.root().hex()
     if head_mismatch is not None and head_mismatch.seq is not None:
         # a precise record-level finding inside the mismatching range beats the range itself
         if record_bad is None or record_bad.seq is None or record_bad.seq > mismatch_end:
@@ -407,7 +416,7 @@ def _columns_match(canon: Sequence[bytes], cols: Sequence[Sequence[Any]], ctrl_j
                lit('","vocab_version":')),
     ]
     assert LAYOUT_KEYS == ("controller", "purpose", "scopes")
-    offsets = [0, *unpack_layout(lay)]
+    offsets: list[int | np.ndarray] = [0, *unpack_layout(lay)]
     data = b"".join(canon)
     if len(data) >= 1 << 31:
         return False

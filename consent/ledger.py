@@ -576,8 +576,8 @@ class ConsentLedger:
         del rows
         seq = np.fromiter(data[0], np.int64, n)
         eff = np.fromiter(data[4], np.int64, n)
-        order = np.lexsort((seq, eff))
-        if not (order[1:] > order[:-1]).all():  # usually already in order: skip the gathers
+        order: np.ndarray | None = np.lexsort((seq, eff))
+        if order is not None and not (order[1:] > order[:-1]).all():  # usually already in order: skip the gathers
             seq, eff = seq[order], eff[order]
         else:
             order = None
