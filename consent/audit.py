@@ -32,8 +32,10 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import signing
+from .heads import checkpoint_text
 from .merkle import EMPTY_ROOT, Frontier
-from .records import gc_paused, step
+from .store import TRIGGERS, ZERO_HASH
+from .timing import gc_paused, step
 
 if TYPE_CHECKING:
     from .ledger import ConsentLedger
@@ -136,7 +138,6 @@ def verify_ledger(ledger: ConsentLedger, public_key: Ed25519PublicKey | None = N
 
 
 def _check(ledger: ConsentLedger, pub: Ed25519PublicKey, fp: str, state: _Progress) -> None:
-    from .ledger import TRIGGERS, checkpoint_text
 
     conn = ledger.connection
     controller = ledger.controller
@@ -205,7 +206,6 @@ def _exact_records(conn: Any, controller: str, checkpoints: dict[int, list[tuple
     trust, and the one that explains a failure. :func:`_fast_records` must never accept a
     ledger this rejects.
     """
-    from .ledger import ZERO_HASH
 
     sha = hashlib.sha256
     decode = json.JSONDecoder().decode
@@ -318,7 +318,6 @@ def _fast_records(conn: Any, controller: str, checkpoints: dict[int, list[tuple[
 
 def _fast_pass(conn: Any, controller: str, checkpoints: dict[int, list[tuple[str, str]]],
                max_head: int) -> tuple[int, str] | None:
-    from .ledger import ZERO_HASH
 
     n, lo, hi = conn.execute("SELECT count(*), min(seq), max(seq) FROM records").fetchone()
     if n and (lo != 1 or hi != n):

@@ -10,12 +10,9 @@ equals ``json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False
 
 from __future__ import annotations
 
-import gc
 import json
-import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from json.encoder import encode_basestring as _q  # the C string encoder json.dumps uses
@@ -37,9 +34,6 @@ __all__ = [
     "to_us",
     "from_us",
     "new_record_id",
-    "STEP_CPU",
-    "step",
-    "gc_paused",
 ]
 
 # Every field of a record, in canonical (sorted) order.
@@ -62,41 +56,6 @@ FIELDS: tuple[str, ...] = (
 
 _MIN_TS = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-# CPU seconds per step of bulk import and verification, collected only when a benchmark
-# sets this to a dict (``bench/bench_consent.py`` prints them); ``None`` costs nothing.
-STEP_CPU: dict[str, float] | None = None
-
-
-@contextmanager
-def step(name: str) -> Iterator[None]:
-    """Add the CPU time of the block to ``STEP_CPU[name]`` when collection is on."""
-    steps = STEP_CPU
-    if steps is None:
-        yield
-        return
-    t0 = time.process_time()
-    try:
-        yield
-    finally:
-        steps[name] = steps.get(name, 0.0) + time.process_time() - t0
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for a bulk pass over many records.
-
-    Fetching a million rows allocates millions of tuples, each of which advances the
-    collector's counters; its generation scans then cost about as much as the fetch
-    itself. Nothing in these passes forms reference cycles (plain tuples, lists, str and
-    bytes are freed by reference counting), so pausing changes no result.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 _TEMPLATE = "{" + ",".join(f'"{name}":%s' for name in FIELDS) + "}"
 
 
