@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import signing
 from .heads import checkpoint_text, write_head
-from .importer import Batch, ConsentImportError, layout_of
+from .importer import Batch, ConsentImportError
 from .merkle import Frontier
-from .records import format_ts
+from .records import format_ts, layout_of
 from .store import _RETIRED_INDEXES, INDEXES, ZERO_HASH, LedgerError, _rollback, _set_journal_mode, missing_triggers
 from .timing import step
 
@@ -168,7 +168,7 @@ class _BatchColumns:
 
     Repetitive text (purpose, action, scopes) is converted once per distinct value and the
     lists share those objects; canonical texts come from the importer's encoder a slice at
-    a time (see ``importer._Encoder``), so a million-record import never holds all of them.
+    a time (see ``records._Encoder``), so a million-record import never holds all of them.
     """
 
     def __init__(self, batch: Batch) -> None:

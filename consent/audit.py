@@ -377,7 +377,7 @@ def _columns_match(canon: Sequence[bytes], cols: Sequence[Sequence[Any]], ctrl_j
     the columns, and compared (``memcmp``) with string views into the concatenated
     canonical texts at the offsets the ``layout`` column gives (0 for the first fragment).
     """
-    from .importer import LAYOUT_KEYS, format_us, json_inner, unpack_layout
+    from .records import LAYOUT_KEYS, format_us, json_inner, unpack_layout
 
     rid, subj, purpose, action, scopes, eff, exp, layout = cols
     try:

@@ -1,15 +1,19 @@
-"""Point-in-time consent state: replaying a purpose's log to who grants which scope at time T."""
+"""Point-in-time consent state: reading the log in replay order and replaying it to who grants what at T."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .records import to_us
+from .store import NO_EXPIRY
 from .vocab import SCOPES
 
-__all__ = ["replay_state"]
+__all__ = ["log_frame", "replay_state"]
 
 
 def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None = None) -> pd.DataFrame:
@@ -44,3 +48,61 @@ def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None =
         wanted = pd.Index(pd.unique(np.asarray(listed, dtype=object)), name="subject_id", dtype=object)
         out = out.reindex(wanted, fill_value=False)
     return out
+
+
+def log_frame(conn: sqlite3.Connection, purpose: str | None = None, until: Any = None, *, size: int | None = None,
+              subjects: Sequence[str] | None = None) -> pd.DataFrame:
+    """The log's replay columns in replay order (effective_at, seq); ``expires_at`` max = none.
+
+    ``size`` limits the log to its first ``size`` records (a verified prefix);
+    ``subjects`` to a few subjects (looked up through the subject index). The order is
+    made in numpy (a stable sort), not by SQLite.
+    """
+    where: list[str] = []
+    params: list[Any] = []
+    if subjects is not None:
+        where.append(f"subject_id IN ({','.join('?' * len(subjects))})")
+        params.extend(subjects)
+    if size is not None:
+        where.append("seq <= ?")
+        params.append(int(size))
+    if purpose is not None:
+        where.append("purpose = ?")
+        params.append(purpose)
+    if until is not None:
+        where.append("effective_at <= ?")
+        params.append(to_us(until, "at"))
+    q = ("SELECT seq, subject_id, action, scopes, effective_at, "
+         f"COALESCE(expires_at, {NO_EXPIRY})" + (", purpose" if purpose is None else "") + " FROM records")
+    if where:
+        q += " WHERE " + " AND ".join(where)
+    rows = conn.execute(q, params).fetchall()
+    cols = ["seq", "subject_id", "purpose", "action", "scopes", "effective_at", "expires_at"]
+    if not rows:
+        return pd.DataFrame({c: pd.Series([], dtype=("int64" if c in ("seq", "effective_at", "expires_at")
+                                                      else object)) for c in cols})
+    n = len(rows)
+    data = list(zip(*rows))
+    del rows
+    seq = np.fromiter(data[0], np.int64, n)
+    eff = np.fromiter(data[4], np.int64, n)
+    order: np.ndarray | None = np.lexsort((seq, eff))
+    if order is not None and not (order[1:] > order[:-1]).all():  # usually already in order: skip the gathers
+        seq, eff = seq[order], eff[order]
+    else:
+        order = None
+
+    def obj(i: int) -> np.ndarray:
+        a = np.array(data[i], dtype=object)
+        return a if order is None else a[order]
+
+    exp = np.fromiter(data[5], np.int64, n)
+    return pd.DataFrame({
+        "seq": seq,
+        "subject_id": obj(1),
+        "purpose": np.full(n, purpose, dtype=object) if purpose is not None else obj(6),
+        "action": obj(2),
+        "scopes": obj(3),
+        "effective_at": eff,
+        "expires_at": exp if order is None else exp[order],
+    })

@@ -37,7 +37,7 @@ CREATE TABLE records (
     canonical    TEXT NOT NULL,      -- canonical JSON of the record: the Merkle leaf
     prev_hash    BLOB NOT NULL,
     entry_hash   BLOB NOT NULL,      -- SHA-256(prev_hash || SHA-256(0x00 || canonical))
-    layout       INTEGER             -- where some keys sit in canonical: a hint for verify (importer.LAYOUT_KEYS)
+    layout       INTEGER             -- where some keys sit in canonical: a hint for verify (records.LAYOUT_KEYS)
 );
 CREATE TABLE heads (
     head_id         INTEGER PRIMARY KEY,
