@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedretain.consent import records
+from fedretain.consent import timing
 from fedretain.consent.gate import apply_gate, decide
 from fedretain.consent.ledger import ConsentLedger
 from fedretain.consent.vocab import PURPOSES, SCOPES
@@ -76,12 +76,12 @@ def line(step: str, n: int, unit: str, t: Timer, rate_unit: str = "", extra: str
 
 @contextmanager
 def steps():
-    """Collect the CPU seconds of the ledger's internal steps (``records.STEP_CPU``) for a block."""
-    records.STEP_CPU = {}
+    """Collect the CPU seconds of the ledger's internal steps (``timing.STEP_CPU``) for a block."""
+    timing.STEP_CPU = {}
     try:
-        yield records.STEP_CPU
+        yield timing.STEP_CPU
     finally:
-        records.STEP_CPU = None
+        timing.STEP_CPU = None
 
 
 def step_lines(cpu: dict[str, float]) -> None:

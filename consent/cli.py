@@ -11,16 +11,14 @@ when the ledger was tampered with or is not signed by the trusted key.
 """
 
 
-import csv
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import cli_identity
+from . import cli_export, cli_identity, cli_impact
 from .cli_base import (
     _TRUST_OPT,
     EMBEDDED_WARNING,
@@ -235,17 +233,25 @@ def show(obj: _Ctx, user: str, as_json: bool, at: str | None) -> None:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder for report.html and report.json")
 @click.option("--at", "at", default=None, help="report the state at this time [default: now]")
+@click.option("--runs", "runs", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="a platform run record (run.json) naming each round's model (repeatable)")
+@click.option("--subject", "subjects", multiple=True,
+              help="add an erasure-impact section for this subject (repeatable)")
 @_TRUST_OPT
 @click.pass_obj
 @_loc
 @_friendly
-def report(obj: _Ctx, out: Path, at: str | None, trust_embedded_key: bool) -> None:
-    """Write an HTML + JSON compliance report (coverage, withdrawals, usage, verification)."""
+def report(obj: _Ctx, out: Path, at: str | None, runs: tuple[Path, ...], subjects: tuple[str, ...],
+           trust_embedded_key: bool) -> None:
+    """Write an HTML + JSON compliance report (coverage, withdrawals, usage, models trained on withdrawn users)."""
     from .report import build_report
 
+    run_models = cli_impact.read_runs(runs)
+    bounds, source = cli_impact.dp_bounds_for(obj)
     with _open(obj) as ledger:
         _require_trust(obj, ledger, False, trust_embedded_key)
-        paths = build_report(ledger, out, at=at)
+        paths = build_report(ledger, out, at=at, runs=run_models, subjects=subjects, privacy=bounds,
+                             dp_source=source)
         res = ledger.verify()
     click.echo(f"wrote {paths['html']} and {paths['json']}")
     if res.key_source.startswith("ledger"):
@@ -254,45 +260,5 @@ def report(obj: _Ctx, out: Path, at: str | None, trust_embedded_key: bool) -> No
         click.echo("warning: the ledger FAILED verification; see the report", err=True)
 
 
-@consent.command()
-@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), required=True)
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.pass_obj
-@_loc
-@_friendly
-def export(obj: _Ctx, fmt: str, out: Path) -> None:
-    """Export every record (CSV in the import format, or JSON with the signed head)."""
-    from .importer import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    n = 0
-    with _open(obj) as ledger:
-        ledger.connection.execute("BEGIN")  # one snapshot: the head matches the records written
-        if fmt == "csv":
-            cols = list(dict.fromkeys(("record_id",) + REQUIRED_COLUMNS + OPTIONAL_COLUMNS))
-            with tmp.open("w", newline="", encoding="utf-8") as fh:
-                w = csv.DictWriter(fh, fieldnames=cols)
-                w.writeheader()
-                for rec in ledger.iter_records():
-                    d = rec.to_dict()
-                    d["scopes"] = ";".join(d["scopes"])
-                    d["expires_at"] = d["expires_at"] or ""
-                    w.writerow({c: d[c] for c in cols})
-                    n += 1
-        else:
-            with tmp.open("w", encoding="utf-8") as fh:
-                head = ledger.head().to_dict()
-                fh.write('{"controller": ' + json.dumps(ledger.controller) + ', "head": ' + json.dumps(head)
-                         + ', "public_key_pem": ' + json.dumps(ledger.public_key_pem) + ', "records": [\n')
-                for rec in ledger.iter_records():
-                    fh.write((",\n" if n else "") + json.dumps(rec.to_dict(), ensure_ascii=False, sort_keys=True))
-                    n += 1
-                fh.write("\n]}\n")
-        ledger.connection.execute("COMMIT")
-        os.replace(tmp, out)
-    click.echo(f"exported {n} record(s) to {out}")
-
-
-for _command in (cli_identity.init, cli_identity.verify, cli_identity.pin):
+for _command in (cli_identity.init, cli_identity.verify, cli_identity.pin, cli_impact.impact, cli_export.export):
     consent.add_command(_command)

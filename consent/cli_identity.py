@@ -37,15 +37,16 @@ def init(obj: _Ctx, controller: str) -> None:
         _init_existing(obj, controller.strip())
         return
     existed = obj.key.exists()
-    node_state = obj.state_dir is not None and (obj.silo is not None or obj.state_dir.name == NODE_DIR)
-    pin = load_pin(obj.state_dir) if node_state else None
+    state_dir = obj.state_dir
+    node_state = state_dir is not None and (obj.silo is not None or state_dir.name == NODE_DIR)
+    pin = load_pin(state_dir) if state_dir is not None and node_state else None
     if pin is not None and (not existed
                             or pin.key_fingerprint != signing.fingerprint(signing.load_private_key(obj.key))):
         raise click.ClickException(f"{pin.path} pins key {pin.key_fingerprint}, not the key in {obj.key}; "
                                    "refusing to create a ledger the node would not trust (restore the node key)")
     ledger = ConsentLedger.create(obj.db, controller=controller, key_path=obj.key)
-    if node_state and pin is None:  # a node's ledger: pin its key now, while it is certainly the node's
-        pin = write_pin(obj.state_dir, ledger.controller, ledger.public_key)
+    if state_dir is not None and node_state and pin is None:  # a node's ledger: pin its key now
+        pin = write_pin(state_dir, ledger.controller, ledger.public_key)
         click.echo(f"pinned the node key {pin.key_fingerprint} for merchant {pin.merchant_id!r} in {pin.path}")
     pub = obj.key.with_name(obj.key.name + ".pub")
     if not pub.exists():

@@ -29,7 +29,8 @@ from typing import Any
 from .records import format_ts, parse_ts
 from .vocab import SCOPES
 
-__all__ = ["DPBound", "ModelRef", "RunModels", "UseImpact", "SubjectImpact", "subject_impact", "read_run_record"]
+__all__ = ["DPBound", "ModelRef", "RunModels", "UseImpact", "SubjectImpact", "subject_impact", "read_run_record",
+           "withdrawn_users_in_models", "phase_of", "parse_time"]
 
 PHASES = ("train", "evaluate", "score", "analytics")
 
@@ -41,11 +42,16 @@ class DPBound:
     mode: str
     epsilon: float | None
     delta: float | None
+    source: str = field(default="", compare=False)  # "privacy ledger (spent)", "run record (declared)", ...
 
     def describe(self) -> str:
         if self.epsilon is None:
             return f"none ({self.mode}): the model carries no formal bound on one person's influence"
-        return f"ε={self.epsilon:.3g}, δ={self.delta:.1e} ({self.mode} DP)"
+        delta = "?" if self.delta is None else f"{self.delta:.1e}"
+        return f"ε={self.epsilon:.3g}, δ={delta} ({self.mode} DP)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "epsilon": self.epsilon, "delta": self.delta, "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -110,9 +116,10 @@ def read_run_record(path: str | Path) -> RunModels:
     if mode != "none":
         eps = cfg.get("target_epsilon", cfg.get("target-epsilon"))
         delta = cfg.get("target_delta", cfg.get("target-delta"))
-        privacy = DPBound(mode, float(eps) if eps is not None else None, float(delta) if delta else None)
+        privacy = DPBound(mode, float(eps) if eps is not None else None, float(delta) if delta else None,
+                          source="run record (declared target)")
     else:
-        privacy = DPBound("none", None, None)
+        privacy = DPBound("none", None, None, source="run record")
     return RunModels(run_id, tuple(sorted(models, key=lambda m: m.round)), privacy)
 
 
@@ -137,8 +144,7 @@ class UseImpact:
             "usage_id": self.usage_id, "run_id": self.run_id, "round": self.round, "phase": self.phase,
             "purpose": self.purpose, "consent_at": self.consent_at, "scopes_then": list(self.scopes_then),
             "consented_now": self.consented_now,
-            "dp": None if self.dp is None else {"mode": self.dp.mode, "epsilon": self.dp.epsilon,
-                                                 "delta": self.dp.delta},
+            "dp": None if self.dp is None else self.dp.to_dict(),
             "produced": None if self.produced is None else self.produced.to_dict(),
             "replaced_by_retrain": [m.to_dict() for m in self.replaced_by_retrain],
         }

@@ -93,7 +93,7 @@ def _after_full(ledger: Any, res: VerifyResult, run_id: str) -> VerifiedHead | N
 
 def _suffix(ledger: Any, state: VerifiedHead, pub: Ed25519PublicKey) -> tuple[VerifyResult, VerifiedHead | None]:
     """Verify the records appended since ``state``; returns the result and the extended state."""
-    from .ledger import TRIGGERS
+    from .store import TRIGGERS
 
     fp = signing.fingerprint(pub)
     conn = ledger.connection

@@ -6,23 +6,30 @@ Records are never edited: a change of mind is a new record. Their canonical byte
 encoding (sorted-key compact JSON, UTF-8) is what the ledger hashes, so it must be the
 same wherever it is produced; :func:`canonical_json` is the single implementation and
 equals ``json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``.
+
+This module is the one producer of canonical bytes for the whole tamper-evidence component:
+the record-at-a-time encoder and the columnar one (bulk import, the verifier's fast pass)
+live here together. It is longer than 450 lines because of that: split across modules, the
+two encoders of the same bytes could drift apart unnoticed.
 """
 
 from __future__ import annotations
 
-import gc
+import hashlib
 import json
-import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from json.encoder import encode_basestring as _q  # the C string encoder json.dumps uses
+from operator import methodcaller
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .vocab import VOCAB_VERSION, UnknownTermError, check_action, check_purpose, check_scope
 
@@ -37,9 +44,15 @@ __all__ = [
     "to_us",
     "from_us",
     "new_record_id",
-    "STEP_CPU",
-    "step",
-    "gc_paused",
+    "canonical_bytes",
+    "json_inner",
+    "json_quote",
+    "format_us",
+    "canonical_texts",
+    "LAYOUT_KEYS",
+    "pack_layout",
+    "unpack_layout",
+    "layout_of",
 ]
 
 # Every field of a record, in canonical (sorted) order.
@@ -62,41 +75,6 @@ FIELDS: tuple[str, ...] = (
 
 _MIN_TS = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-# CPU seconds per step of bulk import and verification, collected only when a benchmark
-# sets this to a dict (``bench/bench_consent.py`` prints them); ``None`` costs nothing.
-STEP_CPU: dict[str, float] | None = None
-
-
-@contextmanager
-def step(name: str) -> Iterator[None]:
-    """Add the CPU time of the block to ``STEP_CPU[name]`` when collection is on."""
-    steps = STEP_CPU
-    if steps is None:
-        yield
-        return
-    t0 = time.process_time()
-    try:
-        yield
-    finally:
-        steps[name] = steps.get(name, 0.0) + time.process_time() - t0
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for a bulk pass over many records.
-
-    Fetching a million rows allocates millions of tuples, each of which advances the
-    collector's counters; its generation scans then cost about as much as the fetch
-    itself. Nothing in these passes forms reference cycles (plain tuples, lists, str and
-    bytes are freed by reference counting), so pausing changes no result.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 _TEMPLATE = "{" + ",".join(f'"{name}":%s' for name in FIELDS) + "}"
 
 
@@ -403,3 +381,291 @@ def canonical_bytes(values: dict[str, Any]) -> bytes:
     """
     return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
+
+
+# == the columnar encoder: the same canonical bytes for a whole column at a time ===========
+# The bulk import (and the verifier's fast pass) build canonical texts column-wise in Arrow.
+# It lives here, beside canonical_json, so there is one producer of canonical bytes; the
+# hypothesis tests in tests/test_consent_fastpath.py prove both paths byte-identical.
+# Characters json.dumps(ensure_ascii=False) escapes: '"', '\\' and controls below 0x20.
+_NEEDS_ESCAPE = r'["\\\x00-\x1f]'
+_ESC_BYTES = np.zeros(256, dtype=bool)
+_ESC_BYTES[:0x20] = _ESC_BYTES[ord('"')] = _ESC_BYTES[ord("\\")] = True
+_PAIRS = np.frombuffer("".join(f"{i:02d}" for i in range(100)).encode(), dtype=np.uint8).reshape(100, 2)
+_TS_TEMPLATE = np.frombuffer(b"0000-00-00T00:00:00.000000Z", dtype=np.uint8)
+_STR = pa.large_string()  # 64-bit offsets: a column of many long texts never overflows
+_CHUNK = 1 << 16
+
+
+def _any_byte(arr: pa.Array, table: np.ndarray) -> bool:
+    """Does any value of a string array contain a byte flagged in the 256-entry ``table``?"""
+    validity, offsets, data = arr.buffers()[:3]
+    if data is None or len(arr) == 0:
+        return False
+    off = np.frombuffer(offsets, dtype=np.int64 if pa.types.is_large_string(arr.type) else np.int32)
+    off = off[arr.offset : arr.offset + len(arr) + 1]
+    return bool(table[np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]].any())
+
+
+# -- column helpers (shared with the verifier) ------------------------------------------
+def json_inner(arr: pa.Array) -> pa.Array:
+    """JSON string literal of every value *without its quotes*, byte-identical to json.dumps's.
+
+    Values with nothing to escape are returned as they are (checked in C); the rare value
+    that contains a quote, a backslash or a control character goes through json's own encoder.
+    The result has the type of ``arr``.
+    """
+    if len(arr) == 0 or not _any_byte(arr, _ESC_BYTES):
+        return arr
+    special = pc.match_substring_regex(arr, _NEEDS_ESCAPE)
+    idx = pa.array(np.flatnonzero(special.to_numpy(zero_copy_only=False)))
+    fixed = pa.array([_q(v)[1:-1] for v in arr.take(idx).to_pylist()], type=arr.type)
+    return pc.replace_with_mask(arr, special, fixed)
+
+
+def json_quote(arr: pa.Array) -> pa.Array:
+    """JSON string literal of every value, byte-identical to ``json.dumps(v, ensure_ascii=False)``."""
+    arr = arr.cast(_STR) if arr.type != _STR else arr
+    return pc.binary_join_element_wise(_lit('"'), json_inner(arr), _lit('"'), _lit(""))
+
+
+def format_us(us: np.ndarray | Sequence[int], *, quoted: bool = False) -> pa.Array:
+    """µs since epoch -> canonical ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the text of ``records.format_ts``).
+
+    Pure integer arithmetic in numpy (days -> civil date, H. Hinnant's algorithm) writing
+    fixed-width ASCII digits, about six times faster than Arrow's ``strftime``. Values
+    must lie in 1970..9999 (the importer checks). ``quoted`` adds JSON quotes.
+    """
+    us = np.asarray(us, dtype=np.int64)
+    days = us // 86_400_000_000
+    rem = us - days * 86_400_000_000
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + np.where(mp < 10, 3, -9)
+    year = yoe + era * 400 + (month <= 2)
+    secs = rem // 1_000_000
+    frac = rem - secs * 1_000_000
+    hour = secs // 3600
+    minute = (secs - hour * 3600) // 60
+    sec = secs - hour * 3600 - minute * 60
+    q = 1 if quoted else 0
+    width = len(_TS_TEMPLATE) + 2 * q
+    out = np.empty((len(us), width), dtype=np.uint8)
+    out[:, q : q + len(_TS_TEMPLATE)] = _TS_TEMPLATE
+    if quoted:
+        out[:, 0] = out[:, -1] = ord('"')
+    for pos, v in ((0, year // 100), (2, year % 100), (5, month), (8, day), (11, hour), (14, minute), (17, sec),
+                   (20, frac // 10_000), (22, frac // 100 % 100), (24, frac % 100)):
+        out[:, q + pos : q + pos + 2] = _PAIRS[v]
+    offsets = np.arange(0, width * (len(us) + 1), width, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(len(us), pa.py_buffer(offsets), pa.py_buffer(out))
+
+
+def _lit(text: str) -> pa.Scalar:
+    return pa.scalar(text, type=_STR)
+
+
+def _take_distinct(values: list[Any], codes: np.ndarray, type_: pa.DataType = _STR) -> pa.Array:
+    return pa.array(values, type=type_).take(pa.array(codes))
+
+
+# Fields whose canonical value is a JSON string; the others (``expires_at``: string or null,
+# ``scopes``: array) are given as complete JSON fragments.
+_STRING_FIELDS = frozenset(FIELDS) - {"expires_at", "scopes"}
+
+
+# Keys whose byte offset in the canonical text is stored with each record (the ``layout``
+# column): the verifier compares the stored indexed columns, re-encoded, with the text at
+# these offsets instead of searching or parsing it. A wrong offset can only fail a
+# comparison (each compared fragment starts with its unique ``,"key":`` marker), never
+# pass one.
+LAYOUT_KEYS: tuple[str, ...] = ("controller", "purpose", "scopes")
+_LAYOUT_BITS = 21  # offsets below 2 MiB; a longer text gets layout -1 (verified the slow way)
+
+
+def pack_layout(offsets: Sequence[np.ndarray]) -> np.ndarray:
+    """Pack the byte offsets of :data:`LAYOUT_KEYS` (one array each) into one int64 per record."""
+    out = np.zeros(len(offsets[0]), dtype=np.int64)
+    ok = np.ones(len(out), dtype=bool)
+    for i, off in enumerate(offsets):
+        off = np.asarray(off, dtype=np.int64)
+        ok &= (off >= 0) & (off < 1 << _LAYOUT_BITS)
+        out |= np.where(ok, off, 0) << (_LAYOUT_BITS * i)
+    return np.where(ok, out, -1)
+
+
+def unpack_layout(layout: np.ndarray) -> list[np.ndarray]:
+    """Inverse of :func:`pack_layout` (meaningless for -1: callers check)."""
+    mask = (1 << _LAYOUT_BITS) - 1
+    return [(layout >> (_LAYOUT_BITS * i)) & mask for i in range(len(LAYOUT_KEYS))]
+
+
+def layout_of(canonical: str) -> int:
+    """Packed :data:`LAYOUT_KEYS` offsets of one canonical text (the record-at-a-time path)."""
+    data = canonical.encode("utf-8")
+    return int(pack_layout([np.array([data.find(b',"' + k.encode() + b'":')]) for k in LAYOUT_KEYS])[0])
+
+
+def _marker_offsets(values: dict[str, Any]) -> np.ndarray:
+    """Packed byte offsets of the :data:`LAYOUT_KEYS` markers in :func:`canonical_texts`' output."""
+    n = max((len(v) for v in values.values() if not isinstance(v, pa.Scalar)), default=0)
+    pos = np.zeros(n, dtype=np.int64)
+    found: dict[str, np.ndarray] = {}
+    for lit, name in zip(_literals(), FIELDS):
+        if name in LAYOUT_KEYS:
+            found[name] = pos + (1 if lit.startswith('"') else 0)
+        v = values[name]
+        width = (len(v.as_py().encode()) if isinstance(v, pa.Scalar)
+                 else pc.binary_length(v).to_numpy(zero_copy_only=False).astype(np.int64))
+        pos = pos + len(lit.encode()) + width
+    return pack_layout([found[k] for k in LAYOUT_KEYS])
+
+
+def _literals() -> list[str]:
+    """The literal text before each field of :data:`FIELDS` in a canonical text (see canonical_texts)."""
+    out = []
+    lit = ""
+    for i, name in enumerate(FIELDS):
+        lit += ("{" if i == 0 else ",") + json.dumps(name) + ":"
+        if name in _STRING_FIELDS:
+            lit += '"'
+        out.append(lit)
+        lit = '"' if name in _STRING_FIELDS else ""
+    return out
+
+
+def canonical_texts(values: dict[str, pa.Array]) -> pa.Array:
+    """Canonical JSON texts assembled in C, one ``binary_join_element_wise`` over all fields.
+
+    ``values`` maps each string field of :data:`FIELDS` to its JSON-escaped text without
+    quotes (:func:`json_inner`), and ``expires_at``/``scopes`` to complete JSON fragments.
+    The quotes live in the literal pieces between fields.
+    """
+    parts: list[Any] = []
+    for lit, name in zip(_literals(), FIELDS):
+        parts += [_lit(lit), values[name]]
+    parts += [_lit(('"' if FIELDS[-1] in _STRING_FIELDS else "") + "}"), _lit("")]  # last literal, separator
+    n = max((len(p) for p in parts if not isinstance(p, pa.Scalar)), default=0)
+    # in slices: the joined bytes of one slice stay in cache, which halves the time
+    chunks = [pc.binary_join_element_wise(*[p if isinstance(p, pa.Scalar) else p.slice(i, _CHUNK) for p in parts])
+              for i in range(0, n, _CHUNK)]
+    return pa.chunked_array(chunks, type=_STR)
+
+
+@dataclass
+class _Encoder:
+    """The validated columns of a bulk batch, encoded into canonical JSON a slice at a time.
+
+    Building every canonical text at once would allocate (and page in) half a gigabyte
+    per million records; slice by slice, the same few megabytes are reused while the
+    ledger hashes and inserts each slice (:meth:`texts`).
+    """
+
+    n: int
+    action: pa.Array
+    method: pa.Array
+    controller: str  # JSON-escaped, without quotes: every row was checked to equal it
+    eff: np.ndarray
+    exp: np.ndarray
+    has_exp: np.ndarray
+    juris: pa.Array
+    notice: pa.Array
+    purpose: pa.Array
+    rec_at: np.ndarray
+    by: pa.Array
+    scope_codes: np.ndarray
+    scope_joined: list[str]
+    scope_json: list[str]
+    subject: pa.Array
+    vocab: pa.Array
+    rid: pa.Array
+    ctrl: pa.Array
+
+    def __len__(self) -> int:
+        return self.n
+
+    def texts(self, lo: int, hi: int) -> tuple[pa.Array, np.ndarray]:
+        """Canonical texts of rows ``lo:hi`` and their packed ``layout`` (see :data:`LAYOUT_KEYS`)."""
+        k = hi - lo
+        has_exp = self.has_exp[lo:hi]
+
+        def cut(arr: pa.Array) -> pa.Array:
+            return arr.slice(lo, k).cast(_STR)
+
+        values = {
+            "action": cut(self.action),  # vocabulary terms: nothing to escape
+            "collection_method": json_inner(cut(self.method)),
+            "controller": _lit(self.controller),
+            "effective_at": format_us(self.eff[lo:hi]),
+            "expires_at": pc.if_else(pa.array(has_exp), format_us(np.where(has_exp, self.exp[lo:hi], 0), quoted=True),
+                                     _lit("null")),
+            "jurisdiction": json_inner(cut(self.juris)),
+            "notice_version": json_inner(cut(self.notice)),
+            "purpose": cut(self.purpose),
+            "record_id": json_inner(cut(self.rid)),
+            "recorded_at": _format_present(self.rec_at[lo:hi], np.ones(k, dtype=bool)),
+            "recorded_by": json_inner(cut(self.by)),
+            "scopes": _take_distinct(self.scope_json, self.scope_codes[lo:hi]),
+            "subject_id": json_inner(cut(self.subject)),
+            "vocab_version": json_inner(cut(self.vocab)),
+        }
+        return canonical_texts(values).combine_chunks(), _marker_offsets(values)
+
+    def content_digests(self, which: np.ndarray) -> np.ndarray:
+        """BLAKE2b-128 digests (rows of 16 bytes) of the content keys of the rows in ``which``.
+
+        The key is the record's fields joined by U+001F: the same event imported twice gets
+        the same id and is refused, not doubled. Keys are joined by Arrow, a slice at a time.
+        """
+        out = []
+        digest = methodcaller("digest")
+        blake = partial(hashlib.blake2b, digest_size=16)
+        for lo in range(0, self.n, _CHUNK):
+            hi = min(lo + _CHUNK, self.n)
+            keep = which[lo:hi]
+            if not keep.any():
+                continue
+            has_exp = self.has_exp[lo:hi]
+            parts = [self.subject.slice(lo, hi - lo), self.ctrl.slice(lo, hi - lo),
+                     self.purpose.slice(lo, hi - lo), _take_distinct(self.scope_joined, self.scope_codes[lo:hi]),
+                     self.action.slice(lo, hi - lo), format_us(self.eff[lo:hi]),
+                     pc.if_else(pa.array(has_exp), format_us(np.where(has_exp, self.exp[lo:hi], 0)), _lit("")),
+                     self.method.slice(lo, hi - lo), self.notice.slice(lo, hi - lo), self.juris.slice(lo, hi - lo),
+                     self.by.slice(lo, hi - lo)]
+            parts = [p.cast(_STR) for p in parts]
+            if not keep.all():
+                mask = pa.array(keep)
+                parts = [p.filter(mask) for p in parts]
+            keys = pc.binary_join_element_wise(*parts, _lit("\x1f")).cast(pa.large_binary())
+            out.append(b"".join(map(digest, map(blake, keys.to_pylist()))))
+        return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(-1, 16)
+
+
+def _content_id_text(d: np.ndarray) -> pa.Array:
+    """``c-<32 hex digits>`` for each 16-byte digest row, built with numpy."""
+    hexd = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    text = np.empty((len(d), 34), dtype=np.uint8)
+    text[:, 0], text[:, 1] = ord("c"), ord("-")
+    text[:, 2::2] = hexd[d >> 4]
+    text[:, 3::2] = hexd[d & 15]
+    offsets = np.arange(0, 34 * (len(d) + 1), 34, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(len(d), pa.py_buffer(offsets), pa.py_buffer(text))
+
+
+def _format_present(us: np.ndarray, present: np.ndarray) -> pa.Array:
+    """:func:`format_us` of the present values ('' elsewhere)."""
+    if not present.any():
+        return pa.repeat(_lit(""), len(us))
+    vals = us[present]
+    if vals.min() == vals.max():  # one value (e.g. every recorded_at of a file): format it once
+        txt = pa.repeat(format_us(vals[:1])[0], len(vals))
+    else:
+        txt = format_us(vals)
+    if present.all():
+        return txt
+    return pc.replace_with_mask(pa.repeat(_lit(""), len(us)), pa.array(present), txt)

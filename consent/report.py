@@ -13,6 +13,7 @@ import html
 import io
 import json
 import os
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedretain.html_table import Abbrev, html_table
+
+from .impact import DPBound, RunModels, phase_of, subject_impact, withdrawn_users_in_models
 from .ledger import ConsentLedger
 from .records import format_ts, from_us, to_us
 from .vocab import PURPOSES, SCOPES, VOCAB_VERSION
@@ -137,16 +141,56 @@ def _time_grid(ledger: ConsentLedger, at: datetime, points: int) -> list[datetim
     return list(pd.date_range(start, end, periods=points).to_pydatetime())
 
 
+USE_LABELS = {"train": "training", "evaluate": "evaluation", "analytics": "analytics", "score": "scoring"}
+
+
+def use_label(feature_set: str) -> str:
+    """What kind of use a usage entry records, in words (from its ``feature_set`` prefix)."""
+    phase = phase_of(feature_set)
+    return USE_LABELS.get(phase, phase)
+
+
+def withdrawals_list(ledger: ConsentLedger, at_us: int, limit: int = 200) -> list[dict[str, Any]]:
+    """The latest withdraw/expire records effective by ``at`` (inclusive: one recorded this second is listed)."""
+    rows = ledger.connection.execute(
+        "SELECT seq FROM records WHERE action != 'grant' AND effective_at <= ? ORDER BY effective_at DESC, seq DESC "
+        "LIMIT ?", (at_us, limit)).fetchall()
+    wanted = {int(r[0]) for r in rows}
+    out = []
+    for seq, rec in _records_by_seq(ledger, wanted):
+        d = rec.to_dict()
+        out.append({"seq": seq, "subject_id": d["subject_id"], "purpose": d["purpose"], "action": d["action"],
+                    "scopes": d["scopes"], "effective_at": d["effective_at"], "recorded_by": d["recorded_by"]})
+    return sorted(out, key=lambda r: (r["effective_at"], r["seq"]), reverse=True)
+
+
+def _records_by_seq(ledger: ConsentLedger, seqs: set[int]) -> list[tuple[int, Any]]:
+    from .records import ConsentRecord
+
+    if not seqs:
+        return []
+    marks = ",".join("?" * len(seqs))
+    cur = ledger.connection.execute(f"SELECT seq, canonical FROM records WHERE seq IN ({marks})", sorted(seqs))
+    return [(int(seq), ConsentRecord.from_json(c)) for seq, c in cur]
+
+
 def build_report(ledger: ConsentLedger, out_dir: str | os.PathLike[str], *, at: Any = None,
-                 points: int = 60) -> dict[str, Path]:
-    """Write ``report.html`` and ``report.json`` into ``out_dir``; returns their paths."""
+                 points: int = 60, runs: Iterable[RunModels] = (), subjects: Iterable[str] = (),
+                 privacy: Mapping[str, DPBound] | None = None, dp_source: str = "") -> dict[str, Path]:
+    """Write ``report.html`` and ``report.json`` into ``out_dir``; returns their paths.
+
+    ``runs`` (platform run records) name each round's model; ``subjects`` each get an
+    erasure-impact section; ``privacy`` maps run id → the node's DP bound for it.
+    """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now(timezone.utc)
+    # a record effective this very microsecond is in the state at ``at``: replay counts effective <= at
     at_dt = now if at is None else from_us(to_us(at, "at"))
+    runs = list(runs)
     verify = ledger.verify()
     head = ledger.head()
     grid = _time_grid(ledger, at_dt, points)
@@ -232,7 +276,11 @@ def build_report(ledger: ConsentLedger, out_dir: str | os.PathLike[str], *, at: 
             p: {format_ts(t.to_pydatetime().replace(tzinfo=timezone.utc)): int(v) for t, v in withdrawals[p].items()}
             for p in withdrawals.columns
         },
-        "usage": usage,
+        "usage": [{**u, "use": use_label(u["feature_set"])} for u in usage],
+        "withdrawals": withdrawals_list(ledger, to_us(at_dt, "at")),
+        "models_trained_on_withdrawn_users": withdrawn_users_in_models(ledger, runs=runs, now=at_dt),
+        "subjects": [subject_impact(ledger, s, runs=runs, privacy=privacy, now=at_dt).to_dict() for s in subjects],
+        "dp_source": dp_source,
     }
     json_path = out / "report.json"
     html_path = out / "report.html"
@@ -247,11 +295,37 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    return html_table(headers, rows, fmt=lambda c: "–" if c is None else str(c), cls=cls)
+
+
+def _models(models: list[dict[str, Any]]) -> Abbrev:
+    text = ", ".join(f"{m['run_id']} r{m['round']}" + (f" ({m['sha256'][:12]}…)" if m.get("sha256") else "")
+                     for m in models)
+    return Abbrev(text or "(pass --runs RUN.json to name the models)", 80)
+
+
+def _dp(dp: dict[str, Any] | None) -> str:
+    if not dp:
+        return "unknown"
+    if dp.get("epsilon") is None:
+        return f"none ({dp['mode']})"
+    delta = "?" if dp.get("delta") is None else f"{dp['delta']:.1e}"
+    return f"ε={dp['epsilon']:.3g}, δ={delta} ({dp['mode']})"
+
+
+def _subject_html(s: dict[str, Any]) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    now = "; ".join(f"{p}: {', '.join(v) or 'NO CONSENT'}" for p, v in s["scopes_now"].items()) or "no records"
+    rows = [[u["run_id"], u["round"], USE_LABELS.get(u["phase"], u["phase"]), u["purpose"],
+             Abbrev((u["produced"] or {}).get("sha256") or "–", 16), ", ".join(u["scopes_then"]) or "none",
+             "yes" if u["consented_now"] else "NO", _dp(u["dp"]),
+             ", ".join(f"r{m['round']}" for m in u["replaced_by_retrain"]) or "nothing"] for u in s["uses"]]
+    replace = _models(s["models_to_replace"]).html() if s["models_to_replace"] else "none"
+    table = (_table(["run", "round", "use", "purpose", "model", "consent then", "consents now", "DP bound",
+                     "retrain replaces"], rows, "wide") if rows else "<p>No run has used this subject's data.</p>")
+    return (f"<h3>{e(s['subject'])}</h3><p>Consent at {e(s['at'])}: {e(now)}. A retrain without this subject "
+            f"would replace: {replace}.</p>{table}")
 
 
 def _html(d: dict[str, Any], cov_png: str, wd_png: str, usage_png: str) -> str:
@@ -268,16 +342,24 @@ def _html(d: dict[str, Any], cov_png: str, wd_png: str, usage_png: str) -> str:
     if v.get("warning"):
         status += f"<p class='bad'>⚠ WARNING: {e(v['warning'])}.</p>"
     cov_rows = [[p] + [c[s] for s in SCOPES] + [c["any_scope"]] for p, c in d["coverage_at"].items()]
-    usage_rows = [[u["run_id"], u["round"], u["purpose"], u["feature_set"], u["n_users"],
-                   ", ".join(f"{k}={n}" for k, n in sorted(u["scope_counts"].items()) if n),
-                   u["ledger_size"], u["ledger_root"][:16] + "…", u["at"]] for u in d["usage"]]
+    usage_rows = [[u["run_id"], u["round"], u["use"], u["purpose"],
+                   Abbrev(u["feature_set"].partition(":")[2] if ":" in u["feature_set"] else u["feature_set"], 48),
+                   u["n_users"], ", ".join(f"{k}={n}" for k, n in sorted(u["scope_counts"].items()) if n),
+                   u["ledger_size"], Abbrev(u["ledger_root"], 17), u["at"]] for u in d["usage"]]
+    wd_rows = [[w["effective_at"], w["subject_id"], w["purpose"], w["action"], ", ".join(w["scopes"]) or "all",
+                w["recorded_by"]] for w in d["withdrawals"]]
+    gone_rows = [[m["run_id"], m["purpose"], m["withdrawn_users"], m["users_trained_on"], m["from_round"],
+                  _models(m["models"])] for m in d["models_trained_on_withdrawn_users"]]
+    subjects = "".join(_subject_html(s) for s in d["subjects"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Consent report — {e(led['controller'])}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; max-width: 100%; }}
+table.wide {{ width: 100%; table-layout: fixed; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; overflow-wrap: anywhere; vertical-align: top; }}
+span[title] {{ text-decoration: underline dotted; cursor: help; }}
 th {{ background: #f3f3f3; }}
 .ok {{ color: #17632a; font-weight: 600; }} .bad {{ color: #b00020; font-weight: 700; }}
 img {{ max-width: 100%; }} code {{ font-size: 0.85em; }}
@@ -288,7 +370,7 @@ img {{ max-width: 100%; }} code {{ font-size: 0.85em; }}
 {status}
 {_table(["records", "subjects", "signed head size", "root", "head signed at", "vocabulary"],
         [[led['records'], led['subjects'], led['head']['size'], led['head']['root_hex'], led['head']['timestamp'],
-          led['vocab_version']]])}
+          led['vocab_version']]], "wide")}
 <h2>Consent coverage now</h2>
 <p>Subjects granting each scope, per purpose, at {e(d['at'])}. "valid consent" counts subjects granting at
 least one scope — only they can enter any computation for that purpose.</p>
@@ -297,11 +379,23 @@ least one scope — only they can enter any computation for that purpose.</p>
 <img alt="consent coverage over time" src="data:image/png;base64,{cov_png}">
 <h2>Withdrawals</h2>
 <img alt="withdrawals per month" src="data:image/png;base64,{wd_png}">
+<p>Latest withdrawals and expiries in effect at {e(d['at'])} (newest first):</p>
+{_table(["effective (UTC)", "subject", "purpose", "action", "scopes", "recorded by"], wd_rows, "wide")
+ if wd_rows else "<p>No withdrawal or expiry is in effect.</p>"}
+<h2>Models trained on since-withdrawn users</h2>
+<p>Training runs whose rounds used data of subjects who no longer consent to that purpose. Their models
+keep what they learnt from those subjects until retrained without them; see docs/COMPLIANCE.md for what the
+DP bound does and does not promise. ({e(d.get('dp_source') or '')}.)</p>
+{_table(["run", "purpose", "withdrawn users", "users trained on", "from round", "models a retrain replaces"],
+        gone_rows, "wide") if gone_rows else "<p>No model was trained on a user who has since withdrawn.</p>"}
+{("<h2>Erasure impact per subject</h2>" + subjects) if subjects else ""}
 <h2>Usage by run</h2>
-<p>Each row is one round of one run that used consented data, with the ledger head the decision was taken
-against (re-checkable with an inclusion or consistency proof).</p>
+<p>Each row is one round of one run that used consented data (training, evaluation, analytics or scoring),
+with the ledger head the decision was taken against (re-checkable with an inclusion or consistency proof).
+Hover an abbreviated cell for its full text.</p>
 {(f'<img alt="usage by run" src="data:image/png;base64,{usage_png}">' if usage_png else "")}
-{_table(["run", "round", "purpose", "features", "users", "scopes used (users)", "ledger size", "ledger root",
-         "consent at"], usage_rows) if usage_rows else "<p>No run has used data from this node yet.</p>"}
+{_table(["run", "round", "use", "purpose", "features", "users", "scopes used (users)", "ledger size",
+         "ledger root", "consent at"], usage_rows, "wide")
+ if usage_rows else "<p>No run has used data from this node yet.</p>"}
 </body></html>
 """

@@ -101,10 +101,11 @@ def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 def load_public_key(pem: str | bytes | os.PathLike[str]) -> Ed25519PublicKey:
     """Load an Ed25519 public key from PEM text/bytes or a PEM file path."""
     if isinstance(pem, os.PathLike) or (isinstance(pem, str) and "-----BEGIN" not in pem):
+        src = Path(pem)
         try:
-            pem = Path(pem).read_bytes()
+            pem = src.read_bytes()
         except OSError as exc:
-            raise KeyFileError(f"cannot read public key file {pem}: {exc.strerror}") from None
+            raise KeyFileError(f"cannot read public key file {src}: {exc.strerror}") from None
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         key = serialization.load_pem_public_key(data)

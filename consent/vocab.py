@@ -6,6 +6,8 @@ Anything outside it is an error, never a silent allow. Adding a term means bumpi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 VOCAB_VERSION = "2026-11.1"
 
 PURPOSES: tuple[str, ...] = ("retention_modeling", "ltv_modeling", "analytics", "recommendation")
@@ -43,11 +45,11 @@ def check_scope(scope: str) -> str:
     return scope
 
 
-def check_scopes(scopes: object) -> tuple[str, ...]:
-    """Validate an iterable of scopes; return them sorted and de-duplicated."""
+def check_scopes(scopes: str | Iterable[object]) -> tuple[str, ...]:
+    """Validate an iterable of scopes (or one ``,``/``;``/``|``-separated string); return them sorted, de-duplicated."""
     if isinstance(scopes, str):
         scopes = [s for s in scopes.replace(";", ",").replace("|", ",").split(",") if s.strip()]
-    return tuple(sorted({check_scope(str(s).strip()) for s in scopes}))  # type: ignore[union-attr]
+    return tuple(sorted({check_scope(str(s).strip()) for s in scopes}))
 
 
 def check_action(action: str) -> str:

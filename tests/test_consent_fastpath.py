@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fedretain.consent import audit, records, signing
+from fedretain.consent import audit, records, signing, timing
 from fedretain.consent.importer import ConsentImportError, format_us, layout_of
 from fedretain.consent.ledger import BULK_ROWS, ConsentLedger
 from fedretain.consent.records import ConsentRecord, format_ts, from_us
@@ -126,12 +126,12 @@ def test_numpy_timestamp_text_equals_format_ts(us):
 
 
 def assert_fast_pass_accepts(led: ConsentLedger) -> None:
-    records.STEP_CPU = {}
+    timing.STEP_CPU = {}
     try:
         res = led.verify()
-        steps = dict(records.STEP_CPU)
+        steps = dict(timing.STEP_CPU)
     finally:
-        records.STEP_CPU = None
+        timing.STEP_CPU = None
     assert res.ok, res.describe()
     assert "verify: records (fast pass)" in steps and "verify: records (exact pass)" not in steps
 
@@ -305,10 +305,10 @@ def test_bulk_import_while_another_connection_reads(tmp_path, key_file):
 
 CRASH = """
 import os, sys
-from fedretain.consent import ledger as L
+from fedretain.consent import append, ledger as L
 def crash(*a, **k):
     os._exit(3)
-L._write_head = crash  # die after every row and index is written, before the commit
+append.write_head = crash  # die after every row and index is written, before the commit
 led = L.ConsentLedger.open(sys.argv[1], key_path=sys.argv[2])
 led.import_file(sys.argv[3])
 """

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fedretain.consent.ledger as ledger_mod
+import fedretain.consent.append as append_mod
+import fedretain.consent.store as store_mod
 from fedretain.consent.cli import consent
 from fedretain.consent.gate import ConsentError
 from fedretain.consent.importer import ConsentImportError
@@ -80,7 +81,7 @@ def test_a_write_lock_held_past_the_timeout(ledger, tmp_path, monkeypatch):
             ledger.append(ConsentRecord.withdraw("u1", "shop", "analytics", "2024-03-01"))
         _one_clear_line(err.value, "locked by another writer", "nothing was written", "retry")
         # the officer's CLI: one line, exit 1, no traceback
-        monkeypatch.setattr(ledger_mod, "_BUSY_MS", 100)
+        monkeypatch.setattr(store_mod, "_BUSY_MS", 100)
         res = CliRunner().invoke(consent, ["withdraw", "u1", "--purpose", "analytics", "--db", str(ledger.path),
                                            "--key", str(tmp_path / "k.pem")])
         assert res.exit_code == 1 and "locked by another writer" in res.output and "Traceback" not in res.output
@@ -120,7 +121,7 @@ def test_import_counts_its_own_records_with_a_concurrent_writer(ledger, tmp_path
     rows = [f"w{i},shop,analytics,social,grant,2024-01-0{1 + i % 9}T00:00:00Z," for i in range(300)]
     src = tmp_path / "batch.csv"
     src.write_text(HEADER + "\n".join(rows) + "\n")
-    real_columns = ledger_mod._BatchColumns
+    real_columns = append_mod._BatchColumns
 
     class AnotherWriterAppendsFirst(real_columns):  # runs after validation, before the import's transaction
         fired = False
@@ -134,7 +135,7 @@ def test_import_counts_its_own_records_with_a_concurrent_writer(ledger, tmp_path
                 writer.append_many([ConsentRecord.grant(f"x{i}", "shop", "analytics", "social", "2024-01-01")
                                     for i in range(16)])
 
-    monkeypatch.setattr(ledger_mod, "_BatchColumns", AnotherWriterAppendsFirst)
+    monkeypatch.setattr(append_mod, "_BatchColumns", AnotherWriterAppendsFirst)
     assert ledger.import_file(src) == 300
     assert ledger.size == 50 + 16 + 300
     assert ledger.verify().ok
