@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from fedretain.procs import MissingTool, flower_env, flower_script, free_port, p
 
 STOP_GRACE_S = 10.0
 EXIT_SUPERNODE_FAILED = 3
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # Flower colours its log lines; logs are read in editors
 STATUS_FILE = "supernode-status.json"
 
 
@@ -105,7 +107,7 @@ class _LogPump(threading.Thread):
             fh.write(f"===== fedretain node supervisor pid {os.getpid()}: SuperNode started "
                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} =====\n")
             for raw in iter(self.stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
+                line = _ANSI.sub("", raw.decode("utf-8", "replace").rstrip("\n"))
                 fh.write(line + "\n")
                 fh.flush()
                 self.tail.append(line)
@@ -214,7 +216,8 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
     if settings.executor == "warm":
         from importlib.metadata import version
 
-        executor = WarmExecutor("", app_ref=settings.app, fab_version=version("fedretain"), wake=threading.Event())
+        executor = WarmExecutor("", app_ref=settings.app, fab_version=version("fedretain"), wake=threading.Event(),
+                                progress=echo)
         executor.load()  # before connecting: the node is ready the moment it is listed
     port = settings.runtime_port or free_port()
     env = flower_env(settings.flwr_home)

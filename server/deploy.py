@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -60,6 +61,55 @@ CLI_TIMEOUT_S = 120.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal colour/control sequences (Flower colours its log lines)."""
+    return _ANSI.sub("", text)
+
+
+def write_run_log(path: Path, text: str) -> Path:
+    """Write a run log atomically, without ANSI colour codes (logs are read in editors and greps)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(strip_ansi(text), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def register_args(key: Path) -> list[str]:
+    """``flwr supernode register`` arguments for one key file (an absolute path: flwr runs in the state folder)."""
+    key = Path(key).expanduser().resolve()
+    return ["supernode", "register", str(key), CONNECTION, "--name", key.name.removesuffix(".pub"), "--format", "json"]
+
+
+def key_name(key: Path) -> str:
+    """The merchant name shown for a key: the ``.pub`` file's comment if it names one, else the file stem."""
+    try:
+        parts = Path(key).read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        parts = []
+    comment = parts[2] if len(parts) > 2 else ""
+    generic = ("", "fedretain-node", "fedretain-platform-node-auth")
+    return Path(key).name.removesuffix(".pub") if comment in generic else comment
+
+
+def node_merchant(node: dict[str, Any], node_keys: dict[str, Any], merchants: dict[str, Any]) -> str:
+    """Which merchant a SuperLink node is: its registered key's name, else the merchant id it reported."""
+    node_id = str(node.get("node-id"))
+    known = node_keys.get(node_id) or {}
+    reported = sorted(m for m, info in merchants.items() if str((info or {}).get("node_id")) == node_id)
+    parts = []
+    if known.get("name"):
+        parts.append(f"key {known['name']} ({known.get('fingerprint', '')})")
+    if reported:
+        parts.append(f"merchant {', '.join(reported)}")
+    owner = node.get("owner-name")
+    if not parts and owner and owner != "none":
+        parts.append(str(owner))
+    return "; ".join(parts) or "unknown key (registered outside `fedretain server`)"
 
 
 def _script(name: str) -> str:
@@ -201,8 +251,8 @@ class Platform:
 
     # -- start -----------------------------------------------------------------------------
     def start(self, *, resume: bool = False, run_id: str | None = None,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-        """Start the SuperLink, register node keys, submit the run; return the saved state."""
+              echo: Callable[[str], None] = print, submit: bool = True) -> dict[str, Any]:
+        """Start the SuperLink, register node keys, submit the run (unless ``submit`` is False)."""
         if self.running():
             raise PlatformError(f"a platform from {self.state} is already running (see `fedretain server status`; "
                                 f"stop it with `fedretain server stop`)")
@@ -243,7 +293,11 @@ class Platform:
             if state["auth"]:
                 for key in self.node_key_files():
                     echo(self.register_key(key))
+            if not submit:
+                echo("no run submitted (--no-run); submit one with `fedretain server run --config ...`")
+                return self.read_state() or state
             submitted = self.submit(project, run_config)
+            state = self.read_state() or state
             state["runs"].append(submitted)
             self.write_state(state)
             echo(f"submitted run {submitted['run_id']} (Flower run {submitted['flower_run_id']}); "
@@ -268,21 +322,60 @@ class Platform:
                             f"(see {log_path})")
 
     def register_key(self, key: Path) -> str:
-        """Register one merchant public key; an already registered key is fine."""
+        """Register one merchant public key; an already registered key is fine.
+
+        ``key`` is resolved against the caller's working directory: ``flwr`` runs in the
+        state folder, where a relative path would name another (usually missing) file.
+        The node id is remembered with the key's name in ``platform.json`` so that
+        ``server status`` can say which merchant each node is.
+        """
         from fedretain import tls
 
-        fp = tls.public_key_fingerprint(tls.load_node_public_key(key))
-        res = self.flwr("supernode", "register", str(key), CONNECTION, "--name", key.stem, "--format", "json")
+        key = Path(key).expanduser().resolve()
+        try:
+            fp = tls.fingerprint_file(key)
+        except tls.TLSError as exc:
+            raise PlatformError(f"node key: {exc}") from None
+        res = self.flwr(*register_args(key))
         try:
             out = json.loads(res.stdout)
         except json.JSONDecodeError:
             out = {"success": False, "error-message": (res.stderr or res.stdout).strip()[-300:]}
         if out.get("success"):
+            self._remember_node(str(out.get("node-id")), key, fp)
             return f"registered node key {key.name} ({fp}) as SuperNode {out.get('node-id')}"
         message = str(out.get("error-message", out))
         if "already" in message.lower():
             return f"node key {key.name} ({fp}) was already registered"
         raise PlatformError(f"registering node key {key}: {message}")
+
+    def _remember_node(self, node_id: str, key: Path, fingerprint: str) -> None:
+        state = self.read_state()
+        if state is None:
+            return
+        state.setdefault("node_keys", {})[node_id] = {"name": key_name(key), "file": str(key),
+                                                      "fingerprint": fingerprint}
+        self.write_state(state)
+
+    def submit_run(self, *, resume: bool = False, run_id: str | None = None,
+                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+        """Submit a training run to this already running platform (``fedretain server run``)."""
+        if self.running() is None:
+            raise PlatformError(f"no platform is running from {self.state}; start it with "
+                                f"`fedretain server start --config ... --no-run` first")
+        project = project_dir(self.config.project_dir)
+        state = self.read_state() or {}
+        if resume and not run_id:
+            run_id = (state.get("runs") or [{}])[-1].get("run_id")
+        run_id = run_id or self.config.run.get("run-id") or uuid.uuid4().hex[:12]
+        run_config = build_run_config(self.config, project, resume=resume, run_id=run_id)
+        submitted = self.submit(project, run_config)
+        state = self.read_state() or state
+        state.setdefault("runs", []).append(submitted)
+        self.write_state(state)
+        echo(f"submitted run {submitted['run_id']} (Flower run {submitted['flower_run_id']}); "
+             f"record and checkpoints in {submitted['out_dir']}")
+        return submitted
 
     def submit(self, project: Path, run_config: dict[str, Any]) -> dict[str, Any]:
         """``flwr run`` the fedretain app with ``run_config`` (written to a TOML file first)."""
@@ -312,14 +405,11 @@ class Platform:
             return None
         if res.returncode != 0 or not res.stdout.strip():
             return None
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(res.stdout, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_run_log(path, res.stdout)
 
     # -- status / wait / stop --------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """Processes, connected nodes, the current run and its progress (from run.json)."""
+    def status(self, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+        """Processes, connected nodes (with the merchant each is), the current run and its progress."""
         state = self.read_state()
         if state is None:
             return {"running": False, "state_dir": str(self.state), "message": "no platform was started here"}
@@ -332,21 +422,39 @@ class Platform:
         }
         runs = state.get("runs") or []
         if link is not None:
-            try:
-                out["nodes"] = self.flwr_json("supernode", "ls", CONNECTION, timeout=60).get("nodes", [])
-            except PlatformError as exc:
-                out["nodes_error"] = str(exc)
-            if runs:
-                try:
-                    found = self.flwr_json("ls", CONNECTION, "--run-id", runs[-1]["flower_run_id"], timeout=60)
-                    out["flower_run"] = (found.get("runs") or [None])[0]
-                except PlatformError as exc:
-                    out["flower_run_error"] = str(exc)
-                log = self.fetch_run_log(runs[-1]["flower_run_id"])
-                out["server_log"] = str(log) if log else None
+            self._query_superlink(out, runs, progress)
         if runs:
             out["run"] = {**runs[-1], **run_progress(Path(runs[-1]["out_dir"]))}
+        merchants = (out.get("run") or {}).get("merchant_nodes") or {}
+        for node in out.get("nodes") or []:
+            node["merchant"] = node_merchant(node, state.get("node_keys") or {}, merchants)
         return out
+
+    def _query_superlink(self, out: dict[str, Any], runs: list[dict[str, Any]],
+                         progress: Callable[[str], None]) -> None:
+        """Ask the SuperLink for nodes, the run and its log at once: each ``flwr`` call is a
+        process that imports Flower (seconds on a busy machine), so they run side by side."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        progress("asking the SuperLink for nodes" + (", the run and its log" if runs else "") + " ...")
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            nodes = pool.submit(self.flwr_json, "supernode", "ls", CONNECTION, timeout=60)
+            run = log = None
+            if runs:
+                run = pool.submit(self.flwr_json, "ls", CONNECTION, "--run-id", runs[-1]["flower_run_id"],
+                                  timeout=60)
+                log = pool.submit(self.fetch_run_log, runs[-1]["flower_run_id"])
+            try:
+                out["nodes"] = nodes.result().get("nodes", [])
+            except PlatformError as exc:
+                out["nodes_error"] = str(exc)
+            if run is not None and log is not None:
+                try:
+                    out["flower_run"] = (run.result().get("runs") or [None])[0]
+                except PlatformError as exc:
+                    out["flower_run_error"] = str(exc)
+                saved = log.result()
+                out["server_log"] = str(saved) if saved else None
 
     def wait(self, *, timeout: float | None = None, echo: Callable[[str], None] = print,
              poll: float = 1.0) -> str:
@@ -409,6 +517,7 @@ def stop_signal_handlers(on_stop: Callable[[], None]) -> dict[int, Any]:
 
 
 __all__ = [
+    "node_merchant", "register_args", "strip_ansi", "write_run_log", "key_name",
     "CONNECTION", "DEFAULT_PORT", "Platform", "PlatformConfig", "PlatformError", "format_round", "run_progress",
     "stop_signal_handlers",
 ]
