@@ -30,12 +30,14 @@ def client() -> None:
 @click.option("--consent-db", type=click.Path(path_type=Path, dir_okay=False),
               help="Consent ledger (default: SILO/.node/consent.db).")
 @click.option("--key", "key", type=click.Path(path_type=Path, dir_okay=False),
-              help="Node authentication private key (`fedretain certs node-key`).")
+              help="The platform node-auth private key (ECDSA, `fedretain certs node-key`); not the "
+                   "consent-ledger signing key.")
 @click.option("--root-cert", type=click.Path(path_type=Path, dir_okay=False),
               help="CA certificate that signed the platform's TLS certificate (default: system CAs).")
 @click.option("--insecure", is_flag=True, help="Plain HTTP without node authentication (local experiments only).")
 @click.option("--signing-key", type=click.Path(path_type=Path, dir_okay=False),
-              help="The node's consent-ledger signing key (default: SILO/.node/node_key.pem).")
+              help="The node's consent-ledger signing key (Ed25519; default: SILO/.node/node_key.pem); "
+                   "not the platform node-auth key.")
 @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Node state and logs (default: SILO/.node).")
 @click.option("--runtime-port", type=int, default=0, help="Local Runtime API port (default: a free one).")
