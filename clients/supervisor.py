@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,11 +28,10 @@ from fedretain.clients.node_settings import NodeSettings, NodeSetupError, write_
 from fedretain.clients.preflight import preflight, probe_server
 from fedretain.clients.warm_executor import WarmExecutor
 from fedretain.compat.flower import HEARTBEAT_DEFAULT_S, HEARTBEAT_PATIENCE, RECEIVING_MARKER, read_supernode_status
-from fedretain.procs import MissingTool, flower_env, flower_script, free_port, port_open, terminate
+from fedretain.procs import MissingTool, flower_env, flower_script, free_port, port_open, strip_ansi, terminate
 
 STOP_GRACE_S = 10.0
 EXIT_SUPERNODE_FAILED = 3
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # Flower colours its log lines; logs are read in editors
 STATUS_FILE = "supernode-status.json"
 
 
@@ -107,7 +105,7 @@ class _LogPump(threading.Thread):
             fh.write(f"===== fedretain node supervisor pid {os.getpid()}: SuperNode started "
                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} =====\n")
             for raw in iter(self.stream.readline, b""):
-                line = _ANSI.sub("", raw.decode("utf-8", "replace").rstrip("\n"))
+                line = strip_ansi(raw.decode("utf-8", "replace").rstrip("\n"))
                 fh.write(line + "\n")
                 fh.flush()
                 self.tail.append(line)

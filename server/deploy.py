@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -43,6 +42,7 @@ from fedretain.procs import (
     port_open,
     port_owner,
     stop_tree,
+    strip_ansi,
 )
 from fedretain.server.platform_config import (
     DEFAULT_PORT,
@@ -51,9 +51,9 @@ from fedretain.server.platform_config import (
     build_run_config,
     project_dir,
 )
+from fedretain.server.platform_keys import CONNECTION, key_name, node_merchant, register_args
 from fedretain.server.run_progress import format_round, record_run_id, run_progress
 
-CONNECTION = "fedretain"
 STATE_FILE = "platform.json"
 STOP_GRACE_S = 10.0
 CLI_TIMEOUT_S = 120.0
@@ -63,53 +63,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
-
-
-def strip_ansi(text: str) -> str:
-    """Remove terminal colour/control sequences (Flower colours its log lines)."""
-    return _ANSI.sub("", text)
-
-
 def write_run_log(path: Path, text: str) -> Path:
     """Write a run log atomically, without ANSI colour codes (logs are read in editors and greps)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(strip_ansi(text), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def register_args(key: Path) -> list[str]:
-    """``flwr supernode register`` arguments for one key file (an absolute path: flwr runs in the state folder)."""
-    key = Path(key).expanduser().resolve()
-    return ["supernode", "register", str(key), CONNECTION, "--name", key.name.removesuffix(".pub"), "--format", "json"]
-
-
-def key_name(key: Path) -> str:
-    """The merchant name shown for a key: the ``.pub`` file's comment if it names one, else the file stem."""
-    try:
-        parts = Path(key).read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        parts = []
-    comment = parts[2] if len(parts) > 2 else ""
-    generic = ("", "fedretain-node", "fedretain-platform-node-auth")
-    return Path(key).name.removesuffix(".pub") if comment in generic else comment
-
-
-def node_merchant(node: dict[str, Any], node_keys: dict[str, Any], merchants: dict[str, Any]) -> str:
-    """Which merchant a SuperLink node is: its registered key's name, else the merchant id it reported."""
-    node_id = str(node.get("node-id"))
-    known = node_keys.get(node_id) or {}
-    reported = sorted(m for m, info in merchants.items() if str((info or {}).get("node_id")) == node_id)
-    parts = []
-    if known.get("name"):
-        parts.append(f"key {known['name']} ({known.get('fingerprint', '')})")
-    if reported:
-        parts.append(f"merchant {', '.join(reported)}")
-    owner = node.get("owner-name")
-    if not parts and owner and owner != "none":
-        parts.append(str(owner))
-    return "; ".join(parts) or "unknown key (registered outside `fedretain server`)"
 
 
 def _script(name: str) -> str:
@@ -410,51 +369,9 @@ class Platform:
     # -- status / wait / stop --------------------------------------------------------------
     def status(self, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
         """Processes, connected nodes (with the merchant each is), the current run and its progress."""
-        state = self.read_state()
-        if state is None:
-            return {"running": False, "state_dir": str(self.state), "message": "no platform was started here"}
-        link = self.running()
-        out: dict[str, Any] = {
-            "running": link is not None, "state_dir": str(self.state), "address": state.get("address"),
-            "insecure": state.get("insecure"), "auth": state.get("auth"),
-            "processes": [{**p.as_dict(), "alive": p.alive()} for p in self.processes(state)],
-            "nodes": None, "flower_run": None, "run": None,
-        }
-        runs = state.get("runs") or []
-        if link is not None:
-            self._query_superlink(out, runs, progress)
-        if runs:
-            out["run"] = {**runs[-1], **run_progress(Path(runs[-1]["out_dir"]))}
-        merchants = (out.get("run") or {}).get("merchant_nodes") or {}
-        for node in out.get("nodes") or []:
-            node["merchant"] = node_merchant(node, state.get("node_keys") or {}, merchants)
-        return out
+        from fedretain.server.platform_status import platform_status
 
-    def _query_superlink(self, out: dict[str, Any], runs: list[dict[str, Any]],
-                         progress: Callable[[str], None]) -> None:
-        """Ask the SuperLink for nodes, the run and its log at once: each ``flwr`` call is a
-        process that imports Flower (seconds on a busy machine), so they run side by side."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        progress("asking the SuperLink for nodes" + (", the run and its log" if runs else "") + " ...")
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            nodes = pool.submit(self.flwr_json, "supernode", "ls", CONNECTION, timeout=60)
-            run = log = None
-            if runs:
-                run = pool.submit(self.flwr_json, "ls", CONNECTION, "--run-id", runs[-1]["flower_run_id"],
-                                  timeout=60)
-                log = pool.submit(self.fetch_run_log, runs[-1]["flower_run_id"])
-            try:
-                out["nodes"] = nodes.result().get("nodes", [])
-            except PlatformError as exc:
-                out["nodes_error"] = str(exc)
-            if run is not None and log is not None:
-                try:
-                    out["flower_run"] = (run.result().get("runs") or [None])[0]
-                except PlatformError as exc:
-                    out["flower_run_error"] = str(exc)
-                saved = log.result()
-                out["server_log"] = str(saved) if saved else None
+        return platform_status(self, progress)
 
     def wait(self, *, timeout: float | None = None, echo: Callable[[str], None] = print,
              poll: float = 1.0) -> str:
@@ -517,7 +434,7 @@ def stop_signal_handlers(on_stop: Callable[[], None]) -> dict[int, Any]:
 
 
 __all__ = [
-    "node_merchant", "register_args", "strip_ansi", "write_run_log", "key_name",
+    "node_merchant", "register_args", "write_run_log", "key_name",
     "CONNECTION", "DEFAULT_PORT", "Platform", "PlatformConfig", "PlatformError", "format_round", "run_progress",
     "stop_signal_handlers",
 ]

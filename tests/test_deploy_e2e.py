@@ -163,6 +163,8 @@ def test_unregistered_key_is_refused(tls_run, tmp_path):
 
     dep, _ = tls_run
     stranger = tls.create_node_key(tmp_path / "stranger").private_key
+    (tmp_path / "state").mkdir()  # a separate state dir needs the node's ledger-key pin (node.json)
+    shutil.copy(dep.silos[0] / ".node" / "node.json", tmp_path / "state" / "node.json")
     node = dep.start_node(0, key=stranger, extra=("--state-dir", str(tmp_path / "state"),
                                                   "--consent-db", str(dep.silos[0] / ".node" / "consent.db")))
     assert node.proc.wait(120) == 3
@@ -173,6 +175,8 @@ def test_unregistered_key_is_refused(tls_run, tmp_path):
 
 def test_plain_text_node_is_refused_by_tls_server(tls_run, tmp_path):
     dep, _ = tls_run
+    (tmp_path / "state").mkdir()  # a separate state dir needs the node's ledger-key pin (node.json)
+    shutil.copy(dep.silos[1] / ".node" / "node.json", tmp_path / "state" / "node.json")
     node = dep.start_node(1, insecure=True, extra=("--state-dir", str(tmp_path / "state"),
                                                    "--consent-db", str(dep.silos[1] / ".node" / "consent.db")))
     assert node.proc.wait(60) == 3  # the platform refused the plain-text connection
