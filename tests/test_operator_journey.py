@@ -190,3 +190,16 @@ def test_insecure_node_against_tls_platform_is_a_refusal(tls_listener, tmp_path,
     assert "refused the plain-text connection" in r.output and "Traceback" not in r.output
     doc = (Path(__file__).resolve().parents[1] / "docs" / "DEPLOYMENT.md").read_text(encoding="utf-8")
     assert "exits with status 3" in doc and "--insecure` against a TLS platform" in doc
+
+
+# -- submitting a run separately from starting the platform -------------------------------------------
+def test_server_run_needs_a_running_platform_and_says_how(tmp_path):
+    """`server run` submits to a platform started with `server start --no-run`; without one it says so."""
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'[server]\nstate-dir = "{tmp_path / "state"}"\n[auth]\nenabled = false\n'
+                   f'[run]\nnum-server-rounds = 2\n', encoding="utf-8")
+    r = CliRunner().invoke(main, ["server", "run", "--config", str(cfg)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "no platform is running" in r.output and "server start --config ... --no-run" in r.output
+    r = CliRunner().invoke(main, ["server", "start", "--help"])
+    assert "--no-run" in r.output and "node-wait-timeout" in r.output
