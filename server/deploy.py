@@ -88,6 +88,7 @@ class Platform:
         self.flwr_home = self.state / "flwr-home"
         self.log_dir = self.state / "logs"
         self.state_file = self.state / STATE_FILE
+        self.cli_in_process = False  # run `flwr` commands in this process (see fedretain.compat.flower_cli)
 
     # -- helpers ---------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -113,6 +114,11 @@ class Platform:
         """Run the ``flwr`` CLI against this platform's connection."""
         if not (self.flwr_home / "config.toml").is_file():
             self.write_connection()
+        if self.cli_in_process:  # `server status`: import Flower once, not once per question
+            from fedretain.compat.flower_cli import run_flwr
+
+            res = run_flwr(args, self.env())
+            return subprocess.CompletedProcess(["flwr", *args], res.returncode, res.stdout, res.stderr)
         return subprocess.run([_script("flwr"), *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL, cwd=self.state)
 

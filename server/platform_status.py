@@ -37,29 +37,43 @@ def platform_status(platform: Any, progress: Callable[[str], None] = lambda _m: 
 
 def _query_superlink(platform: Any, out: dict[str, Any], runs: list[dict[str, Any]],
                      progress: Callable[[str], None]) -> None:
-    """Ask the SuperLink for nodes, the run and its log at once: each ``flwr`` call is a
-    process that imports Flower (seconds on a busy machine), so they run side by side."""
+    """Ask the SuperLink for nodes, the run and its log.
+
+    A ``flwr`` process spends seconds importing Flower for one small request, so the
+    questions are asked in this process (Flower imported once); if that is not possible the
+    three processes run side by side.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     progress("asking the SuperLink for nodes" + (", the run and its log" if runs else "") + " ...")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        nodes = pool.submit(platform.flwr_json, "supernode", "ls", CONNECTION, timeout=60)
-        run = log = None
-        if runs:
-            run = pool.submit(platform.flwr_json, "ls", CONNECTION, "--run-id", runs[-1]["flower_run_id"],
-                              timeout=60)
-            log = pool.submit(platform.fetch_run_log, runs[-1]["flower_run_id"])
-        try:
-            out["nodes"] = nodes.result().get("nodes", [])
-        except PlatformError as exc:
-            out["nodes_error"] = str(exc)
-        if run is not None and log is not None:
+    in_process = platform.cli_in_process
+    try:
+        from fedretain.compat.flower_cli import run_flwr  # noqa: F401  (the in-process CLI is installed)
+
+        platform.cli_in_process = True
+    except ImportError:
+        pass
+    try:
+        with ThreadPoolExecutor(max_workers=1 if platform.cli_in_process else 3) as pool:
+            nodes = pool.submit(platform.flwr_json, "supernode", "ls", CONNECTION, timeout=60)
+            run = log = None
+            if runs:
+                run = pool.submit(platform.flwr_json, "ls", CONNECTION, "--run-id", runs[-1]["flower_run_id"],
+                                  timeout=60)
+                log = pool.submit(platform.fetch_run_log, runs[-1]["flower_run_id"])
             try:
-                out["flower_run"] = (run.result().get("runs") or [None])[0]
+                out["nodes"] = nodes.result().get("nodes", [])
             except PlatformError as exc:
-                out["flower_run_error"] = str(exc)
-            saved = log.result()
-            out["server_log"] = str(saved) if saved else None
+                out["nodes_error"] = str(exc)
+            if run is not None and log is not None:
+                try:
+                    out["flower_run"] = (run.result().get("runs") or [None])[0]
+                except PlatformError as exc:
+                    out["flower_run_error"] = str(exc)
+                saved = log.result()
+                out["server_log"] = str(saved) if saved else None
+    finally:
+        platform.cli_in_process = in_process
 
 
 __all__ = ["platform_status"]

@@ -203,3 +203,23 @@ def test_server_run_needs_a_running_platform_and_says_how(tmp_path):
     assert "no platform is running" in r.output and "server start --config ... --no-run" in r.output
     r = CliRunner().invoke(main, ["server", "start", "--help"])
     assert "--no-run" in r.output and "node-wait-timeout" in r.output
+
+
+# -- server status speed: the flwr CLI in this process ------------------------------------------------
+def test_flwr_cli_in_process_answers_as_a_process_would_and_prints_nothing(tmp_path, capfd):
+    """`server status` asks the SuperLink through the flwr CLI in-process (Flower imported once, not
+    once per question); its JSON (which flwr writes "bypassing any redirection") must come back to
+    the caller, not leak to the operator's terminal."""
+    from fedretain.compat.flower_cli import run_flwr
+    from fedretain.procs import flower_env
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "fedretain"\n[superlink.fedretain]\n'
+                                      'address = "127.0.0.1:9"\ninsecure = true\n', encoding="utf-8")
+    res = run_flwr(["supernode", "ls", "fedretain", "--format", "json"], flower_env(home))
+    answer = json.loads(res.stdout)
+    assert answer["success"] is False and "SuperLink is unavailable" in answer["error-message"]
+    assert run_flwr(["--version"], flower_env(home)).stdout.startswith("Flower version: ")
+    leaked = capfd.readouterr()
+    assert "success" not in leaked.out and "Listing all nodes" not in leaked.out + leaked.err
