@@ -1,10 +1,11 @@
 """``fedretain client start``: run a merchant's node (Flower SuperNode + the fedretain ClientApp).
 
 Runs in the foreground (use a service manager to keep it up); Ctrl-C or SIGTERM stops
-the SuperNode too. Exit status: 0 after a requested stop; 2 when a check failed before
-connecting (data, consent ledger, key, certificate, or the platform refused a plain-text
-or unverifiable TLS connection); 3 when the SuperNode exited by itself, with a one-line
-reason (for example: the platform refused this node's key).
+the SuperNode too. Exit status (docs/DEPLOYMENT.md says the same): 0 after a requested
+stop; 2 when a check on this machine failed before connecting (data, consent ledger, key,
+or the platform's certificate does not verify against --root-cert); 3 when the platform
+refused this node, with a one-line reason (its key is not registered, or --insecure
+against a TLS platform / TLS against a plain-HTTP one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import click
 
 EXIT_SETUP = 2
+EXIT_REFUSED = 3  # = fedretain.clients.supervisor.EXIT_SUPERNODE_FAILED
 
 
 @click.group()
@@ -28,12 +30,14 @@ def client() -> None:
 @click.option("--consent-db", type=click.Path(path_type=Path, dir_okay=False),
               help="Consent ledger (default: SILO/.node/consent.db).")
 @click.option("--key", "key", type=click.Path(path_type=Path, dir_okay=False),
-              help="Node authentication private key (`fedretain certs node-key`).")
+              help="The platform node-auth private key (ECDSA, `fedretain certs node-key`); not the "
+                   "consent-ledger signing key.")
 @click.option("--root-cert", type=click.Path(path_type=Path, dir_okay=False),
               help="CA certificate that signed the platform's TLS certificate (default: system CAs).")
 @click.option("--insecure", is_flag=True, help="Plain HTTP without node authentication (local experiments only).")
 @click.option("--signing-key", type=click.Path(path_type=Path, dir_okay=False),
-              help="The node's consent-ledger signing key (default: SILO/.node/node_key.pem).")
+              help="The node's consent-ledger signing key (Ed25519; default: SILO/.node/node_key.pem); "
+                   "not the platform node-auth key.")
 @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Node state and logs (default: SILO/.node).")
 @click.option("--runtime-port", type=int, default=0, help="Local Runtime API port (default: a free one).")
@@ -50,7 +54,7 @@ def start(server: str, data: Path, consent_db: Path | None, key: Path | None, ro
           insecure: bool, signing_key: Path | None, state_dir: Path | None, runtime_port: int, executor: str,
           poll_interval: float, heartbeat_interval: float | None, max_wait: float | None) -> None:
     """Check the silo and consent ledger, then start the SuperNode and serve the platform's runs."""
-    from fedretain.clients.node_settings import NodeSettings, NodeSetupError
+    from fedretain.clients.node_settings import NodeSettings, NodeSetupError, PlatformRefused
     from fedretain.clients.supervisor import run_node
     from fedretain.compat import CompatError
 
@@ -65,6 +69,6 @@ def start(server: str, data: Path, consent_db: Path | None, key: Path | None, ro
         code = run_node(settings, echo=lambda m: click.echo(m, err=True))
     except (NodeSetupError, CompatError) as exc:
         click.echo(f"error: {exc}", err=True)
-        click.get_current_context().exit(EXIT_SETUP)
+        click.get_current_context().exit(EXIT_REFUSED if isinstance(exc, PlatformRefused) else EXIT_SETUP)
         return
     click.get_current_context().exit(code)

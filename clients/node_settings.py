@@ -25,6 +25,14 @@ class NodeSetupError(Exception):
     """The node cannot start: missing/invalid data, ledger, key or certificate."""
 
 
+class PlatformRefused(NodeSetupError):
+    """The platform refused this node's connection (``client start`` exits 3, as for a refused key).
+
+    Raised before the SuperNode starts when the platform's answer shows the two sides do
+    not match: ``--insecure`` against a TLS platform, or TLS against a plain-HTTP one.
+    """
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port), with a clear error."""
     host, sep, port = address.rpartition(":")

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedretain.clients.node_settings import NodeSettings, NodeSetupError, split_address
+from fedretain.clients.node_settings import NodeSettings, NodeSetupError, PlatformRefused, split_address
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def probe_server(settings: NodeSettings, timeout: float = 5.0) -> str:
         try:
             httpx.post(f"http://{settings.server}/v1/fleet/pull-messages", content=b"", timeout=timeout)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError) as exc:
-            raise NodeSetupError(
+            raise PlatformRefused(
                 f"the platform at {settings.server} refused the plain-text connection ({exc}): it serves TLS only. "
                 f"Start the node with --root-cert CA (and --key) instead of --insecure"
             ) from None
@@ -128,7 +128,7 @@ def probe_server(settings: NodeSettings, timeout: float = 5.0) -> str:
             f"({exc.verify_message}): check --root-cert and that the certificate names {host}"
         ) from None
     except (ssl.SSLError, OSError) as exc:
-        raise NodeSetupError(
+        raise PlatformRefused(
             f"TLS handshake with {settings.server} failed ({exc}): the platform may not serve TLS there"
         ) from None
     finally:

@@ -28,7 +28,7 @@ from fedretain.clients.node_settings import NodeSettings, NodeSetupError, write_
 from fedretain.clients.preflight import preflight, probe_server
 from fedretain.clients.warm_executor import WarmExecutor
 from fedretain.compat.flower import HEARTBEAT_DEFAULT_S, HEARTBEAT_PATIENCE, RECEIVING_MARKER, read_supernode_status
-from fedretain.procs import MissingTool, flower_env, flower_script, free_port, port_open, terminate
+from fedretain.procs import MissingTool, flower_env, flower_script, free_port, port_open, strip_ansi, terminate
 
 STOP_GRACE_S = 10.0
 EXIT_SUPERNODE_FAILED = 3
@@ -105,7 +105,7 @@ class _LogPump(threading.Thread):
             fh.write(f"===== fedretain node supervisor pid {os.getpid()}: SuperNode started "
                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} =====\n")
             for raw in iter(self.stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
+                line = strip_ansi(raw.decode("utf-8", "replace").rstrip("\n"))
                 fh.write(line + "\n")
                 fh.flush()
                 self.tail.append(line)
@@ -214,7 +214,8 @@ def run_node(settings: NodeSettings, echo: Callable[[str], None] = print) -> int
     if settings.executor == "warm":
         from importlib.metadata import version
 
-        executor = WarmExecutor("", app_ref=settings.app, fab_version=version("fedretain"), wake=threading.Event())
+        executor = WarmExecutor("", app_ref=settings.app, fab_version=version("fedretain"), wake=threading.Event(),
+                                progress=echo)
         executor.load()  # before connecting: the node is ready the moment it is listed
     port = settings.runtime_port or free_port()
     env = flower_env(settings.flwr_home)

@@ -41,7 +41,7 @@ class WarmExecutor:
 
     def __init__(self, runtime_address: str, *, app_ref: str = DEFAULT_APP, fab_id: str = DEFAULT_FAB_ID,
                  fab_version: str | None = None, poll_interval: float = 1.0, wake: threading.Event | None = None,
-                 fast_poll: float = 0.05) -> None:
+                 fast_poll: float = 0.05, progress: Callable[[str], None] | None = None) -> None:
         self.runtime_address = runtime_address
         self.app_ref = app_ref
         self.fab_id = fab_id
@@ -49,6 +49,7 @@ class WarmExecutor:
         self.poll_interval = poll_interval
         self.wake = wake
         self.fast_poll = fast_poll
+        self.progress = progress  # one console line per reply (round, examples used, ε spent)
         self.app: Any = None
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -125,7 +126,14 @@ class WarmExecutor:
 
     def _handle(self, message: Any, context: Any, run: Any, fab: Any) -> Any:
         self._check_fab(run, fab)
-        return self.app(message=message, context=context)
+        reply = self.app(message=message, context=context)
+        if self.progress is not None:
+            from fedretain.clients.round_progress import describe_reply
+
+            line = describe_reply(message, reply)
+            if line:
+                self.progress(line)
+        return reply
 
     def run_task(self, token: str) -> bool:
         """Pull one message, run the ClientApp on it, push the reply and the task status."""

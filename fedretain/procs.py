@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,14 @@ from typing import Any
 import psutil
 
 STOP_GRACE_S = 10.0
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal colour/control sequences: Flower colours its log lines, logs are read in editors."""
+    return _ANSI.sub("", text)
 
 
 class MissingTool(RuntimeError):
@@ -244,5 +253,5 @@ def terminate(proc: subprocess.Popen[Any], grace: float = STOP_GRACE_S, group: b
 
 __all__ = [
     "STOP_GRACE_S", "MissingTool", "ProcRef", "can_bind", "descendants", "flower_env", "flower_script", "free_port",
-    "port_open", "port_owner", "proc_start_time", "running", "stop_tree", "terminate",
+    "port_open", "port_owner", "proc_start_time", "running", "stop_tree", "strip_ansi", "terminate",
 ]

@@ -11,6 +11,7 @@ Production deployments point the server config at their own certificate files in
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -36,6 +37,7 @@ __all__ = [
     "load_node_public_key",
     "load_node_private_key",
     "public_key_fingerprint",
+    "fingerprint_file",
     "check_server_tls",
     "check_root_cert",
     "san_names",
@@ -279,13 +281,22 @@ def check_server_tls(ca_cert: str | os.PathLike[str], server_cert: str | os.Path
 
 # -- node authentication keys ------------------------------------------------------------
 def public_key_fingerprint(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> str:
-    """``SHA256:<hex>`` of the OpenSSH public key blob: safe to log, stable across formats."""
+    """``SHA256:<base64, no padding>`` of the OpenSSH key blob: the form ``ssh-keygen -lf`` prints.
+
+    Operators compare the fingerprint a merchant reads to them with ``ssh-keygen -lf FILE.pub``
+    or ``fedretain certs fingerprint FILE.pub``; both must print the same string.
+    """
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     blob = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return "SHA256:" + hashlib.sha256(blob.split()[1]).hexdigest()
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob.split()[1])).digest()).decode().rstrip("=")
 
 
-def create_node_key(out: str | os.PathLike[str], comment: str = "fedretain-node") -> NodeKeyPaths:
+def fingerprint_file(path: str | os.PathLike[str]) -> str:
+    """The fingerprint of a node-auth public key file (checked as :func:`load_node_public_key` does)."""
+    return public_key_fingerprint(load_node_public_key(path))
+
+
+def create_node_key(out: str | os.PathLike[str], comment: str = "fedretain-platform-node-auth") -> NodeKeyPaths:
     """Create an ECDSA P-384 key pair for Flower node authentication.
 
     Writes the private key to ``out`` (OpenSSH format, mode 0600) and the public key to
@@ -312,17 +323,36 @@ def _check_curve(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey, pa
         raise TLSError(f"{path}: EC curve {key.curve.name} is not a NIST curve (Flower needs P-256/384/521)")
 
 
+_LEDGER_KEY_HINT = ("this is not a platform node-auth key. A merchant has two keys: the consent-ledger "
+                    "signing key (Ed25519, SILO/.node/node_key.pem and node_key.pem.pub, stays with the ledger) and "
+                    "the platform node-auth key (ECDSA, OpenSSH format, made by `fedretain certs node-key`, "
+                    "comment fedretain-platform-node-auth); register the node-auth key's .pub")
+
+
 def load_node_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
-    """Load a node's OpenSSH public key as Flower will (EC on a NIST curve) or fail clearly."""
+    """Load a node's OpenSSH public key as Flower will (EC on a NIST curve) or fail clearly.
+
+    The consent-ledger key (an Ed25519 PEM ``node_key.pem.pub``) is the usual wrong file;
+    it is recognised and named so the operator knows which file to ask for.
+    """
     path = Path(path)
     data = _read(path, "node public key")
+    if b"PRIVATE KEY" in data:
+        raise TLSError(f"{path} is a PRIVATE key: never send or register it; {_LEDGER_KEY_HINT}")
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            pem = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            pem = None
+        kind = f"a PEM {type(pem).__name__.lstrip('_')}" if pem is not None else "a PEM file"
+        raise TLSError(f"{path} is {kind}, {_LEDGER_KEY_HINT}")
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise TLSError(f"{path} is not an OpenSSH public key: {exc}") from None
+        raise TLSError(f"{path} is not an OpenSSH public key ({exc}); {_LEDGER_KEY_HINT}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise TLSError(f"{path} holds a {type(key).__name__}; node authentication needs an ECDSA key "
-                       f"(create one with `fedretain certs node-key`)")
+        raise TLSError(f"{path} holds a {type(key).__name__.lstrip('_')}: node authentication needs an ECDSA key; "
+                       f"{_LEDGER_KEY_HINT}")
     _check_curve(key, path)
     return key
 

@@ -1,4 +1,4 @@
-"""``fedretain server start|status|stop|register-key`` and ``fedretain certs init|node-key``.
+"""``fedretain server start|run|status|stop|register-key`` and ``fedretain certs init|node-key|fingerprint``.
 
 The platform operator's commands. ``server start`` runs in the background by default
 (the SuperLink keeps running after the command returns; ``server stop`` ends it) or,
@@ -42,19 +42,38 @@ def server() -> None:
 @click.option("--run-id", default=None, help="Run id (default: [run] run-id, the last run when resuming, or new).")
 @click.option("--insecure", is_flag=True, help="Plain HTTP, no node authentication (local experiments only).")
 @click.option("--timeout", type=float, default=None, help="With --foreground: give up after this many seconds.")
+@click.option("--no-run", "no_run", is_flag=True,
+              help="Start the platform only; submit a run later with `fedretain server run` (merchants can connect "
+                   "first: a submitted run waits only [run] node-wait-timeout seconds for them).")
 def start(config: Path, foreground: bool, resume: bool, run_id: str | None, insecure: bool,
-          timeout: float | None) -> None:
-    """Start the SuperLink, register merchant keys and submit the training run."""
-    from fedretain.server.deploy import PlatformError, stop_signal_handlers
+          timeout: float | None, no_run: bool) -> None:
+    """Start the SuperLink, register merchant keys and submit the training run (unless --no-run).
+
+    The run waits [run] node-wait-timeout seconds for min-nodes merchants, then fails: start
+    with --no-run and submit with `fedretain server run` once the merchants are online.
+    """
+    from fedretain.server.deploy import PlatformError
 
     if insecure:
         click.echo("WARNING: --insecure: nothing is encrypted and any node may join.", err=True)
     try:
         platform = _platform(config, insecure)
-        platform.start(resume=resume, run_id=run_id, echo=click.echo)
+        platform.start(resume=resume, run_id=run_id, echo=click.echo, submit=not no_run)
     except PlatformError as exc:
         _fail(exc)
         return
+    if no_run:
+        if foreground:
+            click.echo("--foreground is ignored with --no-run: nothing to follow yet", err=True)
+        click.echo(f"platform running without a run; `fedretain server status --config {config}` shows who is "
+                   f"online, `fedretain server run --config {config}` submits the run")
+        return
+    _follow(platform, config, foreground, timeout)
+
+
+def _follow(platform, config: Path, foreground: bool, timeout: float | None) -> None:
+    from fedretain.server.deploy import stop_signal_handlers
+
     if not foreground:
         click.echo(f"running in the background; `fedretain server status --config {config}` to follow, "
                    f"`fedretain server stop --config {config}` to stop")
@@ -68,6 +87,37 @@ def start(config: Path, foreground: bool, resume: bool, run_id: str | None, inse
     click.get_current_context().exit(EXIT_OK if status == "completed" else EXIT_RUN_FAILED)
 
 
+@server.command("run")
+@click.option("--config", "config", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--resume", is_flag=True, help="Resume the last run from its newest checkpoint.")
+@click.option("--run-id", default=None, help="Run id (default: [run] run-id, the last run when resuming, or new).")
+@click.option("--foreground", is_flag=True, help="Follow the run until it ends (the platform keeps running).")
+@click.option("--timeout", type=float, default=None, help="With --foreground: give up after this many seconds.")
+def run(config: Path, resume: bool, run_id: str | None, foreground: bool, timeout: float | None) -> None:
+    """Submit a training run to a platform that is already running (`server start --no-run`)."""
+    from fedretain.server.deploy import PlatformError
+
+    try:
+        platform = _platform(config, _started_insecure(config))
+        platform.submit_run(resume=resume, run_id=run_id, echo=click.echo)
+    except PlatformError as exc:
+        _fail(exc)
+        return
+    if not foreground:
+        click.echo(f"`fedretain server status --config {config}` to follow")
+        return
+    status = platform.wait(timeout=timeout, echo=click.echo)
+    click.echo(f"run {status}")
+    click.get_current_context().exit(EXIT_OK if status == "completed" else EXIT_RUN_FAILED)
+
+
+def _started_insecure(config: Path) -> bool:
+    """Was the running platform started with --insecure (its connection must match)?"""
+    from fedretain.server.deploy import Platform, PlatformConfig
+
+    return bool((Platform(PlatformConfig.load(config)).read_state() or {}).get("insecure"))
+
+
 @server.command("status")
 @click.option("--config", "config", required=True, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -76,7 +126,7 @@ def status(config: Path, as_json: bool) -> None:
     from fedretain.server.deploy import PlatformError, format_round
 
     try:
-        info = _platform(config).status()
+        info = _platform(config).status(progress=lambda m: click.echo(m, err=True))
     except PlatformError as exc:
         _fail(exc)
         return
@@ -94,7 +144,7 @@ def status(config: Path, as_json: bool) -> None:
         online = [n for n in info["nodes"] if str(n.get("status", "")).lower() == "online"]
         click.echo(f"nodes: {len(online)} online of {len(info['nodes'])} registered")
         for n in info["nodes"]:
-            click.echo(f"  {n.get('node-id')}  {n.get('status')}  {n.get('name') or n.get('owner-name') or ''}")
+            click.echo(f"  {n.get('node-id')}  {n.get('status')}  {n.get('merchant')}")
     elif info.get("nodes_error"):
         click.echo(f"nodes: unknown ({info['nodes_error']})")
     run = info.get("run")
@@ -125,13 +175,23 @@ def stop(config: Path, grace: float) -> None:
 
 @server.command("register-key")
 @click.option("--config", "config", required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("public_key", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("public_key", type=click.Path(path_type=Path, dir_okay=False, exists=True, resolve_path=True))
 def register_key(config: Path, public_key: Path) -> None:
-    """Register one more merchant public key with the running platform."""
+    """Register one more merchant's platform node-auth key (the ECDSA `.pub` from `certs node-key`).
+
+    Not the consent-ledger key (SILO/.node/node_key.pem.pub). Check the fingerprint the
+    merchant read to you first: `fedretain certs fingerprint FILE.pub`.
+    """
+    from fedretain import tls
     from fedretain.server.deploy import PlatformError
 
     try:
-        platform = _platform(config)
+        tls.fingerprint_file(public_key)  # the wrong key (e.g. the consent-ledger key) is named before anything
+    except tls.TLSError as exc:
+        _fail(exc)
+        return
+    try:
+        platform = _platform(config, _started_insecure(config))
         if platform.running() is None:
             raise PlatformError("the platform is not running; add the key to the node-keys folder instead")
         click.echo(platform.register_key(public_key))
@@ -168,9 +228,14 @@ def certs_init(out: Path, hosts: tuple[str, ...], days: int) -> None:
 @certs.command("node-key")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Private key file; the public key goes to OUT.pub.")
-@click.option("--comment", default="fedretain-node", show_default=True)
+@click.option("--comment", default="fedretain-platform-node-auth", show_default=True,
+              help="Key comment; the platform shows it as the merchant's name (e.g. shop_a-platform-node-auth).")
 def certs_node_key(out: Path, comment: str) -> None:
-    """Create a merchant node's authentication key pair (ECDSA P-384, OpenSSH format)."""
+    """Create a merchant node's PLATFORM node-auth key pair (ECDSA P-384, OpenSSH format).
+
+    Not the consent-ledger signing key (Ed25519, SILO/.node/node_key.pem, made by
+    `fedretain consent init`): this one authenticates the node to the platform.
+    """
     from fedretain import tls
 
     try:
@@ -180,4 +245,18 @@ def certs_node_key(out: Path, comment: str) -> None:
         return
     click.echo(f"private key: {paths.private_key}   (stays on the merchant's machine; mode 0600)")
     click.echo(f"public key:  {paths.public_key}   (send to the platform: its node-keys folder)")
-    click.echo(f"fingerprint: {paths.fingerprint}")
+    click.echo(f"fingerprint: {paths.fingerprint}   (read it to the platform operator; same as `ssh-keygen -lf`)")
+
+
+@certs.command("fingerprint")
+@click.argument("public_key", type=click.Path(path_type=Path, dir_okay=False))
+def certs_fingerprint(public_key: Path) -> None:
+    """Show a platform node-auth `.pub` file's fingerprint (as `ssh-keygen -lf` prints it) before registering it."""
+    from fedretain import tls
+
+    try:
+        fp = tls.fingerprint_file(public_key)
+    except tls.TLSError as exc:
+        _fail(exc)
+        return
+    click.echo(f"{fp}  {public_key}")

@@ -42,6 +42,7 @@ from fedretain.procs import (
     port_open,
     port_owner,
     stop_tree,
+    strip_ansi,
 )
 from fedretain.server.platform_config import (
     DEFAULT_PORT,
@@ -50,9 +51,9 @@ from fedretain.server.platform_config import (
     build_run_config,
     project_dir,
 )
+from fedretain.server.platform_keys import CONNECTION, key_name, node_merchant, register_args
 from fedretain.server.run_progress import format_round, record_run_id, run_progress
 
-CONNECTION = "fedretain"
 STATE_FILE = "platform.json"
 STOP_GRACE_S = 10.0
 CLI_TIMEOUT_S = 120.0
@@ -60,6 +61,14 @@ CLI_TIMEOUT_S = 120.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_log(path: Path, text: str) -> Path:
+    """Write a run log atomically, without ANSI colour codes (logs are read in editors and greps)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(strip_ansi(text), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _script(name: str) -> str:
@@ -79,6 +88,7 @@ class Platform:
         self.flwr_home = self.state / "flwr-home"
         self.log_dir = self.state / "logs"
         self.state_file = self.state / STATE_FILE
+        self.cli_in_process = False  # run `flwr` commands in this process (see fedretain.compat.flower_cli)
 
     # -- helpers ---------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -104,6 +114,11 @@ class Platform:
         """Run the ``flwr`` CLI against this platform's connection."""
         if not (self.flwr_home / "config.toml").is_file():
             self.write_connection()
+        if self.cli_in_process:  # `server status`: import Flower once, not once per question
+            from fedretain.compat.flower_cli import run_flwr
+
+            res = run_flwr(args, self.env())
+            return subprocess.CompletedProcess(["flwr", *args], res.returncode, res.stdout, res.stderr)
         return subprocess.run([_script("flwr"), *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL, cwd=self.state)
 
@@ -201,8 +216,8 @@ class Platform:
 
     # -- start -----------------------------------------------------------------------------
     def start(self, *, resume: bool = False, run_id: str | None = None,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-        """Start the SuperLink, register node keys, submit the run; return the saved state."""
+              echo: Callable[[str], None] = print, submit: bool = True) -> dict[str, Any]:
+        """Start the SuperLink, register node keys, submit the run (unless ``submit`` is False)."""
         if self.running():
             raise PlatformError(f"a platform from {self.state} is already running (see `fedretain server status`; "
                                 f"stop it with `fedretain server stop`)")
@@ -243,7 +258,11 @@ class Platform:
             if state["auth"]:
                 for key in self.node_key_files():
                     echo(self.register_key(key))
+            if not submit:
+                echo("no run submitted (--no-run); submit one with `fedretain server run --config ...`")
+                return self.read_state() or state
             submitted = self.submit(project, run_config)
+            state = self.read_state() or state
             state["runs"].append(submitted)
             self.write_state(state)
             echo(f"submitted run {submitted['run_id']} (Flower run {submitted['flower_run_id']}); "
@@ -268,21 +287,60 @@ class Platform:
                             f"(see {log_path})")
 
     def register_key(self, key: Path) -> str:
-        """Register one merchant public key; an already registered key is fine."""
+        """Register one merchant public key; an already registered key is fine.
+
+        ``key`` is resolved against the caller's working directory: ``flwr`` runs in the
+        state folder, where a relative path would name another (usually missing) file.
+        The node id is remembered with the key's name in ``platform.json`` so that
+        ``server status`` can say which merchant each node is.
+        """
         from fedretain import tls
 
-        fp = tls.public_key_fingerprint(tls.load_node_public_key(key))
-        res = self.flwr("supernode", "register", str(key), CONNECTION, "--name", key.stem, "--format", "json")
+        key = Path(key).expanduser().resolve()
+        try:
+            fp = tls.fingerprint_file(key)
+        except tls.TLSError as exc:
+            raise PlatformError(f"node key: {exc}") from None
+        res = self.flwr(*register_args(key))
         try:
             out = json.loads(res.stdout)
         except json.JSONDecodeError:
             out = {"success": False, "error-message": (res.stderr or res.stdout).strip()[-300:]}
         if out.get("success"):
+            self._remember_node(str(out.get("node-id")), key, fp)
             return f"registered node key {key.name} ({fp}) as SuperNode {out.get('node-id')}"
         message = str(out.get("error-message", out))
         if "already" in message.lower():
             return f"node key {key.name} ({fp}) was already registered"
         raise PlatformError(f"registering node key {key}: {message}")
+
+    def _remember_node(self, node_id: str, key: Path, fingerprint: str) -> None:
+        state = self.read_state()
+        if state is None:
+            return
+        state.setdefault("node_keys", {})[node_id] = {"name": key_name(key), "file": str(key),
+                                                      "fingerprint": fingerprint}
+        self.write_state(state)
+
+    def submit_run(self, *, resume: bool = False, run_id: str | None = None,
+                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+        """Submit a training run to this already running platform (``fedretain server run``)."""
+        if self.running() is None:
+            raise PlatformError(f"no platform is running from {self.state}; start it with "
+                                f"`fedretain server start --config ... --no-run` first")
+        project = project_dir(self.config.project_dir)
+        state = self.read_state() or {}
+        if resume and not run_id:
+            run_id = (state.get("runs") or [{}])[-1].get("run_id")
+        run_id = run_id or self.config.run.get("run-id") or uuid.uuid4().hex[:12]
+        run_config = build_run_config(self.config, project, resume=resume, run_id=run_id)
+        submitted = self.submit(project, run_config)
+        state = self.read_state() or state
+        state.setdefault("runs", []).append(submitted)
+        self.write_state(state)
+        echo(f"submitted run {submitted['run_id']} (Flower run {submitted['flower_run_id']}); "
+             f"record and checkpoints in {submitted['out_dir']}")
+        return submitted
 
     def submit(self, project: Path, run_config: dict[str, Any]) -> dict[str, Any]:
         """``flwr run`` the fedretain app with ``run_config`` (written to a TOML file first)."""
@@ -312,41 +370,14 @@ class Platform:
             return None
         if res.returncode != 0 or not res.stdout.strip():
             return None
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(res.stdout, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_run_log(path, res.stdout)
 
     # -- status / wait / stop --------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """Processes, connected nodes, the current run and its progress (from run.json)."""
-        state = self.read_state()
-        if state is None:
-            return {"running": False, "state_dir": str(self.state), "message": "no platform was started here"}
-        link = self.running()
-        out: dict[str, Any] = {
-            "running": link is not None, "state_dir": str(self.state), "address": state.get("address"),
-            "insecure": state.get("insecure"), "auth": state.get("auth"),
-            "processes": [{**p.as_dict(), "alive": p.alive()} for p in self.processes(state)],
-            "nodes": None, "flower_run": None, "run": None,
-        }
-        runs = state.get("runs") or []
-        if link is not None:
-            try:
-                out["nodes"] = self.flwr_json("supernode", "ls", CONNECTION, timeout=60).get("nodes", [])
-            except PlatformError as exc:
-                out["nodes_error"] = str(exc)
-            if runs:
-                try:
-                    found = self.flwr_json("ls", CONNECTION, "--run-id", runs[-1]["flower_run_id"], timeout=60)
-                    out["flower_run"] = (found.get("runs") or [None])[0]
-                except PlatformError as exc:
-                    out["flower_run_error"] = str(exc)
-                log = self.fetch_run_log(runs[-1]["flower_run_id"])
-                out["server_log"] = str(log) if log else None
-        if runs:
-            out["run"] = {**runs[-1], **run_progress(Path(runs[-1]["out_dir"]))}
-        return out
+    def status(self, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+        """Processes, connected nodes (with the merchant each is), the current run and its progress."""
+        from fedretain.server.platform_status import platform_status
+
+        return platform_status(self, progress)
 
     def wait(self, *, timeout: float | None = None, echo: Callable[[str], None] = print,
              poll: float = 1.0) -> str:
@@ -409,6 +440,7 @@ def stop_signal_handlers(on_stop: Callable[[], None]) -> dict[int, Any]:
 
 
 __all__ = [
+    "node_merchant", "register_args", "write_run_log", "key_name",
     "CONNECTION", "DEFAULT_PORT", "Platform", "PlatformConfig", "PlatformError", "format_round", "run_progress",
     "stop_signal_handlers",
 ]

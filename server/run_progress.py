@@ -22,12 +22,16 @@ def run_progress(out_dir: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     done = [r for r in data.get("rounds", []) if r.get("status") == "completed"]
+    merchant_nodes = {str(n["merchant_id"]): {"node_id": str(n.get("node_id"))}
+                      for r in data.get("rounds", []) for n in r.get("nodes", [])
+                      if n.get("merchant_id") and n.get("node_id") is not None}
     return {
         "status": data.get("status"), "updated": data.get("updated", ""), "error": data.get("error"),
         "rounds_total": data.get("config", {}).get("rounds"), "rounds_done": done,
         "last_round": done[-1]["round"] if done else 0,
         "merchants": {k: v.get("rounds") for k, v in data.get("merchants", {}).items()},
         "events": [e.get("kind") for e in data.get("events", [])],
+        "merchant_nodes": merchant_nodes,
     }
 
 

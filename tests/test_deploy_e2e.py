@@ -104,6 +104,8 @@ def test_three_rounds_with_tls_and_node_auth(tls_run):
         out = dep.nodes[i].output()
         assert "TLS to 127.0.0.1" in out and "verified" in out
         assert "connected to the platform as SuperNode" in out
+        # the merchant sees each round on the console, not only in the node log
+        assert re.search(r"round 3/3 train, [\d,]+ examples used, ", out), out[-2000:]
 
 
 def test_status_lists_nodes_and_rounds(tls_run):
@@ -118,6 +120,30 @@ def test_status_lists_nodes_and_rounds(tls_run):
     assert "nodes: 3 online of 3 registered" in res.output
     assert "3/3 rounds done" in res.output and "round 3/3: 3 merchant(s)" in res.output
     assert (dep.workspace / "platform" / "logs" / "superlink.log").stat().st_size > 0
+    # each node is named: the registered key (comment) and the merchant id it reported
+    for silo in dep.silos:
+        assert re.search(rf"online\s+key {silo.name} \(SHA256:[A-Za-z0-9+/]+\); merchant {silo.name}\b",
+                         res.output), res.output
+    assert " none" not in res.output
+    # the ServerApp's log saved by `status` carries no colour codes
+    run_logs = list((dep.workspace / "platform" / "logs").glob("run-*.log"))
+    assert run_logs and all(b"\x1b" not in p.read_bytes() for p in run_logs)
+    assert b"\x1b" not in (dep.silos[0] / ".node" / "logs" / "supernode.log").read_bytes()
+
+
+def test_register_key_with_a_relative_path(tls_run, tmp_path, monkeypatch):
+    """DEPLOYMENT.md: `fedretain server register-key --config ... new_shop.pub`, typed in the operator's folder."""
+    from click.testing import CliRunner
+
+    from fedretain import tls
+    from fedretain.cli import main
+
+    dep, _ = tls_run
+    new = tls.create_node_key(tmp_path / "new_shop", "new_shop-platform-node-auth")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["server", "register-key", "--config", str(dep.config_path), "new_shop.pub"])
+    assert res.exit_code == 0, res.output
+    assert f"registered node key new_shop.pub ({new.fingerprint}) as SuperNode" in res.output
 
 
 def test_no_private_key_in_any_log(tls_run):
@@ -137,6 +163,8 @@ def test_unregistered_key_is_refused(tls_run, tmp_path):
 
     dep, _ = tls_run
     stranger = tls.create_node_key(tmp_path / "stranger").private_key
+    (tmp_path / "state").mkdir()  # a separate state dir needs the node's ledger-key pin (node.json)
+    shutil.copy(dep.silos[0] / ".node" / "node.json", tmp_path / "state" / "node.json")
     node = dep.start_node(0, key=stranger, extra=("--state-dir", str(tmp_path / "state"),
                                                   "--consent-db", str(dep.silos[0] / ".node" / "consent.db")))
     assert node.proc.wait(120) == 3
@@ -147,9 +175,11 @@ def test_unregistered_key_is_refused(tls_run, tmp_path):
 
 def test_plain_text_node_is_refused_by_tls_server(tls_run, tmp_path):
     dep, _ = tls_run
+    (tmp_path / "state").mkdir()  # a separate state dir needs the node's ledger-key pin (node.json)
+    shutil.copy(dep.silos[1] / ".node" / "node.json", tmp_path / "state" / "node.json")
     node = dep.start_node(1, insecure=True, extra=("--state-dir", str(tmp_path / "state"),
                                                    "--consent-db", str(dep.silos[1] / ".node" / "consent.db")))
-    assert node.proc.wait(60) == 2
+    assert node.proc.wait(60) == 3  # the platform refused the plain-text connection
     out = node.output()
     assert "refused the plain-text connection" in out
     assert "Server disconnected without sending a response" in out
