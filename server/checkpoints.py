@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 from fedretain.models import ModelBundle
@@ -17,7 +19,10 @@ def checkpoint_path(out_dir: Path, server_round: int) -> Path:
 def save_checkpoint(out_dir: Path, server_round: int, bundle: ModelBundle) -> Path:
     path = bundle.save(checkpoint_path(out_dir, server_round))
     final = Path(out_dir) / "model.pt"
-    bundle.save(final)  # the newest global model, for `fedretain score`
+    # the newest global model, for `fedretain score`: a byte copy, so it has the round's model_sha256
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, final)
     return path
 
 

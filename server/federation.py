@@ -10,6 +10,7 @@ adds exactly those duties around them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -34,6 +35,15 @@ from fedretain.server.witness_grid import witnessed
 from fedretain.transforms import TRANSFORM_ID, public_standardizer
 
 log = logging.getLogger("fedretain.server")
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file: how a run record, an officer and a node name one model exactly."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class RunAborted(RuntimeError):
@@ -248,6 +258,7 @@ class FederatedTraining:
             feature_names=self.columns,
             standardizer=scaler,
             hidden=self.settings.hidden,
+            kind=self.settings.model,
             meta={
                 "run_id": self.settings.run_id, "round": server_round, "purpose": self.settings.purpose,
                 "horizon_days": self.settings.horizon_days, "created": now_iso(),
@@ -258,21 +269,34 @@ class FederatedTraining:
     def run(self) -> RunRecord:
         s = self.settings
         record, arrays, scaler, first = self._start_or_resume()
-        train_cfg = ConfigRecord({
-            **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
-            "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,
-        })
-        eval_cfg = ConfigRecord(self.base_config())
-        # DP modes release one evaluation (of the final model): each release costs ε
-        every_round = s.dp_mode == "none"
-        unevaluated = self._unevaluated_round(record, first) if every_round else None
+        # everything that can fail from here on (the settings' budget split, the wait for nodes, the
+        # first exchange) is inside the tracked run: the record ends `failed` with the reason
         with progress.tracked_run(record, s.rounds, first, self.out_dir / "model.pt"):
+            if not record.data.get("standardization"):
+                record.data["standardization"] = self.standardization_record()
+            train_cfg = ConfigRecord({
+                **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
+                "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,
+            })
+            eval_cfg = ConfigRecord(self.base_config())
+            # DP modes release one evaluation (of the final model): each release costs ε
+            every_round = s.dp_mode == "none"
+            unevaluated = self._unevaluated_round(record, first) if every_round else None
+            record.event("waiting_for_nodes", minimum=s.min_nodes, timeout_s=s.node_wait_timeout)
+            self.wait_for_nodes(s.min_nodes)
             for rnd in range(first, s.rounds + 1):
                 arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg, unevaluated)
                 unevaluated = rnd if every_round or rnd == s.rounds else None
             if unevaluated:
                 self._final_evaluation(record, unevaluated, arrays, eval_cfg)
+            self._deliver(record)
         return record
+
+    def _deliver(self, record: RunRecord) -> None:
+        """Send the final global model to every participating node (``fedretain.server.delivery``)."""
+        from fedretain.server.delivery import deliver_final_model
+
+        deliver_final_model(self.grid, record, self.out_dir / "model.pt", self.settings)
 
     @staticmethod
     def _unevaluated_round(record: RunRecord, first: int) -> int | None:
@@ -297,7 +321,6 @@ class FederatedTraining:
         record = RunRecord.create(self.out_dir, s.run_id, s.as_dict())
         scaler = self.input_transform()
         record.data["feature_columns"] = self.columns
-        record.data["standardization"] = self.standardization_record()
         torch.manual_seed(s.seed)
         model = make_model(s.model, len(self.columns), s.hidden, s.prior_rate)
         record.save()
@@ -346,6 +369,7 @@ class FederatedTraining:
             "evaluate": {},  # filled when the next exchange (or the final evaluation) brings it
             "nodes": [r.as_dict() for r in train_info],
             "checkpoint": str(ckpt),
+            "model_sha256": sha256_file(ckpt),  # what the officer's erasure-impact view names the model by
         }
         record.add_round(entry)
         progress.notify("on_round_trained", entry)

@@ -42,7 +42,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.server import progress
 from fedretain.server.checkpoints import save_checkpoint
-from fedretain.server.federation import FederatedTraining, RunAborted, evaluation_metrics, train_epsilon
+from fedretain.server.federation import (FederatedTraining, RunAborted, evaluation_metrics, sha256_file,
+                                        train_epsilon)
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 
@@ -160,7 +161,8 @@ class _RecordedStrategy(LegacyFedAvg):
     def _finish_round(self, server_round: int, evaluate: dict[str, Any], eval_nodes: list[dict[str, Any]]) -> None:
         bundle = self.run.bundle(self._arrayrecord(), self.scaler, server_round)
         ckpt = save_checkpoint(self.run.out_dir, server_round, bundle)
-        entry = {**self._round, "finished": now_iso(), "evaluate": evaluate, "checkpoint": str(ckpt)}
+        entry = {**self._round, "finished": now_iso(), "evaluate": evaluate, "checkpoint": str(ckpt),
+                 "model_sha256": sha256_file(ckpt)}
         entry["nodes"] = entry.get("nodes", []) + eval_nodes
         self.record.add_round(entry)
         progress.notify("on_round", entry)
