@@ -239,7 +239,23 @@ class FederatedTraining:
             "total-rounds": int(s.rounds),
             "dp-accountant": str(s.extra.get("dp-accountant", "rdp")),
             "dp-clipping": str(s.extra.get("dp-clipping", "bk")),
+            "max-merchants-per-person": int(s.max_merchants_per_person),
+            "person-epsilon-cap": float(s.person_epsilon_cap),
         }
+
+    def person_level_record(self) -> dict[str, Any] | None:
+        """What the run record says about a person present at several merchants (local DP mode).
+
+        Each node's plan (σ, q) depends on its own number of users, which it does not send, so the
+        server cannot compute the person-level table of a local-mode run; every node checks the cap
+        itself before reserving budget (``DPTrainer.fit`` → ``fedretain.privacy.person.check_person_cap``)."""
+        s = self.settings
+        if s.dp_mode != "local":
+            return None
+        return {"max_merchants_per_person": int(s.max_merchants_per_person),
+                "person_epsilon_cap": float(s.person_epsilon_cap), "table": None,
+                "enforced_by": "each node's DP trainer, before it reserves budget (fedretain.privacy.person)",
+                "why_no_table": "local plans depend on each node's private user count, which is not sent"}
 
     def input_transform(self) -> Standardizer:
         """The public input transform (``fedretain.transforms``): nothing is asked of the nodes."""
@@ -274,6 +290,8 @@ class FederatedTraining:
         with progress.tracked_run(record, s.rounds, first, self.out_dir / "model.pt"):
             if not record.data.get("standardization"):
                 record.data["standardization"] = self.standardization_record()
+            if (person := self.person_level_record()) is not None:
+                record.data["person_level"] = person
             train_cfg = ConfigRecord({
                 **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
                 "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,

@@ -118,6 +118,23 @@ def decode_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v for k, v in metrics.items()}
 
 
+def aggregate_person_level(plan: Any, settings: RunSettings, population: int) -> dict[str, Any]:
+    """Person-level ε of an aggregate plan (``fedretain.privacy.person``): refuse above the cap, else the table.
+
+    The server decides aggregate mode's mechanism (σ, q, steps), so it can account for a person
+    present at up to k merchants itself, before any node is asked to contribute."""
+    from fedretain.privacy.budget import RunPlan
+    from fedretain.privacy.person import check_person_cap, person_table
+
+    run_plan = RunPlan(run_id=settings.run_id, purpose=settings.purpose, mode="aggregate", accountant=plan.accountant,
+                       epsilon=plan.target_epsilon, delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+                       sample_rate=plan.sample_rate, planned_steps=plan.rounds, n_records=population)
+    k, cap = settings.max_merchants_per_person, settings.person_epsilon_cap
+    eps = check_person_cap(run_plan, k, cap, where="aggregate plan")
+    return {"max_merchants_per_person": k, "person_epsilon_cap": cap, "person_epsilon": eps,
+            "table": [row.as_dict() for row in person_table(run_plan)]}
+
+
 class _RecordedStrategy(LegacyFedAvg):
     """Legacy FedAvg plumbing shared by both strategies: configs, run record, checkpoints."""
 
@@ -247,6 +264,8 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         scaler = run.input_transform()
         record.data["feature_columns"] = run.columns
         record.data["standardization"] = run.standardization_record()
+        if (person := run.person_level_record()) is not None:
+            record.data["person_level"] = person
         torch.manual_seed(settings.seed)
         model = RetentionNet(len(run.columns), settings.hidden)
         n_nodes = len(run.wait_for_nodes(settings.min_nodes))
@@ -263,6 +282,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
                                   settings.rounds, settings.max_grad_norm, fit_config["dp-accountant"])
             fit_config.update(plan.to_config())
             record.data["aggregate_plan"] = plan.to_config()
+            record.data["person_level"] = aggregate_person_level(plan, settings, declared_population(settings))
             strategy: _RecordedStrategy = AggregateDPSGD(
                 **common, plan=plan,
                 server_learning_rate=float(extra(settings, "server-learning-rate", settings.learning_rate)))

@@ -129,3 +129,21 @@ def test_participants_are_the_nodes_that_trained(tmp_path):
         {"node_id": 9, "merchant_id": "m9", "phase": "evaluate", "error": None}]})
     assert participants(rec) == {7: "m7"}
 
+
+
+def test_aggregate_plan_over_the_person_cap_fails_the_run_and_the_table_is_recorded(tmp_path):
+    from fedretain.privacy.aggregate import plan_aggregate
+    from fedretain.privacy.person import PersonCapExceeded
+    from fedretain.server.secagg import aggregate_person_level
+
+    settings = RunSettings(dp_mode="aggregate", rounds=5, target_epsilon=3.0, out_dir=str(tmp_path), run_id="agg",
+                           max_merchants_per_person=5, person_epsilon_cap=1e6)
+    plan = plan_aggregate(2.7, 0.0, 20000, 512.0, settings.rounds, settings.max_grad_norm, "rdp")
+    shown = aggregate_person_level(plan, settings, 20000)
+    assert [r["k"] for r in shown["table"]] == [1, 2, 5]
+    assert shown["table"][0]["person_epsilon"] <= 2.7 + 1e-6 < shown["table"][2]["person_epsilon"]
+    assert shown["person_epsilon"] == shown["table"][2]["person_epsilon"]
+    tight = RunSettings(dp_mode="aggregate", rounds=5, target_epsilon=3.0, out_dir=str(tmp_path), run_id="agg",
+                        max_merchants_per_person=5, person_epsilon_cap=shown["table"][1]["person_epsilon"])
+    with pytest.raises(PersonCapExceeded, match="aggregate plan"):
+        aggregate_person_level(plan, tight, 20000)
