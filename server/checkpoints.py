@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -35,3 +36,12 @@ def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
         (int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))
     )
     return found[-1] if found else None
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file: how a run record, an officer and a node name one model exactly."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

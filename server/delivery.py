@@ -15,6 +15,7 @@ the record says which merchant has no copy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from flwr.serverapp import Grid
 
 from fedretain.models import ModelBundle
 from fedretain.protocol import DELIVER_ACTION, DELIVERY_RECORD
+from fedretain.server.checkpoints import sha256_file
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 
@@ -51,10 +53,11 @@ def delivery_config(model_file: Path, digest: str, settings: RunSettings) -> Con
     })
 
 
-def deliver_final_model(grid: Grid, record: RunRecord, model_file: Path, settings: RunSettings) -> dict[str, Any]:
-    """Send ``model_file`` to every participating node that is connected; record who acknowledged it."""
-    from fedretain.server.federation import send_and_receive, sha256_file  # late: federation imports this module
+def deliver_final_model(grid: Grid, record: RunRecord, model_file: Path, settings: RunSettings,
+                        send_and_receive: Callable[[Grid, list[Message], float], list[Message]]) -> dict[str, Any]:
+    """Send ``model_file`` to every participating node that is connected; record who acknowledged it.
 
+    ``send_and_receive`` is the round loop's exchange (``federation.send_and_receive``)."""
     digest = sha256_file(model_file)
     config = delivery_config(model_file, digest, settings)
     nodes = participants(record)

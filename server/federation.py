@@ -10,7 +10,6 @@ adds exactly those duties around them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -28,22 +27,13 @@ from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, pooled_metrics
 from fedretain.models import ModelBundle, RetentionNet, Standardizer, make_model
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
-from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
+from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint, sha256_file
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 from fedretain.server.witness_grid import witnessed
 from fedretain.transforms import TRANSFORM_ID, public_standardizer
 
 log = logging.getLogger("fedretain.server")
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file: how a run record, an officer and a node name one model exactly."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class RunAborted(RuntimeError):
@@ -314,7 +304,7 @@ class FederatedTraining:
         """Send the final global model to every participating node (``fedretain.server.delivery``)."""
         from fedretain.server.delivery import deliver_final_model
 
-        deliver_final_model(self.grid, record, self.out_dir / "model.pt", self.settings)
+        deliver_final_model(self.grid, record, self.out_dir / "model.pt", self.settings, send_and_receive)
 
     @staticmethod
     def _unevaluated_round(record: RunRecord, first: int) -> int | None:

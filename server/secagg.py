@@ -42,8 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.server import progress
 from fedretain.server.checkpoints import save_checkpoint
-from fedretain.server.federation import (FederatedTraining, RunAborted, evaluation_metrics, sha256_file,
-                                        train_epsilon)
+from fedretain.server.federation import FederatedTraining, RunAborted, evaluation_metrics, sha256_file, train_epsilon
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 

@@ -59,9 +59,9 @@ def test_a_budget_split_error_also_ends_the_run_failed(tmp_path):
 @pytest.fixture()
 def final_model(tmp_path):
     """A run's final model file as the server writes it (round 3 checkpoint, copied to model.pt)."""
-    from fedretain.server.checkpoints import save_checkpoint
     from fedretain.models import make_model
     from fedretain.protocol import model_arrays
+    from fedretain.server.checkpoints import save_checkpoint
 
     settings = RunSettings(rounds=3, out_dir=str(tmp_path / "run"), run_id="run-a")
     run = FederatedTraining(EmptyGrid(), settings, build_strategy(settings))
