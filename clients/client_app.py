@@ -30,6 +30,7 @@ from fedretain.consent.vocab import SCOPES
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.clients.training import make_trainer
 from fedretain.clients.witnessing import install as install_witness, witness_mod
+from fedretain.clients.delivery import install as install_delivery
 from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, dp_release, exact_release
 from fedretain.egress import egress_guard
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_record, model_arrays, state_dict_from
@@ -42,6 +43,7 @@ torch.set_num_threads(1)  # one thread per node process is faster on small CPUs 
 # outer mod so that it checks the whole reply, witness record included, against the manifest
 app = ClientApp(mods=[egress_guard, witness_mod])
 install_witness(app)
+install_delivery(app)  # query.deliver_model: the run's final model, kept for scoring
 _log = logging.getLogger(__name__)
 
 

@@ -51,6 +51,8 @@ def dp_config(cfg: ConfigRecord):
         accountant=str(cfg.get("dp-accountant", "rdp")),
         total_rounds=int(cfg["total-rounds"]),
         clipping=str(cfg.get("dp-clipping", "bk")),
+        max_merchants_per_person=int(cfg.get("max-merchants-per-person", 1)),
+        person_epsilon_cap=float(cfg.get("person-epsilon-cap", 0.0)),
     )
 
 

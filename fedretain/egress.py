@@ -35,6 +35,8 @@ from typing import Any
 
 from flwr.app import Context, Message
 
+from fedretain.protocol import DELIVERY_ACK_KEYS
+
 AUDIT_ENV = "FEDRETAIN_EGRESS_AUDIT"
 REQUIRE_DP = "require-dp"  # node_config flag: this merchant answers only DP runs
 DP_MODES = ("local", "central", "aggregate")
@@ -161,6 +163,9 @@ MANIFEST: tuple[Field, ...] = (
     Field("query.*", "answer", "value", O, "noisy cells (Gaussian, charged to the analytics budget)"),
     *[Field("query.*", "refusal", key, P, "why nothing was released") for key in ("merchant-id", "query-id",
                                                                                   "reason")],
+    # -- model delivery at the end of a run (clients/delivery.py): an acknowledgement only ----------------
+    *[Field("query.deliver_model", "delivery", key, P, "acknowledgement of the delivered final model "
+            "(merchant id, run id, round, the SHA-256 verified, saved)") for key in DELIVERY_ACK_KEYS],
     # -- the witness record on every reply (the node's signed ledger heads) -----------------------------
     *[Field("*", "witness", key, P, "signed tree head of the node's ledger(s)") for key in WITNESS_KEYS],
 )

@@ -27,6 +27,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 PARAMS = "params"
 EVALUATE_RECEIVED = "evaluate-received"
 EVALUATION = "evaluation"
+# End of a run: the platform sends each participating node the final model file (``query.deliver_model``:
+# a ``model`` config record with the file's bytes, its SHA-256 and the run's metadata); the node
+# verifies and saves it, and replies with an acknowledgement record only (clients/delivery.py).
+DELIVER_ACTION = "deliver_model"
+DELIVERY_RECORD = "delivery"
+DELIVERY_ACK_KEYS = ("merchant-id", "run-id", "round", "model-sha256", "saved")
 
 
 def model_arrays(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
 from pathlib import Path
 
 from fedretain.models import ModelBundle
@@ -17,7 +20,10 @@ def checkpoint_path(out_dir: Path, server_round: int) -> Path:
 def save_checkpoint(out_dir: Path, server_round: int, bundle: ModelBundle) -> Path:
     path = bundle.save(checkpoint_path(out_dir, server_round))
     final = Path(out_dir) / "model.pt"
-    bundle.save(final)  # the newest global model, for `fedretain score`
+    # the newest global model, for `fedretain score`: a byte copy, so it has the round's model_sha256
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, final)
     return path
 
 
@@ -30,3 +36,12 @@ def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
         (int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))
     )
     return found[-1] if found else None
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file: how a run record, an officer and a node name one model exactly."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

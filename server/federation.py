@@ -27,7 +27,7 @@ from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, pooled_metrics
 from fedretain.models import ModelBundle, RetentionNet, Standardizer, make_model
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
-from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint
+from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint, sha256_file
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 from fedretain.server.witness_grid import witnessed
@@ -229,7 +229,23 @@ class FederatedTraining:
             "total-rounds": int(s.rounds),
             "dp-accountant": str(s.extra.get("dp-accountant", "rdp")),
             "dp-clipping": str(s.extra.get("dp-clipping", "bk")),
+            "max-merchants-per-person": int(s.max_merchants_per_person),
+            "person-epsilon-cap": float(s.person_epsilon_cap),
         }
+
+    def person_level_record(self) -> dict[str, Any] | None:
+        """What the run record says about a person present at several merchants (local DP mode).
+
+        Each node's plan (σ, q) depends on its own number of users, which it does not send, so the
+        server cannot compute the person-level table of a local-mode run; every node checks the cap
+        itself before reserving budget (``DPTrainer.fit`` → ``fedretain.privacy.person.check_person_cap``)."""
+        s = self.settings
+        if s.dp_mode != "local":
+            return None
+        return {"max_merchants_per_person": int(s.max_merchants_per_person),
+                "person_epsilon_cap": float(s.person_epsilon_cap), "table": None,
+                "enforced_by": "each node's DP trainer, before it reserves budget (fedretain.privacy.person)",
+                "why_no_table": "local plans depend on each node's private user count, which is not sent"}
 
     def input_transform(self) -> Standardizer:
         """The public input transform (``fedretain.transforms``): nothing is asked of the nodes."""
@@ -248,6 +264,7 @@ class FederatedTraining:
             feature_names=self.columns,
             standardizer=scaler,
             hidden=self.settings.hidden,
+            kind=self.settings.model,
             meta={
                 "run_id": self.settings.run_id, "round": server_round, "purpose": self.settings.purpose,
                 "horizon_days": self.settings.horizon_days, "created": now_iso(),
@@ -258,21 +275,36 @@ class FederatedTraining:
     def run(self) -> RunRecord:
         s = self.settings
         record, arrays, scaler, first = self._start_or_resume()
-        train_cfg = ConfigRecord({
-            **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
-            "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,
-        })
-        eval_cfg = ConfigRecord(self.base_config())
-        # DP modes release one evaluation (of the final model): each release costs ε
-        every_round = s.dp_mode == "none"
-        unevaluated = self._unevaluated_round(record, first) if every_round else None
+        # everything that can fail from here on (the settings' budget split, the wait for nodes, the
+        # first exchange) is inside the tracked run: the record ends `failed` with the reason
         with progress.tracked_run(record, s.rounds, first, self.out_dir / "model.pt"):
+            if not record.data.get("standardization"):
+                record.data["standardization"] = self.standardization_record()
+            if (person := self.person_level_record()) is not None:
+                record.data["person_level"] = person
+            train_cfg = ConfigRecord({
+                **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
+                "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,
+            })
+            eval_cfg = ConfigRecord(self.base_config())
+            # DP modes release one evaluation (of the final model): each release costs ε
+            every_round = s.dp_mode == "none"
+            unevaluated = self._unevaluated_round(record, first) if every_round else None
+            record.event("waiting_for_nodes", minimum=s.min_nodes, timeout_s=s.node_wait_timeout)
+            self.wait_for_nodes(s.min_nodes)
             for rnd in range(first, s.rounds + 1):
                 arrays = self._round(record, rnd, arrays, scaler, train_cfg, eval_cfg, unevaluated)
                 unevaluated = rnd if every_round or rnd == s.rounds else None
             if unevaluated:
                 self._final_evaluation(record, unevaluated, arrays, eval_cfg)
+            self._deliver(record)
         return record
+
+    def _deliver(self, record: RunRecord) -> None:
+        """Send the final global model to every participating node (``fedretain.server.delivery``)."""
+        from fedretain.server.delivery import deliver_final_model
+
+        deliver_final_model(self.grid, record, self.out_dir / "model.pt", self.settings, send_and_receive)
 
     @staticmethod
     def _unevaluated_round(record: RunRecord, first: int) -> int | None:
@@ -297,7 +329,6 @@ class FederatedTraining:
         record = RunRecord.create(self.out_dir, s.run_id, s.as_dict())
         scaler = self.input_transform()
         record.data["feature_columns"] = self.columns
-        record.data["standardization"] = self.standardization_record()
         torch.manual_seed(s.seed)
         model = make_model(s.model, len(self.columns), s.hidden, s.prior_rate)
         record.save()
@@ -346,6 +377,7 @@ class FederatedTraining:
             "evaluate": {},  # filled when the next exchange (or the final evaluation) brings it
             "nodes": [r.as_dict() for r in train_info],
             "checkpoint": str(ckpt),
+            "model_sha256": sha256_file(ckpt),  # what the officer's erasure-impact view names the model by
         }
         record.add_round(entry)
         progress.notify("on_round_trained", entry)

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedretain.models import RetentionNet, Standardizer
 from fedretain.server import progress
 from fedretain.server.checkpoints import save_checkpoint
-from fedretain.server.federation import FederatedTraining, RunAborted, evaluation_metrics, train_epsilon
+from fedretain.server.federation import FederatedTraining, RunAborted, evaluation_metrics, sha256_file, train_epsilon
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 
@@ -117,6 +117,23 @@ def decode_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: json.loads(v[5:]) if isinstance(v, str) and v.startswith("json:") else v for k, v in metrics.items()}
 
 
+def aggregate_person_level(plan: Any, settings: RunSettings, population: int) -> dict[str, Any]:
+    """Person-level ε of an aggregate plan (``fedretain.privacy.person``): refuse above the cap, else the table.
+
+    The server decides aggregate mode's mechanism (σ, q, steps), so it can account for a person
+    present at up to k merchants itself, before any node is asked to contribute."""
+    from fedretain.privacy.budget import RunPlan
+    from fedretain.privacy.person import check_person_cap, person_table
+
+    run_plan = RunPlan(run_id=settings.run_id, purpose=settings.purpose, mode="aggregate", accountant=plan.accountant,
+                       epsilon=plan.target_epsilon, delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+                       sample_rate=plan.sample_rate, planned_steps=plan.rounds, n_records=population)
+    k, cap = settings.max_merchants_per_person, settings.person_epsilon_cap
+    eps = check_person_cap(run_plan, k, cap, where="aggregate plan")
+    return {"max_merchants_per_person": k, "person_epsilon_cap": cap, "person_epsilon": eps,
+            "table": [row.as_dict() for row in person_table(run_plan)]}
+
+
 class _RecordedStrategy(LegacyFedAvg):
     """Legacy FedAvg plumbing shared by both strategies: configs, run record, checkpoints."""
 
@@ -160,7 +177,8 @@ class _RecordedStrategy(LegacyFedAvg):
     def _finish_round(self, server_round: int, evaluate: dict[str, Any], eval_nodes: list[dict[str, Any]]) -> None:
         bundle = self.run.bundle(self._arrayrecord(), self.scaler, server_round)
         ckpt = save_checkpoint(self.run.out_dir, server_round, bundle)
-        entry = {**self._round, "finished": now_iso(), "evaluate": evaluate, "checkpoint": str(ckpt)}
+        entry = {**self._round, "finished": now_iso(), "evaluate": evaluate, "checkpoint": str(ckpt),
+                 "model_sha256": sha256_file(ckpt)}
         entry["nodes"] = entry.get("nodes", []) + eval_nodes
         self.record.add_round(entry)
         progress.notify("on_round", entry)
@@ -245,6 +263,8 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         scaler = run.input_transform()
         record.data["feature_columns"] = run.columns
         record.data["standardization"] = run.standardization_record()
+        if (person := run.person_level_record()) is not None:
+            record.data["person_level"] = person
         torch.manual_seed(settings.seed)
         model = RetentionNet(len(run.columns), settings.hidden)
         n_nodes = len(run.wait_for_nodes(settings.min_nodes))
@@ -261,6 +281,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
                                   settings.rounds, settings.max_grad_norm, fit_config["dp-accountant"])
             fit_config.update(plan.to_config())
             record.data["aggregate_plan"] = plan.to_config()
+            record.data["person_level"] = aggregate_person_level(plan, settings, declared_population(settings))
             strategy: _RecordedStrategy = AggregateDPSGD(
                 **common, plan=plan,
                 server_learning_rate=float(extra(settings, "server-learning-rate", settings.learning_rate)))

@@ -102,8 +102,9 @@ def attack(tmp_path_factory, synth_silos):
 def test_every_reply_of_both_local_dp_runs_is_declared_and_carries_no_exact_count(attack):
     """The egress check of tests/test_egress.py for dp-mode local, on both runs of the attack."""
     check_replies(attack["all"], "local", attack["exact"])
-    # the platform also asks each node once who it is (``query.witness``: the signed ledger heads only)
-    assert {r["message_type"] for r in attack["all"]} == {"train", "evaluate", "query.witness"}
+    # besides training and evaluation: the platform asks each node once who it is (``query.witness``: the
+    # signed ledger heads only) and hands every node the final model (``query.deliver_model``: an acknowledgement)
+    assert {r["message_type"] for r in attack["all"]} == {"train", "evaluate", "query.witness", "query.deliver_model"}
     assert len({r["node_config"].get("partition-id") for r in attack["all"]}) == 3
 
 
@@ -122,7 +123,7 @@ def test_the_server_receives_no_feature_sums_and_no_exact_counts(attack):
     for r in attack["first"] + attack["second"]:
         keys = {k for rec in r["records"].values() for k in rec["items"]}
         assert not keys & {"sum", "sumsq", "mean", "std", "users-used", "users-consented", "base_rate", "auc"}
-        assert r["message_type"] in ("train", "evaluate")  # no query.feature_stats any more
+        assert r["message_type"] in ("train", "evaluate", "query.witness", "query.deliver_model")  # no feature_stats
     weights = [_value(run, "metrics", "num-examples", "train") for run in (attack["first"], attack["second"])]
     assert weights == [1, 1]  # differencing the weights gives 0, not the number of withdrawn users
 

@@ -108,6 +108,34 @@ def test_three_rounds_with_tls_and_node_auth(tls_run):
         assert re.search(r"round 3/3 train, [\d,]+ examples used, ", out), out[-2000:]
 
 
+def test_each_node_received_the_final_model_and_scores_its_users_with_it(tls_run, tmp_path):
+    import hashlib
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from fedretain.cli.train import score
+
+    dep, _ = tls_run
+    record = json.loads((dep.out_dir / "run.json").read_text())
+    final = _round(record, 3)["model_sha256"]
+    assert record["delivery"]["model_sha256"] == final
+    assert {n["merchant_id"] for n in record["delivery"]["nodes"] if n["acknowledged"]} == {s.name for s in dep.silos}
+    for silo in dep.silos:
+        latest = silo / ".node" / "models" / "latest.pt"
+        assert hashlib.sha256(latest.read_bytes()).hexdigest() == final
+        out = tmp_path / f"{silo.name}.csv"
+        res = CliRunner().invoke(score, ["--silo", str(silo), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        scores = pd.read_csv(out)
+        assert len(scores) > 0 and list(scores["rank"]) == list(range(1, len(scores) + 1))
+        from fedretain.consent.ledger import ConsentLedger
+
+        with ConsentLedger.open(silo / ".node" / "consent.db") as ledger:  # scoring left its usage record
+            uses = [u for u in ledger.usages() if u.feature_set.startswith("score:")]
+        assert any(u.run_id == record["run_id"] and u.round == 3 and u.n_users == len(scores) for u in uses)
+
+
 def test_status_lists_nodes_and_rounds(tls_run):
     from click.testing import CliRunner
 

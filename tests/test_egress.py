@@ -176,7 +176,10 @@ def test_every_reply_of_a_dp_run_is_declared_and_carries_no_exact_count(tmp_path
     replies = run_audited(s, silos[0].parent, tmp_path / "audit")
     check_replies(replies, mode, exact_counts(silos))
     kinds = {(r["node_config"].get("partition-id"), r["message_type"]) for r in replies}
-    assert {k for _, k in kinds} == {"train", "evaluate"} and len({p for p, _ in kinds}) == 3
+    # query.witness: who the node is (its signed ledger heads); query.deliver_model: the acknowledgement of the
+    # final model (clients/delivery.py)
+    assert {k for _, k in kinds} == {"train", "evaluate", "query.witness", "query.deliver_model"}
+    assert len({p for p, _ in kinds}) == 3
     rec = _record(s)
     assert rec["status"] == "completed" and rec["standardization"]["source"] == "public-clip-v1"
     final = rec["rounds"][-1]["evaluate"]

@@ -150,3 +150,33 @@ def test_dp_optimizer_adds_noise_of_std_sigma_c_over_batch():
         opt.accumulate()
         opt.add_noise()
         opt.add_noise()
+
+
+def test_a_run_over_the_person_cap_is_refused_with_nothing_reserved_or_trained(tmp_path):
+    from fedretain.privacy.person import PersonCapExceeded, person_epsilon
+
+    path = _ledger(tmp_path)
+    x, y = _xy()
+    model = RetentionNet(x.shape[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=64, learning_rate=0.01)
+    dp = DPConfig(3.0, max_merchants_per_person=2, person_epsilon_cap=3.5, noise_seed=3)
+    k2 = person_epsilon(plan_run("capped", PURPOSE, len(x), cfg, dp), 2)
+    assert k2 > 3.5  # a person at two merchants gets more than the cap from this run
+    with pytest.raises(PersonCapExceeded, match="person-epsilon-cap=3.5"):
+        DPTrainer(cfg, dp, path, "capped", PURPOSE, 1).fit(model, x, y)
+    with BudgetLedger.open(path) as ledger:
+        assert ledger.run("capped", PURPOSE) is None and ledger.runs() == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the same run under a cap it fits is reserved and trained
+    ok = DPConfig(3.0, max_merchants_per_person=2, person_epsilon_cap=k2 + 0.01, noise_seed=3)
+    DPTrainer(cfg, ok, path, "capped", PURPOSE, 1).fit(model, x, y)
+    with BudgetLedger.open(path) as ledger:
+        assert ledger.run("capped", PURPOSE) is not None
+
+
+def test_person_level_settings_are_validated():
+    with pytest.raises(PrivacyError, match="max-merchants-per-person"):
+        DPConfig(3.0, max_merchants_per_person=0)
+    with pytest.raises(PrivacyError, match="person-epsilon-cap"):
+        DPConfig(3.0, person_epsilon_cap=-1.0)

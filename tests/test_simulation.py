@@ -81,6 +81,35 @@ def test_rounds_checkpoints_and_metrics(run):
     assert (run["dir"] / "model.pt").is_file()
 
 
+def test_every_node_receives_the_final_model_and_scores_with_it(run, tmp_path):
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from fedretain.cli.train import score
+
+    rec = run["record"]
+    final = hashlib.sha256((run["dir"] / "model.pt").read_bytes()).hexdigest()
+    for r in rec["rounds"]:  # each round names its model by the checkpoint file's hash
+        assert r["model_sha256"] == hashlib.sha256(Path(r["checkpoint"]).read_bytes()).hexdigest()
+    assert rec["rounds"][-1]["model_sha256"] == final
+    delivery = rec["delivery"]
+    assert delivery["model_sha256"] == final and delivery["round"] == 3
+    assert {n["merchant_id"] for n in delivery["nodes"] if n["acknowledged"]} == {p.name for p in run["silos"]}
+    assert all(n["model_sha256"] == final and n["error"] is None for n in delivery["nodes"])
+    for silo in run["silos"]:
+        latest = silo / ".node" / "models" / "latest.pt"
+        assert hashlib.sha256(latest.read_bytes()).hexdigest() == final
+        assert (silo / ".node" / "models" / "simtest.pt").read_bytes() == latest.read_bytes()
+    out = tmp_path / "scores.csv"
+    res = CliRunner().invoke(score, ["--silo", str(run["silos"][1]), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    scores = pd.read_csv(out)
+    assert len(scores) > 0 and "expected_value_at_risk" in scores.columns
+
+
 def test_each_round_is_tied_to_each_merchants_consent_state(run):
     for r in run["record"]["rounds"]:
         for n in r["nodes"]:

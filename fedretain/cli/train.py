@@ -163,16 +163,18 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
 
 
 @click.command()
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--data", "silo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "model_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Default: the latest model delivered to this node (SILO/.node/models/latest.pt).")
+@click.option("--data", "--silo", "silo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", default=Path("scores.csv"), show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--consent-db", type=click.Path(path_type=Path), default=None, help="Default: SILO/.node/consent.db")
 @click.option("--purpose", default="retention_modeling", show_default=True)
 @click.option("--churn-threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Rows of the win-back list to print.")
 @click.option("--as-of", "as_of", default=None, type=click.DateTime(["%Y-%m-%d"]),
               help="Back-test: score with the data before this day (default: the end of the data).")
-def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None, purpose: str,
+def score(model_path: Path | None, silo: Path, out_path: Path, consent_db: Path | None, purpose: str,
           churn_threshold: float, top: int, as_of: Any) -> None:
     """Score a merchant's own users with a global model: chance of leaving, value, win-back list.
 
@@ -189,8 +191,15 @@ def score(model_path: Path, silo: Path, out_path: Path, consent_db: Path | None,
     from fedretain.scoring import Segmenter, fit_money_calibration, merchant_currency, record_scoring_use, score_users
 
     try:
-        bundle = ModelBundle.load(model_path)
         node = MerchantNode(NodeConfig.for_silo(silo, consent_db=consent_db))
+        if model_path is None:  # the model the platform delivered at the end of the last run (clients/delivery.py)
+            from fedretain.clients.delivery import latest_model
+
+            model_path = latest_model(node.config.state_dir)
+            if not model_path.is_file():
+                raise FileNotFoundError(f"no model was delivered to this node yet ({model_path}): join a run to "
+                                        f"the end, or pass --model FILE")
+        bundle = ModelBundle.load(model_path)
         currency = merchant_currency(node.silo.merchant)
         horizon = float(bundle.meta.get("horizon_days", 30.0))
         names = [c for c in bundle.feature_names if not c.startswith("has_")]

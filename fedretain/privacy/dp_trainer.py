@@ -52,6 +52,7 @@ from fedretain.privacy.accountant import (
     default_delta,
 )
 from fedretain.privacy.budget import BudgetExceeded, BudgetLedger, RunPlan
+from fedretain.privacy.person import check_person_cap
 from fedretain.train import TrainConfig, TrainResult
 
 CLIPPING_MODES = ("bk", "ghost")
@@ -69,6 +70,8 @@ class DPConfig:
     total_rounds: int = 1
     clipping: str = "bk"
     noise_seed: int | None = None  # benchmarks only; None → seeded from os.urandom
+    max_merchants_per_person: int = 1  # the platform's declared bound k (fedretain.privacy.person)
+    person_epsilon_cap: float = 0.0  # refuse a run whose person-level ε at k exceeds this; 0 = no cap
 
     def __post_init__(self) -> None:
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
@@ -82,6 +85,10 @@ class DPConfig:
         if self.clipping not in CLIPPING_MODES:
             raise PrivacyError(f"unknown clipping {self.clipping!r}; choose one of {', '.join(CLIPPING_MODES)}")
         check_accountant(self.accountant)
+        if self.max_merchants_per_person < 1:
+            raise PrivacyError(f"max-merchants-per-person must be >= 1, got {self.max_merchants_per_person}")
+        if not (self.person_epsilon_cap >= 0 and math.isfinite(self.person_epsilon_cap)):
+            raise PrivacyError(f"person-epsilon-cap must be >= 0 (0: no cap), got {self.person_epsilon_cap}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,8 @@ class DPTrainer:
             if plan is None:  # a new run: check the budget first (cheap), then calibrate and reserve
                 ledger.check_room(self.run_id, self.purpose, self.dp.target_epsilon, run_delta(n, self.dp))
                 plan = plan_run(self.run_id, self.purpose, n, self.config, self.dp)
+            # a person at up to k merchants: refused before anything is reserved or trained
+            check_person_cap(plan, self.dp.max_merchants_per_person, self.dp.person_epsilon_cap, where="local DP-SGD")
             plan = ledger.reserve(plan)  # refuses before any training
             if plan.mode != "local":
                 raise PrivacyError(f"run {self.run_id!r} reserved mode {plan.mode!r}, not local DP-SGD")
