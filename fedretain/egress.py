@@ -67,7 +67,7 @@ class Field:
     constant: float | None = None  # the value a public constant must have
 
 
-P, R, O, X = Protection.PUBLIC, Protection.RUN_DP, Protection.OWN_DP, Protection.EXACT
+P, R, OWN, X = Protection.PUBLIC, Protection.RUN_DP, Protection.OWN_DP, Protection.EXACT
 NONE = ("none",)
 TRAINING = "train"
 REPLIES = "train|evaluate"
@@ -123,8 +123,8 @@ def _eval_metrics(messages: str, record: str, prefix: str = "") -> list[Field]:
         *[Field(messages, record, k(m), X, "exact held-out metric", NONE) for m in EXACT_METRICS],
         Field(messages, record, k("hist-pos"), X, "held-out score histogram, buyers (exact)", NONE),
         Field(messages, record, k("hist-neg"), X, "held-out score histogram, non-buyers (exact)", NONE),
-        Field(messages, record, k("hist-pos"), O, "noisy held-out score histogram (fedretain.dp_evaluation)", DP_MODES),
-        Field(messages, record, k("hist-neg"), O, "noisy held-out score histogram (fedretain.dp_evaluation)", DP_MODES),
+        Field(messages, record, k("hist-pos"), OWN, "noisy held-out score histogram (dp_evaluation)", DP_MODES),
+        Field(messages, record, k("hist-neg"), OWN, "noisy held-out score histogram (dp_evaluation)", DP_MODES),
         Field(messages, record, k("hist-sd"), P, "noise sd of the histogram cells (from ε, δ)"),
         Field(messages, record, k("eval-epsilon"), P, "ε of the evaluation release"),
         Field(messages, record, k("eval-delta"), P, "δ of the evaluation release"),
@@ -150,7 +150,7 @@ MANIFEST: tuple[Field, ...] = (
           "(aggregate mode: clipped gradient sum, noised once by the server; local: DP-SGD model)"),
     *[Field(TRAINING, "secaggplus_configs", key, P, why) for key, why in SECAGG_PUBLIC.items()],
     Field("evaluate", "evaluateres.loss", "loss", X, "exact held-out loss", NONE),
-    Field("evaluate", "evaluateres.loss", "loss", O, "log loss computed from the noisy histogram", DP_MODES),
+    Field("evaluate", "evaluateres.loss", "loss", OWN, "log loss computed from the noisy histogram", DP_MODES),
     Field("evaluate", "evaluateres.num_examples", "num_examples", X, "number of held-out examples", NONE),
     Field("evaluate", "evaluateres.num_examples", "num_examples", P, "public constant 1", DP_MODES, 1.0),
     *_eval_metrics("evaluate", "evaluateres.metrics"),
@@ -160,7 +160,7 @@ MANIFEST: tuple[Field, ...] = (
     *[Field("query.analytics_status", "status", key, P, "merchant id, declared data end, budget state")
       for key in STATUS_KEYS],
     *[Field("query.*", "answer", key, P, "query metadata and public cell labels") for key in ANSWER_PUBLIC],
-    Field("query.*", "answer", "value", O, "noisy cells (Gaussian, charged to the analytics budget)"),
+    Field("query.*", "answer", "value", OWN, "noisy cells (Gaussian, charged to the analytics budget)"),
     *[Field("query.*", "refusal", key, P, "why nothing was released") for key in ("merchant-id", "query-id",
                                                                                   "reason")],
     # -- model delivery at the end of a run (clients/delivery.py): an acknowledgement only ----------------
@@ -298,5 +298,6 @@ def render_markdown() -> str:
     lines = ["| reply | record | keys | protection | dp-modes | what |", "|---|---|---|---|---|---|"]
     for (messages, record, protection, modes), keys in rows.items():
         why = "; ".join(whys[(messages, record, protection, modes)])
-        lines.append(f"| `{messages.replace('|', '`, `')}` | `{record}` | {' '.join(keys)} | {protection} | {modes} | {why} |")
+        names = messages.replace("|", "`, `")
+        lines.append(f"| `{names}` | `{record}` | {' '.join(keys)} | {protection} | {modes} | {why} |")
     return "\n".join(lines)

@@ -22,10 +22,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedretain.features import feature_columns
 from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, pooled_metrics
+from fedretain.features import feature_columns
 from fedretain.models import ModelBundle, RetentionNet, Standardizer, make_model
-from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_of, model_arrays, state_dict_from
+from fedretain.protocol import EVALUATE_RECEIVED, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
 from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint, sha256_file
 from fedretain.server.run_record import RunRecord, now_iso

@@ -93,7 +93,8 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
 @click.option("--cutoff", default="", help="Feature cutoff (ISO date); default: data end − horizon per merchant.")
 @click.option("--features", default="", help="Comma-separated feature names (default: all registered).")
 @click.option("--min-nodes", default=2, show_default=True, type=click.IntRange(1))
-@click.option("--dp-mode", type=click.Choice(["none", "local", "central", "aggregate"]), default="none", show_default=True)
+@click.option("--dp-mode", type=click.Choice(["none", "local", "central", "aggregate"]), default="none",
+              show_default=True)
 @click.option("--target-epsilon", default=3.0, show_default=True, type=float, help="ε of this run (DP modes).")
 @click.option("--target-delta", default=0.0, show_default=True, type=float, help="0: below 1/n per merchant.")
 @click.option("--max-grad-norm", default=10.0, show_default=True, type=float, help="DP clipping norm.")
@@ -101,7 +102,8 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
 @click.option("--dp-clipping", type=click.Choice(["bk", "ghost"]), default="bk", show_default=True,
               help="bk: fast clipped-gradient sum for Linear models; ghost: Opacus ghost clipping.")
 @click.option("--secure-aggregation", is_flag=True, help="SecAgg+ (required by --dp-mode aggregate).")
-@click.option("--aggregate-batch-size", default=4096, show_default=True, type=int, help="Aggregate mode: expected batch.")
+@click.option("--aggregate-batch-size", default=4096, show_default=True, type=int,
+              help="Aggregate mode: expected batch.")
 @click.option("--server-learning-rate", default=None, type=float, help="Aggregate mode: server step size.")
 @click.option("--max-merchants-per-person", default=1, show_default=True, type=click.IntRange(1),
               help="The platform's declared bound k: person-level ε is reported (and capped) for it.")
@@ -171,7 +173,8 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
 @click.option("--consent-db", type=click.Path(path_type=Path), default=None, help="Default: SILO/.node/consent.db")
 @click.option("--purpose", default="retention_modeling", show_default=True)
 @click.option("--churn-threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Rows of the win-back list to print.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0),
+              help="Rows of the win-back list to print.")
 @click.option("--as-of", "as_of", default=None, type=click.DateTime(["%Y-%m-%d"]),
               help="Back-test: score with the data before this day (default: the end of the data).")
 def score(model_path: Path | None, silo: Path, out_path: Path, consent_db: Path | None, purpose: str,
@@ -182,12 +185,12 @@ def score(model_path: Path | None, silo: Path, out_path: Path, consent_db: Path 
     horizon × the value the customer would bring if retained), in the shop's currency
     (merchant.json "currency") once calibrated on the shop's own last horizon.
     """
+    import pandas as pd
+
     from fedretain.clients.node import MerchantNode, NodeConfig
     from fedretain.consent.gate import ConsentError
     from fedretain.ingest import write_table
     from fedretain.models import ModelBundle
-    import pandas as pd
-
     from fedretain.scoring import Segmenter, fit_money_calibration, merchant_currency, record_scoring_use, score_users
 
     try:
