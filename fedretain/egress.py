@@ -192,8 +192,9 @@ def lookup(message_type: str, record: str, key: str, mode: str) -> list[Field]:
             and fnmatch.fnmatchcase(record, f.record) and fnmatch.fnmatchcase(key, f.key) and _allowed(f, mode)]
 
 
-def _equals(value: Any, constant: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isclose(float(value), constant)
+def _equals(value: Any, constant: float | None) -> bool:
+    return (constant is not None and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isclose(float(value), constant))
 
 
 def items_of(content: Any) -> list[tuple[str, str, str, Any]]:
@@ -244,13 +245,13 @@ def audit_copy(folder: str | Path, msg: Message, reply: Message, mode: str, cont
     records: dict[str, Any] = {}
     if not reply.has_error():
         c = reply.content
-        for name, rec in c.array_records.items():
+        for name, arrays in c.array_records.items():
             records[name] = {"kind": "array", "items": {k: a.numpy().astype(float).ravel().tolist()
-                                                         for k, a in rec.items()}}
-        for name, rec in c.metric_records.items():
-            records[name] = {"kind": "metric", "items": {k: _jsonable(v) for k, v in rec.items()}}
-        for name, rec in c.config_records.items():
-            records[name] = {"kind": "config", "items": {k: _jsonable(v) for k, v in rec.items()}}
+                                                         for k, a in arrays.items()}}
+        for name, metrics in c.metric_records.items():
+            records[name] = {"kind": "metric", "items": {k: _jsonable(v) for k, v in metrics.items()}}
+        for name, config in c.config_records.items():
+            records[name] = {"kind": "config", "items": {k: _jsonable(v) for k, v in config.items()}}
     entry = {"message_type": msg.metadata.message_type, "dp_mode": mode, "node_id": int(context.node_id),
              "node_config": {k: str(v) for k, v in dict(context.node_config).items()}, "time": time.time(),
              "error": str(reply.error.reason) if reply.has_error() else None, "records": records}

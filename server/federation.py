@@ -73,7 +73,7 @@ def train_epsilon(settings: RunSettings) -> float:
     return settings.target_epsilon
 
 
-def evaluation_metrics(records: list[RecordDict]) -> dict[str, float]:
+def evaluation_metrics(records: list[RecordDict]) -> dict[str, Any]:
     """A round's held-out metrics: pooled from the nodes' score histograms (noisy in DP modes),
     plus, in dp-mode none, the example-weighted mean of the exact per-node metrics."""
     if not records:

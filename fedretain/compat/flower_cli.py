@@ -38,10 +38,10 @@ def _app() -> Any:
     if _APP is None:
         from importlib.metadata import entry_points
 
-        (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "flwr"] or [None]
-        if ep is None:
+        found = [e for e in entry_points(group="console_scripts") if e.name == "flwr"]
+        if not found:
             raise RuntimeError("the `flwr` console script is not installed")
-        _APP = ep.load()
+        _APP = found[0].load()
     return _APP
 
 
@@ -58,7 +58,7 @@ def run_flwr(args: Sequence[str], env: Mapping[str, str]) -> CliResult:
         direct = io.StringIO()  # `--format json` output goes to sys.__stdout__ ("bypassing any redirection")
         saved_out, flwr_log = sys.__stdout__, logging.getLogger("flwr")
         saved_level = flwr_log.level
-        sys.__stdout__ = direct  # type: ignore[misc]
+        sys.__stdout__ = direct  # type: ignore[misc,assignment]  # typeshed: a read-only TextIOWrapper
         flwr_log.setLevel(logging.WARNING)  # its INFO lines would reach the operator's terminal
         try:
             res = CliRunner().invoke(app, list(args), env=flwr_env, catch_exceptions=True)
