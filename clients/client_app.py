@@ -16,7 +16,6 @@ leaves only as a noisy histogram charged to the node's budget (``fedretain.dp_ev
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedretain.clients import round_cache
 from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
 from fedretain.consent.vocab import SCOPES
 from fedretain.models import RetentionNet, Standardizer
@@ -65,37 +65,10 @@ def _consent_time(cfg: ConfigRecord) -> datetime:
     return datetime.now(timezone.utc)
 
 
-# The consent decision and features of one round, shared by its train and evaluate
-# messages when both run in this process: consent is evaluated once per round.
-_ROUND_CACHE: "OrderedDict[tuple, Prepared]" = OrderedDict()
-_ROUND_CACHE_SIZE = 16
-
-
 def prepare_from_config(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
-    rnd = cfg.get("server-round")
-    key = None
-    if rnd is not None:
-        key = (str(node.config.data_path), str(cfg.get("run-id", "")), int(rnd), str(cfg["purpose"]),
-               tuple(cfg["features"]), float(cfg.get("horizon-days", 30)), str(cfg.get("cutoff", "")))
-        if key in _ROUND_CACHE:
-            return _ROUND_CACHE[key]
-    prep = _prepare(node, cfg)
-    if key is not None:
-        _ROUND_CACHE[key] = prep
-        while len(_ROUND_CACHE) > _ROUND_CACHE_SIZE:
-            _ROUND_CACHE.popitem(last=False)
-    return prep
-
-
-def _prepare(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
-    return node.prepare(
-        purpose=str(cfg["purpose"]),
-        feature_names=list(cfg["features"]),
-        horizon_days=float(cfg.get("horizon-days", 30)),
-        cutoff=str(cfg.get("cutoff", "") or "") or None,
-        at=_consent_time(cfg),
-        run_id=str(cfg.get("run-id", "") or ""),  # full ledger verify once per run, then the appended suffix
-    )
+    """The round's inputs: consent decided once per round at the node's clock, features once per run
+    while consent and data are unchanged (``fedretain.clients.round_cache``)."""
+    return round_cache.prepared_for(node, cfg, _consent_time(cfg))
 
 
 def _model(arrays: ArrayRecord, n_inputs: int, cfg: ConfigRecord) -> RetentionNet:

@@ -82,21 +82,38 @@ def simulation_silos(data_dir: str = "") -> list[Path]:
     root = data_dir or os.environ.get("FEDRETAIN_SIM_DATA_DIR", "")
     if not root:
         raise RuntimeError("simulation needs a data folder: set run_config data-dir or FEDRETAIN_SIM_DATA_DIR")
-    silos = sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / "merchant.json").is_file())
+    silos = list(_silos_listed(root, Path(root).stat().st_mtime_ns))
     if not silos:
         raise RuntimeError(f"no merchant silos (folders with merchant.json) under {root}")
     return silos
 
 
 @functools.lru_cache(maxsize=8)
+def _silos_listed(root: str, mtime_ns: int) -> tuple[Path, ...]:
+    """The listing behind :func:`simulation_silos`, once per process while the folder's entries are
+    unchanged (its mtime moves when a silo is added or removed): every message of a simulation asks for
+    it, and listing 1,000 silos per message made each message's cost grow with the federation."""
+    return tuple(sorted(p for p in Path(root).iterdir() if p.is_dir() and (p / "merchant.json").is_file()))
+
+
+# A simulation worker serves many merchants in turn: with room for only a few silos it re-ingested
+# every merchant every round. A deployed node has one silo, so the bound matters only in simulation.
+SILO_CACHE_SIZE = 2048
+
+
+@functools.lru_cache(maxsize=SILO_CACHE_SIZE)
 def _load_silo_cached(path: str, mtime_ns: int) -> Silo:
     return load_silo(path)
 
 
+def silo_stamp(path: Path) -> int:
+    """The latest mtime (ns) of the silo's files: what says its data changed."""
+    return max((p.stat().st_mtime_ns for p in Path(path).iterdir() if p.is_file()), default=0)
+
+
 def load_silo_cached(path: Path) -> Silo:
     """Ingest once per process (and again only if the silo folder changed)."""
-    stamp = max((p.stat().st_mtime_ns for p in Path(path).iterdir() if p.is_file()), default=0)
-    return _load_silo_cached(str(path), stamp)
+    return _load_silo_cached(str(path), silo_stamp(path))
 
 
 @dataclass
@@ -150,6 +167,10 @@ class MerchantNode:
     def silo(self) -> Silo:
         return load_silo_cached(self.config.data_path)
 
+    def data_stamp(self) -> int:
+        """Changes when any file of the silo changes (the key of the per-run input cache)."""
+        return silo_stamp(self.config.data_path)
+
     @property
     def merchant_id(self) -> str:
         return str(self.silo.merchant.get("merchant_id", self.config.data_path.name))
@@ -192,14 +213,19 @@ class MerchantNode:
         With a ``run_id`` the ledger is verified in full at the run's first decision and only in
         its appended records afterwards (``fedretain.consent.incremental``).
         """
+        decision = self.decide(purpose, at, run_id)
+        silo = self.silo
+        return decision, apply_gate(decision, silo.events, silo.users)
+
+    def decide(self, purpose: str, at: datetime | None = None, run_id: str = "") -> GateDecision:
+        """The consent decision alone (see :meth:`gate`): verify the ledger, replay it for ``purpose``."""
         check_purpose(purpose)
         at = at or datetime.now(timezone.utc)
         silo = self.silo
         candidates = pd.Index(silo.events["user_id"].unique()).union(pd.Index(silo.users["user_id"]))
         with self.ledger() as ledger:
             checked = IncrementalLedger(ledger, self.config.state_dir, run_id) if run_id else ledger
-            decision = decide(checked, purpose, at, candidates)
-        return decision, apply_gate(decision, silo.events, silo.users)
+            return decide(checked, purpose, at, candidates)
 
     def prepare(
         self,
@@ -209,14 +235,22 @@ class MerchantNode:
         cutoff: str | None = None,
         at: datetime | None = None,
         run_id: str = "",
+        decision: GateDecision | None = None,
     ) -> Prepared:
         """Features and labels of the users who may be used now, split into train/test.
 
         Examples are users the gate admitted for ``purpose`` who also granted the label's
         scope and bought at least once before the cutoff (retention of existing buyers).
+        ``decision``: one just taken by :meth:`decide` for ``purpose`` (the per-run cache decides
+        first, then computes only if the admitted users changed); default: decide now.
         """
         names = list(check_features(feature_names))
-        decision, gated = self.gate(purpose, at, run_id)
+        if decision is None:
+            decision, gated = self.gate(purpose, at, run_id)
+        else:
+            if decision.purpose != purpose:
+                raise ConsentError(f"a consent decision for {decision.purpose!r} cannot admit data for {purpose!r}")
+            gated = apply_gate(decision, self.silo.events, self.silo.users)
         cut = self.training_cutoff(horizon_days, cutoff)
         feats = compute_features(gated, cut, names)
         grants = decision.grants.reindex(feats.index).fillna(False)

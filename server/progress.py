@@ -66,3 +66,26 @@ def tracked_run(record: RunRecord, total_rounds: int, first_round: int, final_mo
         raise
     record.finish("completed", final_model=str(final_model))
     notify("on_end", "completed", record.data)
+
+
+class MerchantsDone:
+    """Observer counting merchants done per round (trained without error, evaluated) for large runs.
+
+    ``done_per_round`` maps round → merchants whose train reply arrived without error;
+    with ``echo`` each round prints one line ``round r: k/N merchants trained``, which is
+    what a 1,000-merchant simulation shows instead of one line per node.
+    """
+
+    def __init__(self, total: int, echo: bool = False) -> None:
+        self.total, self.echo = total, echo
+        self.done_per_round: dict[int, int] = {}
+        self.failed_per_round: dict[int, int] = {}
+
+    def on_round_trained(self, entry: dict[str, Any]) -> None:
+        nodes = [n for n in entry.get("nodes", []) if n.get("phase") == "train"]
+        rnd = int(entry["round"])
+        self.done_per_round[rnd] = sum(1 for n in nodes if not n.get("error"))
+        self.failed_per_round[rnd] = sum(1 for n in nodes if n.get("error"))
+        if self.echo:
+            print(f"round {rnd}: {self.done_per_round[rnd]}/{self.total} merchants trained"
+                  f" ({self.failed_per_round[rnd]} failed)", flush=True)

@@ -4,6 +4,13 @@
 starts a detached SuperLink and re-reads pyproject; for the CLI and tests we run the
 same two apps in this process so a run's settings, progress bar and exceptions stay
 here. One virtual SuperNode per silo; each silo is partition ``i`` in sorted order.
+
+Ray starts its workers at nice 15 by default (``RAY_worker_niceness``). The merchant nodes
+*are* those workers, so on a machine with any other load a run crawls behind everything
+else (a 5-merchant run stalled for over 6 minutes until the setting was 0, issue 14). A
+simulation is the user's own foreground job: its workers run at the driver's priority
+(``RAY_worker_niceness=0``) unless the user set the variable, e.g. ``RAY_worker_niceness=10``
+to keep a long simulation in the background.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import importlib
 import logging
 import os
 import tempfile
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,7 @@ from fedretain.server.settings import RunSettings
 
 SERVER_APP = "fedretain.server.server_app:app"
 CLIENT_APP = "fedretain.clients.client_app:app"  # as in pyproject's [tool.flwr.app.components]
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
 def load_app(ref: str) -> Any:
@@ -42,6 +51,15 @@ def silo_folders(data_dir: str | Path) -> list[Path]:
     return silos
 
 
+def simulation_env(env: MutableMapping[str, str]) -> None:
+    """Defaults of a simulation's environment (inherited by Ray's processes); what the user set wins."""
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    env.setdefault(WORKER_NICENESS_ENV, "0")  # see the module docstring: not Ray's nice 15
+
+
 def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: int | None = None,
                       server_app: Any = None, client_app: Any = None) -> Path:
     """Train on every silo under ``data_dir``; return the run folder (run.json, checkpoints).
@@ -50,10 +68,7 @@ def run_in_simulation(settings: RunSettings, data_dir: str | Path, *, num_cpus: 
     e.g. ``fedretain.server.analytics_app:app``); apps may be given as objects or as component
     references. ``settings.extra`` reaches the ServerApp in run_config.
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    simulation_env(os.environ)
     ray_tmp = Path(os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="fedretain-ray-"))
     os.environ["RAY_TMPDIR"] = str(ray_tmp)
     data_dir = Path(data_dir).resolve()
