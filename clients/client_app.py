@@ -25,14 +25,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedretain.clients import round_cache
-from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
-from fedretain.consent.vocab import SCOPES
-from fedretain.models import RetentionNet, Standardizer
-from fedretain.clients.training import make_trainer
-from fedretain.clients.witnessing import install as install_witness, witness_mod
 from fedretain.clients.delivery import install as install_delivery
+from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
+from fedretain.clients.training import make_trainer
+from fedretain.clients.witnessing import install as install_witness
+from fedretain.clients.witnessing import witness_mod
+from fedretain.consent.vocab import SCOPES
 from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, dp_release, exact_release
 from fedretain.egress import egress_guard
+from fedretain.models import RetentionNet, Standardizer
 from fedretain.protocol import EVALUATE_RECEIVED, EVALUATION, evaluation_record, model_arrays, state_dict_from
 from fedretain.train import evaluate, predict
 from fedretain.transforms import TRANSFORM_ID, public_standardizer
@@ -96,7 +97,8 @@ _DP_REPORTED = {"local": ("epsilon",), "central": ("dp-weight",),
                 "aggregate": ("epsilon", "delta", "noise-multiplier", "dp-steps")}
 
 
-def train_metrics(cfg: Any, loss: float, num_examples: int, extra: dict[str, Any] | None, prep: Prepared) -> dict[str, Any]:
+def train_metrics(cfg: Any, loss: float, num_examples: int, extra: dict[str, Any] | None,
+                  prep: Prepared) -> dict[str, Any]:
     """A train reply's numbers: exact in dp-mode none; the public weight 1 and ε spent in DP modes."""
     mode = dp_mode(cfg)
     if mode == "none":

@@ -43,7 +43,7 @@ class NodeConfig:
 
     @classmethod
     def for_silo(cls, silo: str | Path, consent_db: str | Path | None = None, node_key: str | Path | None = None,
-                 state_dir: str | Path | None = None) -> "NodeConfig":
+                 state_dir: str | Path | None = None) -> NodeConfig:
         silo = Path(silo)
         state = Path(state_dir) if state_dir else silo / NODE_DIR
         return cls(
@@ -59,7 +59,7 @@ class NodeConfig:
         return self.state_dir / PIN_FILE
 
     @classmethod
-    def from_flower(cls, node_config: dict[str, Any], run_config: dict[str, Any]) -> "NodeConfig":
+    def from_flower(cls, node_config: dict[str, Any], run_config: dict[str, Any]) -> NodeConfig:
         """Deployment: ``data-path`` etc. in node_config. Simulation: partition-id → one silo."""
         if "data-path" in node_config:
             return cls.for_silo(

@@ -39,12 +39,12 @@ __all__ = ["CACHE_SIZE", "clear", "prepared_for", "stats"]
 
 CACHE_SIZE = 4096  # runs x merchants kept per process (a simulation worker serves many merchants)
 
-_BY_ROUND: "OrderedDict[tuple, Prepared]" = OrderedDict()  # (run key, round) -> this round's inputs
-_BY_RUN: "OrderedDict[tuple, Prepared]" = OrderedDict()  # run key -> the latest round's inputs
+_BY_ROUND: OrderedDict[tuple, Prepared] = OrderedDict()  # (run key, round) -> this round's inputs
+_BY_RUN: OrderedDict[tuple, Prepared] = OrderedDict()  # run key -> the latest round's inputs
 _STATS = {"round_hits": 0, "reused": 0, "computed": 0}
 
 
-def _put(cache: "OrderedDict[tuple, Prepared]", key: tuple, prep: Prepared) -> None:
+def _put(cache: OrderedDict[tuple, Prepared], key: tuple, prep: Prepared) -> None:
     cache[key] = prep
     cache.move_to_end(key)
     while len(cache) > CACHE_SIZE:
