@@ -1,6 +1,6 @@
 """A merchant node's side of federated analytics: DP answers to query messages.
 
-Registered on the fedretain ClientApp (``clients/client_app.py`` imports this module):
+Registered on the fedretain ClientApp by :func:`register` (``clients/client_app.py`` calls it):
 
 * ``query.analytics_status`` — the node's data end and analytics budget (no user data), so
   the server can refuse a query that some node cannot afford *before* anyone spends;
@@ -27,8 +27,8 @@ from fedretain.analytics.charge import PURPOSE, QueryRefused, budget_state, char
 from fedretain.analytics.mechanisms import MECHANISM, GaussianMechanism
 from fedretain.analytics.queries import QueryError, QuerySpec, exact_cells, query_inputs, users_counted
 from fedretain.analytics.results import NodeAnswer
-from fedretain.clients.client_app import app, node_for
 from fedretain.clients.node import MerchantNode
+from fedretain.clients.replies import node_for
 from fedretain.consent.gate import ConsentError
 from fedretain.privacy.accountant import PrivacyError
 from fedretain.privacy.budget import ledger_path
@@ -115,24 +115,27 @@ def _answer(msg: Message, context: Context, kind: str) -> Message:
     return _reply(msg, "answer", answer.to_config())
 
 
-@app.query(STATUS_ACTION)
 def analytics_status(msg: Message, context: Context) -> Message:
     return _reply(msg, "status", node_status(node_for(context)))
 
 
-@app.query("retention_curve")
 def retention_curve(msg: Message, context: Context) -> Message:
     return _answer(msg, context, "retention_curve")
 
 
-@app.query("repeat_rate")
 def repeat_rate(msg: Message, context: Context) -> Message:
     return _answer(msg, context, "repeat_rate")
 
 
-@app.query("spend_per_retained_user")
 def spend_per_retained_user(msg: Message, context: Context) -> Message:
     return _answer(msg, context, "spend_per_retained_user")
 
 
-__all__ = ["answer_query", "node_status", "STATUS_ACTION"]
+def register(app: Any) -> None:
+    """Register the status and query handlers on ``app`` (the fedretain ClientApp)."""
+    app.query(STATUS_ACTION)(analytics_status)
+    for handler in (retention_curve, repeat_rate, spend_per_retained_user):
+        app.query(handler.__name__)(handler)
+
+
+__all__ = ["answer_query", "node_status", "register", "STATUS_ACTION"]

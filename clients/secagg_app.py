@@ -32,7 +32,7 @@ from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fedretain.clients import client_app as regular
+from fedretain.clients import replies as regular
 from fedretain.clients.node import MerchantNode, Prepared
 from fedretain.clients.training import make_trainer
 from fedretain.clients.witnessing import install as install_witness
