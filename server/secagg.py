@@ -198,8 +198,10 @@ class _RecordedStrategy(LegacyFedAvg):
         records = [RecordDict({"metrics": MetricRecord({k: v for k, v in m.items() if not isinstance(v, str)})})
                    for _, _, m in decoded]
         evaluate = evaluation_metrics(records)
+        failed = [{"phase": "evaluate", "error": str(f), "merchant_id": "?", "num_examples": None, "epsilon": None}
+                  for f in failures]  # kept in the record: a missing evaluation must say why
         self._finish_round(server_round, evaluate, [node_entry(p, "evaluate", r.num_examples, m)
-                                                    for p, r, m in decoded])
+                                                    for p, r, m in decoded] + failed)
         return float(evaluate.get("log_loss", float("nan"))), evaluate
 
     def _arrayrecord(self):

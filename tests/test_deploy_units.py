@@ -450,11 +450,14 @@ def test_supernode_status_comes_from_flowers_records_not_its_log_text(tmp_path):
     status = flower.SupernodeStatus(tmp_path / "status.json")
     log = flower_logger()
     log.addHandler(status)
+    level = log.level
+    log.setLevel("INFO")  # as the launcher makes sure; another test may have left Flower's logger quieter
     try:
         log.info("SuperNode ID: %s", 1234567)
         log.error("Exit Code: 305\nConnection to the SuperLink failed")
     finally:
         log.removeHandler(status)
+        log.setLevel(level)
     assert flower.read_supernode_status(tmp_path / "status.json") == {"node_id": "1234567", "exit_code": 305}
 
 

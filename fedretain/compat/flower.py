@@ -299,6 +299,8 @@ def run_supernode(args: list[str], *, poll_interval: float | None = None, heartb
         from flwr.supercore.logger import FLOWER_LOGGER
 
         FLOWER_LOGGER.addHandler(SupernodeStatus(status_file))
+        if FLOWER_LOGGER.getEffectiveLevel() > logging.INFO:  # the id is logged at INFO: it must reach the handler
+            FLOWER_LOGGER.setLevel(logging.INFO)
     if parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
