@@ -142,6 +142,10 @@ def pooled_metrics(releases: list[tuple[np.ndarray, np.ndarray, float]], draws: 
     total = p.sum() + n.sum()
     out: dict[str, float] = {"num-examples": float(total), "hist-noise-sd": noise_sd}
     if total <= 0 or p.sum() <= 0 or n.sum() <= 0:
+        # too few held-out users for this ε: the noisy class totals are not positive, so no metric
+        # is published (a ratio of noise would be meaningless); the record says why
+        out["auc-status"] = ("suppressed: a noisy class total is not positive (too few held-out customers "
+                             "for the evaluation ε; raise eval-epsilon or evaluate on more customers)")
         return out
     raw = _auc(p, n)
     auc = min(max(raw, 0.0), 1.0) if math.isfinite(raw) else raw  # noise can push the ratio past [0, 1]

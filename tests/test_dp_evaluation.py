@@ -140,3 +140,14 @@ def test_bundles_keep_the_transform_and_old_bundles_still_load(tmp_path):
     legacy = ModelBundle.load(tmp_path / "old.pt").standardizer
     assert legacy.lower is None and legacy.transform(np.array([[5.0, 0, 0]]))[0, 0] == 5.0
     assert isinstance(legacy, Standardizer)
+
+
+def test_a_negative_noisy_class_total_publishes_no_metric_and_says_why():
+    """Noise can push a small node's class total below 0: no AUC of noise, a reason in the record instead."""
+    from fedretain.dp_evaluation import pooled_metrics
+
+    pos = np.full(12, -2.0)
+    neg = np.full(12, 10.0)
+    out = pooled_metrics([(pos, neg, 20.0)])
+    assert "auc" not in out and out["auc-status"].startswith("suppressed")
+    assert out["hist-noise-sd"] == 20.0

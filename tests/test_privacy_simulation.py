@@ -122,7 +122,11 @@ def test_local_dp_models_summed_under_secagg_plus(tmp_path, silos):
         nodes = _train_nodes(entry)
         assert len(nodes) == 3 and all(0 < n["epsilon"] <= 3.0 for n in nodes)
     final = rec["rounds"][-1]["evaluate"]  # DP runs evaluate the final model only (a noisy histogram)
-    assert final["num-examples"] > 0 and final["auc-low"] <= final["auc"] <= final["auc-high"]
+    assert final["hist-noise-sd"] > 0
+    if "auc-status" in final:  # tiny test silos: the noise can make a class total negative; then nothing is published
+        assert final["auc-status"].startswith("suppressed") and "auc" not in final
+    else:
+        assert final["num-examples"] > 0 and final["auc-low"] <= final["auc"] <= final["auc-high"]
     first, last = (ModelBundle.load(Path(r["checkpoint"])).state_dict for r in rec["rounds"])
     assert any(not torch.equal(first[k], last[k]) for k in first)
     for silo in silos:
