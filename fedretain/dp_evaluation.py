@@ -123,7 +123,7 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def pooled_metrics(releases: list[tuple[np.ndarray, np.ndarray, float]], draws: int = 200,
-                   seed: int = 0) -> dict[str, float]:
+                   seed: int = 0) -> dict[str, float | str]:
     """Round metrics from the nodes' histograms (each ``(pos, neg, noise_sd)``).
 
     AUC, log loss, Brier score and base rate use the noisy counts as they are (the noise
@@ -140,7 +140,7 @@ def pooled_metrics(releases: list[tuple[np.ndarray, np.ndarray, float]], draws: 
     noise_sd = math.sqrt(sum(float(r[2]) ** 2 for r in releases))
     p, n = pos, neg
     total = p.sum() + n.sum()
-    out: dict[str, float] = {"num-examples": float(total), "hist-noise-sd": noise_sd}
+    out: dict[str, float | str] = {"num-examples": float(total), "hist-noise-sd": noise_sd}
     if total <= 0 or p.sum() <= 0 or n.sum() <= 0:
         # too few held-out users for this ε: the noisy class totals are not positive, so no metric
         # is published (a ratio of noise would be meaningless); the record says why
