@@ -21,6 +21,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedretain.atomic import write_atomic
 from fedretain.clients.node import NodeConfig
 from fedretain.models import ModelBundle
 from fedretain.protocol import DELIVER_ACTION, DELIVERY_RECORD
@@ -41,20 +42,6 @@ def models_dir(config: NodeConfig) -> Path:
 def latest_model(state_dir: str | Path) -> Path:
     """Where the latest delivered model of a node lives (``fedretain score``'s default)."""
     return Path(state_dir) / MODELS_DIR / LATEST
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def verify(cfg: ConfigRecord, scratch: Path) -> tuple[bytes, str, str, int]:
@@ -99,8 +86,8 @@ def save_delivery(config: NodeConfig, cfg: ConfigRecord) -> tuple[Path, str, str
     folder.mkdir(parents=True, exist_ok=True)
     data, digest, run_id, rnd = verify(cfg, folder)
     path = folder / f"{run_id}.pt"
-    _write_atomic(path, data)
-    _write_atomic(folder / LATEST, data)
+    write_atomic(path, data)
+    write_atomic(folder / LATEST, data)
     return path, digest, run_id, rnd
 
 

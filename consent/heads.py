@@ -36,11 +36,7 @@ class LedgerHead:
 
     def verify(self, public_key: Ed25519PublicKey) -> bool:
         """Is this head signed by ``public_key``? (For servers holding the node's public key.)"""
-        try:
-            sig = bytes.fromhex(self.signature)
-        except ValueError:
-            return False
-        return signing.verify_signature(public_key, sig, self.checkpoint())
+        return signing.verify_hex_signature(public_key, self.signature, self.checkpoint())
 
     def to_dict(self) -> dict[str, Any]:
         return {"size": self.size, "root_hex": self.root_hex, "signature": self.signature,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedretain.atomic import write_atomic
 
 from . import signing
 from .audit import VerifyResult, _Bad, _check_columns
@@ -59,17 +60,7 @@ def _load(path: Path) -> VerifiedHead | None:
 
 
 def _save(path: Path, state: VerifiedHead) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(asdict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, json.dumps(asdict(state)).encode("utf-8"))
 
 
 def _pub(ledger: Any, public_key: Ed25519PublicKey | None) -> Ed25519PublicKey:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 __all__ = [
     "KeyFileError",
+    "verify_hex_signature",
     "generate_key",
     "save_private_key",
     "load_private_key",
@@ -135,3 +136,12 @@ def verify_signature(key: Ed25519PublicKey, signature: bytes, message: bytes) ->
     except InvalidSignature:
         return False
     return True
+
+
+def verify_hex_signature(key: Ed25519PublicKey, signature_hex: str, message: bytes) -> bool:
+    """:func:`verify_signature` for a hex-encoded signature (how ledger heads store it); bad hex is invalid."""
+    try:
+        sig = bytes.fromhex(signature_hex)
+    except ValueError:
+        return False
+    return verify_signature(key, sig, message)

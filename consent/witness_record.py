@@ -73,11 +73,7 @@ class SignedHead:
         return f"{self.format}\n{self.controller}\n{self.size}\n{self.root}\n{self.timestamp}".encode()
 
     def verify(self, public_key: Ed25519PublicKey) -> bool:
-        try:
-            sig = bytes.fromhex(self.signature)
-        except ValueError:
-            return False
-        return signing.verify_signature(public_key, sig, self.checkpoint())
+        return signing.verify_hex_signature(public_key, self.signature, self.checkpoint())
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "format": self.format, "controller": self.controller, "size": self.size,

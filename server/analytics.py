@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +31,7 @@ from flwr.serverapp import Grid
 from fedretain.analytics.intervals import IntervalPolicy
 from fedretain.analytics.queries import QueryError, QuerySpec
 from fedretain.analytics.results import NodeAnswer, QueryResult, combine
+from fedretain.atomic import write_atomic
 
 log = logging.getLogger("fedretain.server.analytics")
 
@@ -207,18 +206,7 @@ class FederatedQuery:
 
 # -- outputs ------------------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=0o644)  # outputs are for people to read
 
 
 def _jsonable(v: Any) -> Any:
