@@ -290,9 +290,15 @@ class LocalDeployment:
         return self.config_path
 
     # -- processes ---------------------------------------------------------------------------
-    def start_platform(self, *, resume: bool = False) -> dict[str, Any]:
+    def start_platform(self, *, resume: bool = False, submit: bool = True) -> dict[str, Any]:
+        """Start the platform; ``submit=False`` starts it without a run (``server start --no-run``)."""
         self.platform = Platform(PlatformConfig.load(self.config_path))
-        return self.platform.start(resume=resume, echo=self.echo)
+        return self.platform.start(resume=resume, echo=self.echo, submit=submit)
+
+    def submit_run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Submit the run to the platform started with ``submit=False`` (``server run``)."""
+        assert self.platform is not None, "start_platform(submit=False) first"
+        return self.platform.submit_run(resume=resume, echo=self.echo)
 
     def start_node(self, i: int, *, key: Path | None = None, insecure: bool = False,
                    extra: tuple[str, ...] = ()) -> NodeProcess:
@@ -384,6 +390,21 @@ class LocalDeployment:
                 tails = "\n".join(f"--- node {i} ---\n{n.output()[-1500:]}" for i, n in self.nodes.items())
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; run: {prog}\n{tails}")
             time.sleep(0.5)
+
+    def wait_online(self, n: int, timeout: float = 300) -> list[dict[str, Any]]:
+        """Wait until the SuperLink lists ``n`` nodes as online (before a run is submitted)."""
+        from fedretain.server.platform_keys import CONNECTION
+
+        assert self.platform is not None, "start the platform first"
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.platform.flwr_json("supernode", "ls", CONNECTION, timeout=60).get("nodes", [])
+            online = [nd for nd in nodes if str(nd.get("status", "")).lower() == "online"]
+            if len(online) >= n:
+                return online
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {n} online nodes; {nodes}")
+            time.sleep(1.0)
 
     def wait_round(self, n: int, timeout: float = 300) -> dict[str, Any]:
         return self.wait_for(lambda p: p.get("last_round", 0) >= n, timeout, f"round {n}")

@@ -57,6 +57,7 @@ from fedretain.server.run_progress import format_round, record_run_id, run_progr
 STATE_FILE = "platform.json"
 STOP_GRACE_S = 10.0
 CLI_TIMEOUT_S = 120.0
+PORT_RELEASE_WAIT_S = 20.0  # a crashed SuperLink's port can stay bound for a moment
 
 
 def _now() -> str:
@@ -233,7 +234,7 @@ class Platform:
                  "use only for local experiments")
         for note in notes:
             echo(note)
-        if not can_bind(self.config.host, self.config.port):
+        if not self._port_free(echo):
             raise PlatformError(f"port {self.config.port} on {self.config.host} is already in use"
                                 f"{port_owner(self.config.port)}")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -271,6 +272,18 @@ class Platform:
             self.stop(echo=lambda _m: None)
             raise
         return state
+
+    def _port_free(self, echo: Callable[[str], None], wait_s: float = PORT_RELEASE_WAIT_S) -> bool:
+        """Is the platform port free? A platform that just crashed may hold it a few seconds more."""
+        deadline = time.monotonic() + wait_s
+        if can_bind(self.config.host, self.config.port):
+            return True
+        echo(f"port {self.config.port} is in use; waiting up to {wait_s:.0f} s for it to be released ...")
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if can_bind(self.config.host, self.config.port):
+                return True
+        return False
 
     def _wait_ready(self, proc: subprocess.Popen, log_path: Path) -> None:
         deadline = time.monotonic() + self.config.ready_timeout

@@ -219,9 +219,13 @@ def test_node_killed_in_round_2_run_completes_and_node_rejoins(tmp_path, synth_s
     rounds = 10  # a round takes about a second: enough later rounds for the restarted node to be back
     dep = _deployment(tmp_path, synth_silos, request, rounds=rounds, min_nodes=2, heartbeat_interval=10,
                       run={"round-timeout": 120.0, "node-wait-timeout": 60.0})
-    dep.start_platform()
+    # with min-nodes 2 a run submitted at once may start round 1 before the third node is up:
+    # start the platform without a run, wait for all three nodes, then submit (`server run`)
+    dep.start_platform(submit=False)
     for i in range(3):
         dep.start_node(i)
+    dep.wait_online(3, timeout=180)
+    dep.submit_run()
     victim = 2
     log = dep.silos[victim] / ".node" / "logs" / "supernode.log"
     _wait_log(log, r"Receiving: train message", 2, timeout=300)  # round 2's train message arrived
