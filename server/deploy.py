@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -203,7 +204,8 @@ class Platform:
 
     def superlink_command(self) -> list[str]:
         cfg = self.config
-        cmd = [_script("flower-superlink"), "--host", cfg.host, "--port", str(cfg.port),
+        # Flower's `flower-superlink`, started through fedretain.compat.superlink for log lines without colours
+        cmd = [sys.executable, "-m", "fedretain.compat.superlink", "--host", cfg.host, "--port", str(cfg.port),
                "--disable-runtime-dependency-installation"]
         if cfg.database != "memory":
             cmd += ["--database", cfg.database]
