@@ -8,11 +8,11 @@ file the ClientApp reads (:meth:`fedretain.clients.node.NodeConfig.from_flower`)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedretain.atomic import write_atomic
 from fedretain.compat.flower import HEARTBEAT_MAX_S, HEARTBEAT_MIN_S
 
 EXECUTORS = ("warm", "subprocess")
@@ -110,11 +110,7 @@ def write_node_config(settings: NodeSettings) -> Path:
     import tomli_w
 
     settings.state.mkdir(parents=True, exist_ok=True)
-    path = settings.state / "node.toml"
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_bytes(tomli_w.dumps(settings.node_config()).encode())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(settings.state / "node.toml", tomli_w.dumps(settings.node_config()).encode())
 
 
 

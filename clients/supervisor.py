@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedretain.atomic import write_atomic
 from fedretain.clients.node_settings import NodeSettings, NodeSetupError, write_node_config
 from fedretain.clients.preflight import preflight, probe_server
 from fedretain.clients.warm_executor import WarmExecutor
@@ -162,9 +163,8 @@ class _Session:
         now = time.time()
         if now - self._written < self.WRITE_EVERY_S:
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"server": self.server, "key": self.key, "node_id": node_id, "alive_at": now}))
-        os.replace(tmp, self.path)
+        status = {"server": self.server, "key": self.key, "node_id": node_id, "alive_at": now}
+        write_atomic(self.path, json.dumps(status).encode("utf-8"))
         self._written = now
 
     def still_listed(self) -> float:

@@ -35,6 +35,7 @@ from typing import Any
 
 from flwr.app import Context, Message
 
+from fedretain.atomic import write_atomic
 from fedretain.protocol import DELIVERY_ACK_KEYS
 
 AUDIT_ENV = "FEDRETAIN_EGRESS_AUDIT"
@@ -256,11 +257,7 @@ def audit_copy(folder: str | Path, msg: Message, reply: Message, mode: str, cont
              "node_config": {k: str(v) for k, v in dict(context.node_config).items()}, "time": time.time(),
              "error": str(reply.error.reason) if reply.has_error() else None, "records": records}
     out = Path(folder) / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, json.dumps(entry).encode("utf-8"))
 
 
 def requires_dp(context: Context) -> bool:

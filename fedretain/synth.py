@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from fedretain.atomic import write_atomic
 from fedretain.consent.vocab import SCOPES, check_purpose, check_scopes
 from fedretain.ingest import write_table
 from fedretain.schema import CHANNELS, EVENT_COLUMN_NAMES, EVENT_TYPES, MEMBER_TIERS, REFERRALS, USER_COLUMN_NAMES
@@ -370,17 +370,7 @@ def simulate(n_merchants: int = 5, n_users: int = 20_000, seed: int = 0, *, data
 
 def _write_json(obj: dict, path: Path) -> None:
     """JSON through a temp file and ``os.replace``: a reader never sees half a ``merchant.json``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(obj, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"), mode=0o644)
 
 
 def write_silo(path: str | os.PathLike, merchant: dict, events: pd.DataFrame, users: pd.DataFrame,

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedretain.atomic import write_atomic
 from fedretain.procs import (
     MissingTool,
     ProcRef,
@@ -67,10 +68,7 @@ def _now() -> str:
 
 def write_run_log(path: Path, text: str) -> Path:
     """Write a run log atomically, without ANSI colour codes (logs are read in editors and greps)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(strip_ansi(text), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, strip_ansi(text).encode("utf-8"))
 
 
 def _script(name: str) -> str:

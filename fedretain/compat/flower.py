@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from typing import Any
 
 from flwr.common import constant as _constant
 
+from fedretain.atomic import write_atomic
 from fedretain.compat import CompatError, check_versions
 
 check_versions()
@@ -261,9 +261,7 @@ class SupernodeStatus(logging.Handler):
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.status).encode("utf-8"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
