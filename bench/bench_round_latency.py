@@ -1,7 +1,7 @@
 """Per-round overhead of a deployed fedretain run: 3 merchant nodes + platform on loopback.
 
 Starts the platform (SuperLink, TLS, node authentication) and the merchant nodes as
-separate processes (the same :class:`fedretain.demo.LocalDeployment` the
+separate processes (the same :class:`fedretain.demo.deployment.LocalDeployment` the
 demo and the end-to-end tests use), runs R rounds per configuration and prints, for
 rounds 2..R (round 1 includes first-time ingest and imports):
 
@@ -37,7 +37,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedretain.demo import LocalDeployment
+from fedretain.demo.deployment import LocalDeployment
 from fedretain.procs import descendants
 
 CONFIGS = {

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,28 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+def wait_port_free(host: str, port: int, wait_s: float, echo: Callable[[str], None]) -> bool:
+    """Could a server bind ``host:port`` within ``wait_s`` seconds? (Says once that it waits.)"""
+    if can_bind(host, port):
+        return True
+    echo(f"port {port} is in use; waiting up to {wait_s:.0f} s for it to be released ...")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if can_bind(host, port):
+            return True
+    return False
+
+
+def stop_signal_handlers(on_stop: Callable[[], None]) -> dict[int, Any]:
+    """Install SIGTERM/SIGINT handlers that run ``on_stop`` (returns the old handlers)."""
+    def handler(signum: int, _frame: Any) -> None:
+        on_stop()
+        raise SystemExit(128 + signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
 def stop_tree(ref: ProcRef, grace: float = STOP_GRACE_S, *, crash: bool = False) -> bool:
     """SIGTERM ``ref`` and its descendants, SIGKILL whatever is left after ``grace`` s.
 
@@ -253,5 +276,6 @@ def terminate(proc: subprocess.Popen[Any], grace: float = STOP_GRACE_S, group: b
 
 __all__ = [
     "STOP_GRACE_S", "MissingTool", "ProcRef", "can_bind", "descendants", "flower_env", "flower_script", "free_port",
-    "port_open", "port_owner", "proc_start_time", "running", "stop_tree", "strip_ansi", "terminate",
+    "port_open", "port_owner", "proc_start_time", "running", "stop_signal_handlers", "stop_tree", "strip_ansi",
+    "terminate", "wait_port_free",
 ]

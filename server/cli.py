@@ -72,7 +72,7 @@ def start(config: Path, foreground: bool, resume: bool, run_id: str | None, inse
 
 
 def _follow(platform, config: Path, foreground: bool, timeout: float | None) -> None:
-    from fedretain.server.deploy import stop_signal_handlers
+    from fedretain.procs import stop_signal_handlers
 
     if not foreground:
         click.echo(f"running in the background; `fedretain server status --config {config}` to follow, "

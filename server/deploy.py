@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,13 +37,13 @@ from fedretain.atomic import write_atomic
 from fedretain.procs import (
     MissingTool,
     ProcRef,
-    can_bind,
     flower_env,
     flower_script,
     port_open,
     port_owner,
     stop_tree,
     strip_ansi,
+    wait_port_free,
 )
 from fedretain.server.platform_config import (
     DEFAULT_PORT,
@@ -234,7 +233,8 @@ class Platform:
                  "use only for local experiments")
         for note in notes:
             echo(note)
-        if not self._port_free(echo):
+        # a platform that just crashed may hold its port a few seconds more
+        if not wait_port_free(self.config.host, self.config.port, PORT_RELEASE_WAIT_S, echo):
             raise PlatformError(f"port {self.config.port} on {self.config.host} is already in use"
                                 f"{port_owner(self.config.port)}")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -272,18 +272,6 @@ class Platform:
             self.stop(echo=lambda _m: None)
             raise
         return state
-
-    def _port_free(self, echo: Callable[[str], None], wait_s: float = PORT_RELEASE_WAIT_S) -> bool:
-        """Is the platform port free? A platform that just crashed may hold it a few seconds more."""
-        deadline = time.monotonic() + wait_s
-        if can_bind(self.config.host, self.config.port):
-            return True
-        echo(f"port {self.config.port} is in use; waiting up to {wait_s:.0f} s for it to be released ...")
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            if can_bind(self.config.host, self.config.port):
-                return True
-        return False
 
     def _wait_ready(self, proc: subprocess.Popen, log_path: Path) -> None:
         deadline = time.monotonic() + self.config.ready_timeout
@@ -442,18 +430,7 @@ class Platform:
         return stopped
 
 
-def stop_signal_handlers(on_stop: Callable[[], None]) -> dict[int, Any]:
-    """Install SIGTERM/SIGINT handlers that run ``on_stop`` (returns the old handlers)."""
-    def handler(signum: int, _frame: Any) -> None:
-        on_stop()
-        raise SystemExit(128 + signum)
-
-    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-
-
 __all__ = [
     "node_merchant", "register_args", "write_run_log", "key_name",
     "CONNECTION", "DEFAULT_PORT", "Platform", "PlatformConfig", "PlatformError", "format_round", "run_progress",
-    "stop_signal_handlers",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedretain.demo import LocalDeployment
+from fedretain.demo.deployment import LocalDeployment
 
 pytestmark = pytest.mark.heavy
 
@@ -290,7 +290,7 @@ def test_server_restart_resumes_from_checkpoint(tmp_path, synth_silos, request):
 
 def test_deploy_demo_stops_everything(tmp_path, synth_silos):
     """``run_deploy_demo`` leaves no process behind (checked by pid start times from its state)."""
-    from fedretain.demo import run_deploy_demo
+    from fedretain.demo.deployment import run_deploy_demo
 
     shutil.copytree(synth_silos[0].parent, tmp_path / "silos")
     summary = run_deploy_demo(tmp_path, rounds=1, echo=lambda _m: None)

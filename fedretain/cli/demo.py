@@ -29,7 +29,7 @@ def demo(workspace: Path, quick: bool, merchants: int | None, users: int | None,
          deploy: bool) -> None:
     """Run the whole pipeline on synthetic merchants and write report.html and run.json."""
     if deploy:
-        from fedretain.demo import run_deploy_demo
+        from fedretain.demo.deployment import run_deploy_demo
 
         summary = run_deploy_demo(workspace, merchants=merchants or 3, users=users or 1500, rounds=rounds or 3,
                                   echo=lambda m: console.print(m, markup=False))
