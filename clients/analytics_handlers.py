@@ -171,7 +171,7 @@ def analytics_status(msg: Message, context: Context) -> Message:
 
 def analytics_size(msg: Message, context: Context) -> Message:
     node = node_for(context)
-    cfg = msg.content["query"] if "query" in msg.content else {}
+    cfg: Any = msg.content["query"] if "query" in msg.content else {}
     try:
         if "query" not in msg.content:
             raise QueryError("the message carries no 'query' record")

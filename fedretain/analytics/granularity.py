@@ -316,9 +316,10 @@ def choose(spec: QuerySpec, auto: AutoSettings, size: SizeEstimate, split: Budge
 def reason(choice: Choice, auto: AutoSettings, policy: IntervalPolicy) -> str:
     """Why this grid, in words (for the result JSON and the CLI)."""
     if choice.met_target:
-        return (f"of {choice.considered} grids considered, the one with the most figures expected to be publishable "
-                f"(≈{choice.figures:.0f} per-cohort figures, denominator above {policy.min_snr:g} noise sd) among those "
-                f"expected to publish at least {auto.target:.0%} of their figures: expected {choice.expected_share:.0%}")
+        return (f"of {choice.considered} grids considered, the one with the most figures expected to be "
+                f"publishable (≈{choice.figures:.0f} per-cohort figures, denominator above {policy.min_snr:g} noise "
+                f"sd) among those expected to publish at least {auto.target:.0%} of their figures: expected "
+                f"{choice.expected_share:.0%}")
     return (f"no grid of the {choice.considered} considered is expected to publish {auto.target:.0%} of its "
             f"figures; this one publishes the largest share (expected {choice.expected_share:.0%}): the shop is "
             f"small for this ε")

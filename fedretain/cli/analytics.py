@@ -160,7 +160,8 @@ class _CountOrAuto(click.ParamType):
               help="Following periods per cohort, or auto.")
 @click.option("--cohorts", default=AUTO, show_default=True, type=_CountOrAuto(),
               help="Most recent cohorts to include, or auto.")
-@click.option("--size-share", default=DEFAULT_SIZE_SHARE, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
+@click.option("--size-share", default=DEFAULT_SIZE_SHARE, show_default=True,
+              type=click.FloatRange(0, 0.5, min_open=True),
               help="auto: share of ε spent on the noisy size release that chooses the grid (raised to what the "
                    "accountant can calibrate, about ε=0.2); the query gets the rest.")
 @click.option("--auto-target", default=DEFAULT_TARGET, show_default=True,
