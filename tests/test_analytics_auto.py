@@ -152,6 +152,12 @@ def test_choice_respects_explicit_counts_and_falls_back_when_no_grid_reaches_the
     fixed = choose(spec, AutoSettings(period=False, periods=False, cohorts=True), ample, split, POLICY)
     assert (fixed.period, fixed.periods) == ("month", 6) and fixed.met_target  # only the cohorts were auto
     assert choose(spec, auto, ample, split, POLICY).figures >= fixed.figures
+    # a breakdown with a tiny group: the group no grid can publish does not force the coarsest grid on the rest
+    two = SizeEstimate(pd.concat([ample.counts.assign(group="organic"), counts.assign(group="unknown", value=2.0)]),
+                       1)
+    split_by = choose(replace(spec, by="referral"), auto, two, split, POLICY)
+    assert split_by.met_target and split_by.small_groups == ("unknown",) and split_by.figures > 5
+    assert "unknown have too few users for any grid" in reason(split_by, auto, POLICY)
 
 
 def test_budget_split_is_stated_and_fails_clearly_when_too_small():

@@ -219,6 +219,7 @@ class Choice:
     figures: float  # per-cohort retention figures expected to be publishable (over groups)
     met_target: bool
     considered: int
+    small_groups: tuple[str, ...] = ()  # groups no grid can publish: not counted in the share
 
     def summary(self, size: SizeEstimate, split: BudgetSplit) -> str:
         unit = "monthly" if self.period == "month" else "weekly"
@@ -253,76 +254,95 @@ def _grid(spec: QuerySpec, period: str, size: SizeEstimate) -> list[tuple[int, d
     return out
 
 
-def expected_share(grid: list[tuple[int, dict[str, float]]], cohorts: int, periods: int, noise_sd: float,
-                   min_snr: float) -> tuple[float, float]:
-    """(expected share of publishable figures, expected publishable per-cohort figures) of a grid.
+GroupStats = dict[str, tuple[float, float, float]]  # group -> (expected shown, figures, expected shown per-cohort)
 
-    The grid is the newest ``cohorts`` cohorts followed for ``periods`` periods.
 
-    ``noise_sd`` is the pooled noise sd of one count cell. A figure is published when its noisy
-    denominator exceeds ``min_snr`` sd: probability Φ(μ/sd − min_snr). Per-cohort figures share
-    their cohort's size; the pooled curve at period k sums the cohorts observed for k periods.
+def expected_figures(grid: list[tuple[int, dict[str, float]]], cohorts: int, periods: int, noise_sd: float,
+                     min_snr: float) -> GroupStats:
+    """Per group: (figures expected to be publishable, figures, of which per-cohort publishable) of a grid.
+
+    The grid is the newest ``cohorts`` cohorts followed for ``periods`` periods. ``noise_sd`` is
+    the pooled noise sd of one count cell. A figure is published when its noisy denominator
+    exceeds ``min_snr`` sd: probability Φ(μ/sd − min_snr). Per-cohort figures share their
+    cohort's size; the pooled curve at period k sums the cohorts observed for k periods.
     """
     phi = NormalDist().cdf
     cells = grid[:cohorts]
-    groups = list(cells[0][1]) if cells else []
-    shown = total = figures = 0.0
-    for g in groups:
+    out: GroupStats = {}
+    for g in (list(cells[0][1]) if cells else []):
         obs = [min(periods, o) for o, _ in cells]
         mu = [s[g] for _, s in cells]
-        for o, m in zip(obs, mu):
-            shown += o * phi(m / noise_sd - min_snr)
-            total += o
-            figures += o * phi(m / noise_sd - min_snr)
+        per_cohort = sum(o * phi(m / noise_sd - min_snr) for o, m in zip(obs, mu))
+        shown, total = per_cohort, float(sum(obs))
         for k in range(1, max(obs, default=0) + 1):
             pooled = [m for o, m in zip(obs, mu) if o >= k]
             shown += phi(sum(pooled) / (noise_sd * math.sqrt(len(pooled))) - min_snr)
             total += 1
-    return (shown / total if total else 0.0), figures
+        out[g] = (shown, total, per_cohort)
+    return out
+
+
+def _share(stats: GroupStats, groups: set[str]) -> tuple[float, float]:
+    """(expected share of publishable figures, expected publishable per-cohort figures) over ``groups``."""
+    shown = sum(v[0] for g, v in stats.items() if g in groups)
+    total = sum(v[1] for g, v in stats.items() if g in groups)
+    return (shown / total if total else 0.0), sum(v[2] for g, v in stats.items() if g in groups)
 
 
 def choose(spec: QuerySpec, auto: AutoSettings, size: SizeEstimate, split: BudgetSplit,
            policy: IntervalPolicy) -> Choice:
     """The grid with the most figures expected to be publishable, among those expected to publish at least
-    ``auto.target`` of their figures (``spec`` has its end). A cohort expected to be empty adds no publishable
-    figure but lowers the share, so it is not chosen."""
+    ``auto.target`` of their figures (``spec`` has its end).
+
+    A cohort expected to be empty adds no publishable figure but lowers the share, so it is not
+    chosen. A group that no grid can publish (``--by`` with a tiny group, e.g. ``unknown``) is left
+    out of the share and named in :attr:`Choice.small_groups`: its figures stay suppressed whatever
+    the grid, and counting them would only force the coarsest grid on the other groups.
+    """
     sigma = noise_multiplier(split.query_epsilon, split.query_delta)
-    best: Choice | None = None
-    fallback: Choice | None = None
-    considered = 0
+    cands: list[tuple[str, int, int, GroupStats]] = []
     for period in (PERIOD_DAYS if auto.period else (spec.period,)):
         grid = _grid(spec, period, size)
         most = len(grid)
         for c in (range(1, most + 1) if auto.cohorts else (min(spec.cohorts, most),)):
             top = max((o for o, _ in grid[:c]), default=0)
             for p in (range(1, top + 1) if auto.periods else (spec.periods,)):
-                considered += 1
-                cells_per_user = 1 + min(p, top)
-                sd = sigma * math.sqrt(cells_per_user) * math.sqrt(size.n_merchants)
-                share, figures = expected_share(grid, c, p, sd, policy.min_snr)
-                ch = Choice(period, c if auto.cohorts else spec.cohorts, p, share, figures, share >= auto.target,
-                            0)
-                key = (round(figures, 6), share)
-                if ch.met_target and (best is None or key > (round(best.figures, 6), best.expected_share)):
-                    best = ch
-                if fallback is None or (share, -figures) > (fallback.expected_share, -fallback.figures):
-                    fallback = ch
-    chosen = best or fallback
-    if chosen is None:
+                sd = sigma * math.sqrt(1 + min(p, top)) * math.sqrt(size.n_merchants)
+                cands.append((period, c if auto.cohorts else spec.cohorts, p,
+                              expected_figures(grid, c, p, sd, policy.min_snr)))
+    if not cands:
         raise QueryError("auto granularity found no cohort observed before the query end")
-    return replace(chosen, considered=considered)
+    groups = {g for *_, st in cands for g in st}
+    reachable = {g for g in groups if any(st[g][1] and st[g][0] / st[g][1] >= auto.target for *_, st in cands)}
+    counted = reachable or groups
+    best: Choice | None = None
+    fallback: Choice | None = None
+    for period, c, p, st in cands:
+        share, figures = _share(st, counted)
+        ch = Choice(period, c, p, share, figures, share >= auto.target, len(cands),
+                    tuple(sorted(groups - counted)))
+        key = (round(figures, 6), share)
+        if ch.met_target and (best is None or key > (round(best.figures, 6), best.expected_share)):
+            best = ch
+        if fallback is None or (share, -figures) > (fallback.expected_share, -fallback.figures):
+            fallback = ch
+    chosen = best or fallback
+    assert chosen is not None
+    return chosen
 
 
 def reason(choice: Choice, auto: AutoSettings, policy: IntervalPolicy) -> str:
     """Why this grid, in words (for the result JSON and the CLI)."""
+    small = (f"; group(s) {', '.join(choice.small_groups)} have too few users for any grid (their figures stay "
+             f"suppressed) and are not counted" if choice.small_groups else "")
     if choice.met_target:
         return (f"of {choice.considered} grids considered, the one with the most figures expected to be "
                 f"publishable (≈{choice.figures:.0f} per-cohort figures, denominator above {policy.min_snr:g} noise "
                 f"sd) among those expected to publish at least {auto.target:.0%} of their figures: expected "
-                f"{choice.expected_share:.0%}")
+                f"{choice.expected_share:.0%}{small}")
     return (f"no grid of the {choice.considered} considered is expected to publish {auto.target:.0%} of its "
             f"figures; this one publishes the largest share (expected {choice.expected_share:.0%}): the shop is "
-            f"small for this ε")
+            f"small for this ε{small}")
 
 
 def auto_record(choice: Choice, auto: AutoSettings, size: SizeEstimate, split: BudgetSplit,
@@ -333,7 +353,8 @@ def auto_record(choice: Choice, auto: AutoSettings, size: SizeEstimate, split: B
         "summary": choice.summary(size, split), "auto": auto.names(),
         "chosen": {"period": choice.period, "cohorts": choice.cohorts, "periods": choice.periods},
         "expected_publishable_share": choice.expected_share, "target_share": auto.target,
-        "met_target": choice.met_target, "reason": reason(choice, auto, policy),
+        "met_target": choice.met_target, "groups_too_small": list(choice.small_groups),
+        "reason": reason(choice, auto, policy),
         "noisy_users": max(size.total, 0.0), "noisy_users_sd": size.total_sd,
         "noisy_users_by_group": {str(g): max(float(v), 0.0) for g, v in by_group.items()},
         "size_buckets_days": list(SIZE_EDGES), "size_release_id": release_id, "size_share": auto.size_share,
