@@ -166,8 +166,8 @@ class _CountOrAuto(click.ParamType):
                    "accountant can calibrate, about ε=0.2); the query gets the rest.")
 @click.option("--auto-target", default=DEFAULT_TARGET, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="auto: the most detailed grid whose figures are expected to be publishable for at least this "
-                   "share.")
+              help="auto: choose the grid with the most figures among those expected to publish at least this "
+                   "share of their figures.")
 def retention_curve(period: str, periods: int | str, cohorts: int | str, size_share: float, auto_target: float,
                     **opts: Any) -> None:
     """Share of each first-purchase cohort that buys again in each following period.
