@@ -4,6 +4,9 @@ Registered on the fedretain ClientApp by :func:`register` (``clients/client_app.
 
 * ``query.analytics_status`` — the node's data end and analytics budget (no user data), so
   the server can refuse a query that some node cannot afford *before* anyone spends;
+* ``query.analytics_size`` — :func:`answer_size`: with auto granularity, the noisy size of the
+  query's users (per group and first-purchase age, :mod:`fedretain.analytics.granularity`),
+  charged under ``<query id>-size`` only if the budget also covers the query that follows;
 * ``query.retention_curve``, ``query.repeat_rate``, ``query.spend_per_retained_user`` —
   :func:`answer_query`: consent gate (purpose ``analytics``) → exact cells of the users who
   granted every scope the query reads → charge (ε, δ) to the privacy budget ledger → Gaussian
@@ -17,6 +20,7 @@ nothing is released and nothing is charged.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,6 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedretain.analytics.charge import PURPOSE, QueryRefused, budget_state, charge_query
+from fedretain.analytics.granularity import SIZE_ACTION, SIZE_MODE, SizeAnswer, size_cells
 from fedretain.analytics.mechanisms import MECHANISM, GaussianMechanism
 from fedretain.analytics.queries import QueryError, QuerySpec, exact_cells, query_inputs, users_counted
 from fedretain.analytics.results import NodeAnswer
@@ -95,6 +100,51 @@ def answer_query(node: MerchantNode, spec: QuerySpec) -> NodeAnswer:
                       mechanism.noise_multiplier, mechanism.l2_sensitivity, MECHANISM)
 
 
+def answer_size(node: MerchantNode, spec: QuerySpec, then: QuerySpec) -> SizeAnswer:
+    """The node's noisy size release for auto granularity (charged, recorded), or :class:`QueryRefused`.
+
+    ``spec`` is the release (its own id, ε and δ; the query's scopes, groups and end), ``then``
+    the query that follows it: nothing is computed or spent unless the budget covers both.
+    """
+    end = spec.end_ts()
+    if end > node.data_end():
+        raise QueryRefused(f"size release {spec.query_id} asks for data up to {end.date()}, after this merchant's "
+                           f"data end {node.data_end().date()}; refused")
+    refusal = budget_state(ledger_path(node.config.state_dir)).refusal(spec.epsilon + then.epsilon,
+                                                                       spec.delta + then.delta)
+    if refusal:
+        raise QueryRefused(f"query {then.query_id} refused before its size release, nothing spent: {refusal} "
+                           f"(size release ε={spec.epsilon:g} + query ε={then.epsilon:g})")
+    decision, gated = node.gate(PURPOSE, _consent_time(spec))
+    inputs = query_inputs(spec, gated, node.silo.merchant)
+    cells = size_cells(spec, inputs)
+    users = users_counted(inputs)
+    mechanism = GaussianMechanism.calibrated(spec.epsilon, spec.delta, 1.0)  # one user is in one cell
+    charge_query(ledger_path(node.config.state_dir), spec, mechanism, len(users), mode=SIZE_MODE, then=then)
+    noisy, sd = mechanism.release(cells["value"].to_numpy(float), np.ones(len(cells)))
+    with node.ledger() as ledger:
+        ledger.record_usage(
+            run_id=spec.query_id, round=0, purpose=PURPOSE,
+            feature_set=(f"analytics-size:users-by-first-purchase-age(by={spec.by},end={spec.end[:10]},"
+                         f"epsilon={spec.epsilon:g},delta={spec.delta:g}) for query {then.query_id} "
+                         f"id={spec.query_id}"),
+            scope_counts={s: len(users) for s in spec.scopes()}, n_users=len(users),
+            ledger_size=decision.ledger_size, ledger_root=decision.ledger_head, at=decision.at,
+            subjects=[str(u) for u in users],
+        )
+    return SizeAnswer(node.merchant_id, spec.query_id, cells[["group", "bucket"]].assign(value=noisy, sd=sd),
+                      spec.epsilon, spec.delta, mechanism.noise_multiplier, MECHANISM)
+
+
+def then_query(spec: QuerySpec, cfg: Any) -> QuerySpec:
+    """The query announced to follow a size release (its id and (ε, δ)), for the budget check."""
+    try:
+        return replace(spec, query_id=str(cfg["then-query-id"]), epsilon=float(cfg["then-epsilon"]),
+                       delta=float(cfg["then-delta"]))
+    except KeyError as exc:
+        raise QueryError(f"a size release must name the query that follows it ({exc.args[0]} missing)") from None
+
+
 def _reply(msg: Message, name: str, record: dict[str, Any]) -> Message:
     return Message(RecordDict({name: ConfigRecord(record)}), reply_to=msg)
 
@@ -119,6 +169,20 @@ def analytics_status(msg: Message, context: Context) -> Message:
     return _reply(msg, "status", node_status(node_for(context)))
 
 
+def analytics_size(msg: Message, context: Context) -> Message:
+    node = node_for(context)
+    cfg: Any = msg.content["query"] if "query" in msg.content else {}
+    try:
+        if "query" not in msg.content:
+            raise QueryError("the message carries no 'query' record")
+        spec = QuerySpec.from_config(cfg)
+        answer = answer_size(node, spec, then_query(spec, cfg))
+    except (QueryRefused, QueryError, ConsentError, PrivacyError, FileNotFoundError, ValueError) as exc:
+        return _reply(msg, "refusal", {"merchant-id": node.merchant_id, "query-id": str(cfg.get("query_id", "")),
+                                       "reason": f"{type(exc).__name__}: {exc}"})
+    return _reply(msg, "size", answer.to_config())
+
+
 def retention_curve(msg: Message, context: Context) -> Message:
     return _answer(msg, context, "retention_curve")
 
@@ -134,8 +198,9 @@ def spend_per_retained_user(msg: Message, context: Context) -> Message:
 def register(app: Any) -> None:
     """Register the status and query handlers on ``app`` (the fedretain ClientApp)."""
     app.query(STATUS_ACTION)(analytics_status)
+    app.query(SIZE_ACTION)(analytics_size)
     for handler in (retention_curve, repeat_rate, spend_per_retained_user):
         app.query(handler.__name__)(handler)
 
 
-__all__ = ["answer_query", "node_status", "register", "STATUS_ACTION"]
+__all__ = ["answer_query", "answer_size", "node_status", "register", "SIZE_ACTION", "STATUS_ACTION"]

@@ -87,6 +87,8 @@ STATUS_KEYS = ("merchant-id", "data-end", "ledger-found", "budget-epsilon", "bud
                "committed-delta")
 ANSWER_PUBLIC = ("merchant-id", "query-id", "epsilon", "delta", "noise-multiplier", "l2-sensitivity", "mechanism",
                  "group", "cohort", "step", "measure", "sd")
+SIZE_PUBLIC = ("merchant-id", "query-id", "epsilon", "delta", "noise-multiplier", "l2-sensitivity", "mechanism",
+               "group", "bucket", "sd")
 SECAGG_PUBLIC = {"pk1": "SecAgg+ public key", "pk2": "SecAgg+ public key",
                  "dsts": "SecAgg+ share destinations (node ids)", "ctxts": "SecAgg+ encrypted key shares",
                  "nids": "SecAgg+ node ids", "shares": "SecAgg+ secret shares for unmasking"}
@@ -162,6 +164,10 @@ MANIFEST: tuple[Field, ...] = (
       for key in STATUS_KEYS],
     *[Field("query.*", "answer", key, P, "query metadata and public cell labels") for key in ANSWER_PUBLIC],
     Field("query.*", "answer", "value", OWN, "noisy cells (Gaussian, charged to the analytics budget)"),
+    *[Field("query.analytics_size", "size", key, P, "size release metadata and public cell labels (group, "
+            "first-purchase age bucket)") for key in SIZE_PUBLIC],
+    Field("query.analytics_size", "size", "value", OWN, "noisy user counts for auto granularity (Gaussian, "
+          "charged to the analytics budget)"),
     *[Field("query.*", "refusal", key, P, "why nothing was released") for key in ("merchant-id", "query-id",
                                                                                   "reason")],
     # -- model delivery at the end of a run (clients/delivery.py): an acknowledgement only ----------------

@@ -5,6 +5,10 @@ One query is one exchange of Flower messages, not a training round:
 1. ``query.analytics_status`` to every node: data end and analytics budget (public facts).
    If any node lacks the budget for the query's (ε, δ), the query is refused here, before any
    node computes or spends anything.
+1b. With auto granularity (retention curves; :mod:`fedretain.analytics.granularity`),
+   ``query.analytics_size``: every node releases a noisy size of the query's users, charged
+   (a share of ε) under ``<query id>-size``; the server sums the sizes, picks period length,
+   cohorts and periods, and asks the query with the rest of ε.
 2. ``query.<kind>`` with the :class:`QuerySpec` (end = earliest data end unless given): each
    node answers with noisy cells, having charged its own budget, or with a refusal.
 3. The answers are summed (:func:`fedretain.analytics.results.combine`) and written as
@@ -19,7 +23,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,18 @@ import pandas as pd
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedretain.analytics.granularity import (
+    AUTO,
+    NO_AUTO,
+    SIZE_ACTION,
+    AutoSettings,
+    SizeAnswer,
+    auto_record,
+    choose,
+    size_spec,
+    split_budget,
+    sum_sizes,
+)
 from fedretain.analytics.intervals import IntervalPolicy
 from fedretain.analytics.queries import QueryError, QuerySpec
 from fedretain.analytics.results import NodeAnswer, QueryResult, combine
@@ -51,6 +67,8 @@ SPEC_KEYS: dict[str, str] = {
 }
 POLICY_KEYS: dict[str, str] = {"analytics-confidence": "confidence", "analytics-min-snr": "min_snr",
                                "analytics-flag-width": "flag_width"}
+AUTO_FIELDS = ("period", "periods", "cohorts")  # QuerySpec fields that may be "auto"
+AUTO_KEYS: dict[str, str] = {"analytics-size-share": "size_share", "analytics-auto-target": "target"}
 
 
 @dataclass(frozen=True)
@@ -63,12 +81,24 @@ class AnalyticsSettings:
     min_nodes: int = 1
     node_wait_timeout: float = 120.0
     timeout: float = 600.0
+    auto: AutoSettings = NO_AUTO  # which of period/periods/cohorts are chosen from a size release
+
+    @property
+    def auto_applies(self) -> bool:
+        """A size release happens for a retention curve with auto cohorts or periods."""
+        return self.spec.kind == "retention_curve" and self.auto.active
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> AnalyticsSettings:
         spec: dict[str, Any] = {}
+        auto: dict[str, Any] = {name: False for name in AUTO_FIELDS}
+        auto.update({name: float(run_config[key]) for key, name in AUTO_KEYS.items()
+                     if run_config.get(key) not in (None, "")})
         for key, name in SPEC_KEYS.items():
             value = run_config.get(key)
+            if name in AUTO_FIELDS and str(value).strip().lower() == AUTO:
+                auto[name] = True
+                continue
             if value in (None, "") and name != "kind":
                 continue
             if name == "windows":
@@ -88,7 +118,7 @@ class AnalyticsSettings:
             spec=QuerySpec(**spec), out_dir=str(run_config.get("out-dir") or "runs/analytics"),
             policy=IntervalPolicy(**policy), min_nodes=int(run_config.get("min-nodes", 1)),
             node_wait_timeout=float(run_config.get("node-wait-timeout", 120.0)),
-            timeout=float(run_config.get("round-timeout", 600.0)),
+            timeout=float(run_config.get("round-timeout", 600.0)), auto=AutoSettings(**auto),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -97,8 +127,12 @@ class AnalyticsSettings:
         for key, name in SPEC_KEYS.items():
             value = getattr(self.spec, name)
             out[key] = ",".join(str(w) for w in value) if name == "windows" else value
+            if name in AUTO_FIELDS and getattr(self.auto, name):
+                out[key] = AUTO
         for key, name in POLICY_KEYS.items():
             out[key] = float(getattr(self.policy, name))
+        if self.auto.active:  # explicit counts: the keys of before, nothing more
+            out.update({key: float(getattr(self.auto, name)) for key, name in AUTO_KEYS.items()})
         out["out-dir"] = self.out_dir
         return out
 
@@ -176,9 +210,56 @@ class FederatedQuery:
                                    + ", ".join(f"{m} ({e.date()})" for m, e in sorted(late.items())))
         return spec
 
+    def size_release(self, nodes: list[int], spec: QuerySpec) -> tuple[QuerySpec, dict[str, Any]]:
+        """Auto granularity: every node's noisy size, summed; the grid chosen; the query with the rest of ε."""
+        auto, policy = self.settings.auto, self.settings.policy
+        try:
+            split = split_budget(spec.epsilon, spec.delta, auto.size_share)
+        except QueryError as exc:
+            raise AnalyticsRefused(f"query {spec.query_id} refused before any node spent anything: {exc}") from None
+        release = size_spec(spec, split)
+        content = {**release.to_config(), "then-query-id": spec.query_id, "then-epsilon": split.query_epsilon,
+                   "then-delta": split.query_delta}
+        replies = self._exchange(nodes, f"query.{SIZE_ACTION}", content)
+        answers: list[SizeAnswer] = []
+        problems: list[str] = []
+        for nid in nodes:
+            r = replies[nid]
+            if r.has_error():
+                problems.append(f"node {nid}: {r.error.reason}")
+            elif "refusal" in r.content:
+                ref = r.content["refusal"]
+                problems.append(f"{ref['merchant-id']}: {ref['reason']}")
+            else:
+                answers.append(SizeAnswer.from_config(r.content["size"]))
+        if problems:
+            spent = ", ".join(a.merchant_id for a in answers) or "none"
+            raise AnalyticsRefused(f"query {spec.query_id} failed at its size release, nothing published: "
+                                   + "; ".join(sorted(problems))
+                                   + f" (nodes that spent ε={split.size_epsilon:g} on the size release: {spent})")
+        for a in answers:
+            if a.release_id != release.query_id or abs(a.epsilon - release.epsilon) > 1e-12:
+                raise AnalyticsRefused(f"size release of {a.merchant_id} is for {a.release_id} at ε={a.epsilon:g}, "
+                                       f"not {release.query_id} at ε={release.epsilon:g}; nothing published")
+        size = sum_sizes(answers)
+        try:
+            choice = choose(spec, auto, size, split, policy)
+        except QueryError as exc:
+            raise AnalyticsRefused(f"query {spec.query_id} failed after its size release (ε={split.size_epsilon:g} "
+                                   f"spent by every node): {exc}") from None
+        record = auto_record(choice, auto, size, split, policy, release.query_id)
+        log.info("query %s: %s; %s", spec.query_id, record["summary"], record["reason"])
+        final = replace(spec, period=choice.period, cohorts=choice.cohorts, periods=choice.periods,
+                        epsilon=split.query_epsilon, delta=split.query_delta)
+        return final, record
+
     def run(self) -> QueryResult:
         nodes = self.wait_for_nodes()
         spec = self.check_budgets(nodes)
+        auto: dict[str, Any] | None = None
+        if self.settings.auto_applies:
+            spec, auto = self.size_release(nodes, spec)
+        size_eps = auto["budget_split"]["size_epsilon"] if auto else 0.0
         log.info("query %s: %s by %s, end %s, ε=%g per node, %d nodes", spec.query_id, spec.kind, spec.by,
                  spec.end[:10], spec.epsilon, len(nodes))
         replies = self._exchange(nodes, f"query.{spec.kind}", spec.to_config())
@@ -195,12 +276,17 @@ class FederatedQuery:
                 answers.append(NodeAnswer.from_config(r.content["answer"]))
         if problems:
             spent = ", ".join(a.merchant_id for a in answers) or "none"
+            before = f"; every node spent ε={size_eps:g} on the size release" if auto else ""
             raise AnalyticsRefused(f"query {spec.query_id} failed, nothing published: " + "; ".join(sorted(problems))
-                                   + f" (nodes that answered and spent ε={spec.epsilon:g}: {spent})")
+                                   + f" (nodes that answered and spent ε={spec.epsilon:g}: {spent}{before})")
         result = combine(spec, answers, self.settings.policy)
+        result.auto = auto
         sigma = {a.merchant_id: a.noise_multiplier for a in answers}
-        result.nodes = [{**st, "epsilon-spent": spec.epsilon, "delta-spent": spec.delta,
-                         "noise-multiplier": sigma[st["merchant-id"]]} for st in self.statuses]
+        size_delta = auto["budget_split"]["size_delta"] if auto else 0.0
+        result.nodes = [{**st, "epsilon-spent": spec.epsilon + size_eps, "delta-spent": spec.delta + size_delta,
+                         "noise-multiplier": sigma[st["merchant-id"]],
+                         **({"size-epsilon-spent": size_eps, "size-delta-spent": size_delta} if auto else {})}
+                        for st in self.statuses]
         return result
 
 
@@ -221,6 +307,23 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _privacy(result: QueryResult) -> dict[str, Any]:
+    """ε and δ each merchant spent in all (with auto granularity: size release + query, two ledger entries)."""
+    spec = result.spec
+    out: dict[str, Any] = {"epsilon_per_merchant": spec.epsilon, "delta_per_merchant": spec.delta}
+    if result.auto:
+        split = result.auto["budget_split"]
+        out = {"epsilon_per_merchant": split["size_epsilon"] + spec.epsilon,
+               "delta_per_merchant": split["size_delta"] + spec.delta,
+               "charges": [{"release": "size", "id": result.auto["size_release_id"], "mode": "analytics:size",
+                            "epsilon": split["size_epsilon"], "delta": split["size_delta"], "l2_sensitivity": 1.0},
+                           {"release": "query", "id": spec.query_id, "mode": f"analytics:{spec.kind}",
+                            "epsilon": spec.epsilon, "delta": spec.delta,
+                            "l2_sensitivity": spec.l2_sensitivity()}]}
+    return {**out, "l2_sensitivity": spec.l2_sensitivity(), "cells_per_user": spec.cells_per_user(),
+            "mechanism": "gaussian", "budget_purpose": "analytics"}
+
+
 def result_json(result: QueryResult) -> dict[str, Any]:
     return _jsonable({
         "status": "completed",
@@ -228,9 +331,8 @@ def result_json(result: QueryResult) -> dict[str, Any]:
         "description": result.spec.describe(),
         "merchants": result.merchants,
         "nodes": result.nodes,
-        "privacy": {"epsilon_per_merchant": result.spec.epsilon, "delta_per_merchant": result.spec.delta,
-                    "l2_sensitivity": result.spec.l2_sensitivity(), "cells_per_user": result.spec.cells_per_user(),
-                    "mechanism": "gaussian", "budget_purpose": "analytics"},
+        **({"auto": result.auto} if result.auto else {}),
+        "privacy": _privacy(result),
         "intervals": {f.name: getattr(result.policy, f.name) for f in fields(result.policy)},
         "advice": result.suppression_advice(),
         "figures": result.figures.to_dict(orient="records"),

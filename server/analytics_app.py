@@ -19,6 +19,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedretain.analytics.granularity import NO_AUTO, AutoSettings
 from fedretain.analytics.intervals import IntervalPolicy
 from fedretain.analytics.queries import QueryError, QuerySpec
 from fedretain.server.analytics import (
@@ -70,8 +71,13 @@ def run_query_in_simulation(
     policy: IntervalPolicy | None = None,
     num_cpus: int | None = None,
     node_wait_timeout: float = 120.0,
+    auto: AutoSettings = NO_AUTO,
 ) -> QueryOutputs:
     """Run ``query`` over every silo under ``data_dir`` (one simulated node each).
+
+    With ``auto`` (a retention curve with auto cohorts or periods), the nodes first release a
+    noisy size and the server chooses the grid; ``query``'s period/periods/cohorts are then
+    only placeholders for the auto ones.
 
     Raises :class:`AnalyticsRefused` with the reason if the query was refused or failed
     (then nothing but ``<stem>.refused.json`` is written).
@@ -82,7 +88,7 @@ def run_query_in_simulation(
     out = Path(out_dir).resolve()
     n_nodes = len(silo_folders(Path(data_dir).resolve()))
     settings = AnalyticsSettings(spec=query, out_dir=str(out), policy=policy or IntervalPolicy(), min_nodes=n_nodes,
-                                 node_wait_timeout=node_wait_timeout)
+                                 node_wait_timeout=node_wait_timeout, auto=auto)
     stem = output_stem(query)
     # the ServerApp writes into a fresh folder; moved into place only once complete
     work = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=_ensure(out)))

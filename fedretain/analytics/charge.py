@@ -75,16 +75,20 @@ def budget_state(ledger_file: Path) -> BudgetState:
     return BudgetState(True, limit.epsilon, limit.delta, eps, delta)
 
 
-def charge_query(ledger_file: Path, spec: QuerySpec, mechanism: GaussianMechanism, n_users: int) -> Spend:
+def charge_query(ledger_file: Path, spec: QuerySpec, mechanism: GaussianMechanism, n_users: int, *,
+                 mode: str | None = None, then: QuerySpec | None = None) -> Spend:
     """Reserve and record the query's spend; raise :class:`QueryRefused` having written nothing.
 
     Called before the noisy answer leaves the node. If anything fails after the reservation
     the budget stays charged and nothing is released (fail closed, conservative).
+    ``then`` is a query that will follow this release (the size release of auto granularity is
+    followed by the query itself): this release is refused, before anything is spent, unless
+    the budget has room for both and ``then`` has not been answered yet.
     """
     if not Path(ledger_file).is_file():
         raise QueryRefused(f"privacy ledger not found at {ledger_file}: no analytics budget, query "
                            f"{spec.query_id} refused (set one with `fedretain privacy set-budget`)")
-    plan = RunPlan(run_id=spec.query_id, purpose=PURPOSE, mode=f"analytics:{spec.kind}", accountant=ACCOUNTANT,
+    plan = RunPlan(run_id=spec.query_id, purpose=PURPOSE, mode=mode or f"analytics:{spec.kind}", accountant=ACCOUNTANT,
                    epsilon=spec.epsilon, delta=spec.delta, noise_multiplier=mechanism.noise_multiplier,
                    sample_rate=1.0, planned_steps=1, n_records=int(n_users))
     with BudgetLedger.open(ledger_file) as ledger:
@@ -92,7 +96,17 @@ def charge_query(ledger_file: Path, spec: QuerySpec, mechanism: GaussianMechanis
             raise QueryRefused(f"query {spec.query_id} was already answered by this node; "
                                f"a query id is answered once (send a new query)")
         try:
+            if then is not None:
+                if ledger.spends(then.query_id, PURPOSE):
+                    raise QueryRefused(f"query {then.query_id} was already answered by this node; its size release "
+                                       f"{spec.query_id} is refused (send a new query)")
+                ledger.check_room(spec.query_id, PURPOSE, spec.epsilon + then.epsilon, spec.delta + then.delta)
             ledger.reserve(plan)
         except BudgetExceeded as exc:
+            if then is not None:
+                raise QueryRefused(
+                    f"analytics query {then.query_id} ({then.kind}) refused before its size release: the size "
+                    f"release (ε={spec.epsilon:g}) and the query (ε={then.epsilon:g}) need "
+                    f"ε={spec.epsilon + then.epsilon:g} together: {exc}") from None
             raise QueryRefused(f"analytics query {spec.query_id} ({spec.kind}) refused: {exc}") from None
         return ledger.record_spend(spec.query_id, PURPOSE, 0, 1, mechanism.accountant())

@@ -32,8 +32,12 @@ def _title(result: QueryResult, what: str) -> str:
     n = len(result.merchants)
     last_day = (s.end_ts() - pd.Timedelta(days=1)).date()
     by = ", all users" if s.by == "none" else f" by {_BY_TITLE[s.by]}"
+    dp = f"ε={s.epsilon:g}, δ={s.delta:g}"
+    if result.auto:  # the size release that chose the grid is part of the spend
+        e_size, d_size = result.auto["budget_split"]["size_epsilon"], result.auto["budget_split"]["size_delta"]
+        dp = f"ε={s.epsilon + e_size:g} ({e_size:g} size + {s.epsilon:g} query), δ={s.delta + d_size:g}"
     return (f"{what}{by}\n{n} merchant{'s' if n != 1 else ''} pooled · "
-            f"DP per merchant ε={s.epsilon:g}, δ={s.delta:g} · data up to {last_day}")
+            f"DP per merchant {dp} · data up to {last_day}")
 
 
 def _group_name(group: str) -> str:

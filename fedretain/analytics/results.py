@@ -67,6 +67,7 @@ class QueryResult:
     merchants: list[str]
     policy: IntervalPolicy
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    auto: dict[str, Any] | None = None  # auto granularity: the choice, noisy size, ε split (granularity.auto_record)
 
     def curve(self) -> pd.DataFrame:
         """The headline figures: pooled over cohorts (retention) or per window (other queries)."""

@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from fedretain.analytics.granularity import AUTO, DEFAULT_SIZE_SHARE, DEFAULT_TARGET, NO_AUTO, AutoSettings
 from fedretain.analytics.intervals import DEFAULT_CONFIDENCE, DEFAULT_FLAG_WIDTH, DEFAULT_MIN_SNR, IntervalPolicy
 from fedretain.analytics.queries import BREAKDOWNS, PERIOD_DAYS, QueryError, QuerySpec
 
@@ -52,17 +53,21 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _run(kind: str, opts: dict[str, Any], **query: Any) -> None:
+def _run(kind: str, opts: dict[str, Any], auto: AutoSettings = NO_AUTO, **query: Any) -> None:
     from fedretain.server.analytics import AnalyticsRefused, AnalyticsSettings
 
     data_dir, out_dir = opts.pop("data_dir"), opts.pop("out_dir")
     try:
         spec = QuerySpec(kind, by=opts["by"], epsilon=opts["epsilon"], delta=opts["delta"], end=opts["end"], **query)
         policy = IntervalPolicy(opts["confidence"], opts["min_snr"], opts["flag_width"])
+        if auto.active:
+            from fedretain.analytics.granularity import split_budget
+
+            split = split_budget(spec.epsilon, spec.delta, auto.size_share)  # fails here, not after Ray started
     except (QueryError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     if opts["print_run_config"]:
-        cfg = AnalyticsSettings(spec=spec, out_dir=str(out_dir), policy=policy).to_run_config()
+        cfg = AnalyticsSettings(spec=spec, out_dir=str(out_dir), policy=policy, auto=auto).to_run_config()
         cfg.pop("analytics-query-id")  # a fresh id per run
         click.echo(" ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items() if v != ""))
         return
@@ -74,10 +79,17 @@ def _run(kind: str, opts: dict[str, Any], **query: Any) -> None:
     ensure_nodes(data_dir)
     console.print(f"[bold]{kind}[/] by {spec.by}: query {spec.query_id}, ε={spec.epsilon:g}, δ={spec.delta:g} "
                   f"per merchant ({len(list(_silos(data_dir)))} merchants)")
+    if auto.active:
+        console.print(f"auto {', '.join(auto.names())}: a noisy size release first (ε={split.size_epsilon:g}, "
+                      f"δ={split.size_delta:g}; {split.note}), then the query (ε={split.query_epsilon:g}, "
+                      f"δ={split.query_delta:g})", highlight=False)
     try:
-        outputs = run_query_in_simulation(spec, data_dir, out_dir, policy=policy)
+        outputs = run_query_in_simulation(spec, data_dir, out_dir, policy=policy, auto=auto)
     except AnalyticsRefused as exc:
         raise click.ClickException(f"query refused: {exc}") from None
+    if outputs.record.get("auto"):
+        a = outputs.record["auto"]
+        console.print(f"[bold]{a['summary']}[/]: {a['reason']}", highlight=False)
     console.print(figures_table(outputs.record))
     if outputs.record.get("advice"):
         console.print(f"[yellow]{outputs.record['advice']}[/]", highlight=False)
@@ -95,7 +107,8 @@ def figures_table(record: dict[str, Any]) -> Table:
     q = record["query"]
     rows = [f for f in record["figures"] if f["level"] != "cohort"]
     several = len({f["figure"] for f in rows}) > 1
-    table = Table(title=f"{q['kind']} by {q['by']}: {len(record['merchants'])} merchants, ε={q['epsilon']:g} each")
+    eps = record.get("privacy", {}).get("epsilon_per_merchant", q["epsilon"])
+    table = Table(title=f"{q['kind']} by {q['by']}: {len(record['merchants'])} merchants, ε={eps:g} each")
     cols = ["group", "period" if q["kind"] == "retention_curve" else "window", *(["figure"] if several else []),
             "estimate", f"{record['intervals']['confidence']:.0%} interval", "n (noisy)", "status"]
     for col in cols:
@@ -121,15 +134,54 @@ def analytics() -> None:
     """
 
 
+class _CountOrAuto(click.ParamType):
+    """A count >= 1, or ``auto`` (chosen from the shops' noisy size)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if str(value).strip().lower() == AUTO:
+            return AUTO
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a whole number nor 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{n} is not >= 1", param, ctx)
+        return n
+
+
 @analytics.command("retention-curve")
 @_common
-@click.option("--period", type=click.Choice(list(PERIOD_DAYS)), default="month", show_default=True,
-              help="Cohort and period length (month = 30 days after the first purchase).")
-@click.option("--periods", default=6, show_default=True, type=click.IntRange(1), help="Following periods per cohort.")
-@click.option("--cohorts", default=6, show_default=True, type=click.IntRange(1), help="Most recent cohorts to include.")
-def retention_curve(period: str, periods: int, cohorts: int, **opts: Any) -> None:
-    """Share of each first-purchase cohort that buys again in each following period."""
-    _run("retention_curve", opts, period=period, periods=periods, cohorts=cohorts)
+@click.option("--period", type=click.Choice([AUTO, *PERIOD_DAYS]), default=AUTO, show_default=True,
+              help="Cohort and period length (month = 30 days after the first purchase). auto: chosen with the "
+                   "counts from the shops' size; with --cohorts and --periods both numbers, auto means month.")
+@click.option("--periods", default=AUTO, show_default=True, type=_CountOrAuto(),
+              help="Following periods per cohort, or auto.")
+@click.option("--cohorts", default=AUTO, show_default=True, type=_CountOrAuto(),
+              help="Most recent cohorts to include, or auto.")
+@click.option("--size-share", default=DEFAULT_SIZE_SHARE, show_default=True,
+              type=click.FloatRange(0, 0.5, min_open=True),
+              help="auto: share of ε spent on the noisy size release that chooses the grid (raised to what the "
+                   "accountant can calibrate, about ε=0.2); the query gets the rest.")
+@click.option("--auto-target", default=DEFAULT_TARGET, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="auto: choose the grid with the most figures among those expected to publish at least this "
+                   "share of their figures.")
+def retention_curve(period: str, periods: int | str, cohorts: int | str, size_share: float, auto_target: float,
+                    **opts: Any) -> None:
+    """Share of each first-purchase cohort that buys again in each following period.
+
+    By default the grid (period length, cohorts, periods) is auto: every merchant first releases
+    a noisy count of its users (a share of ε, charged to its budget), and the grid with the most
+    figures expected to be publishable is chosen. Numbers for --cohorts and --periods skip that.
+    """
+    auto = AutoSettings(period=period == AUTO, periods=periods == AUTO, cohorts=cohorts == AUTO,
+                        size_share=size_share, target=auto_target)
+    if not auto.active:
+        auto = NO_AUTO  # explicit numbers: today's query exactly, no size release (auto period = month)
+    _run("retention_curve", opts, auto=auto, period="month" if period == AUTO else period,
+         periods=6 if periods == AUTO else periods, cohorts=6 if cohorts == AUTO else cohorts)
 
 
 @analytics.command("repeat-rate")
