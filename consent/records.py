@@ -21,9 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from json.encoder import encode_basestring as _q  # the C string encoder json.dumps uses
-from operator import methodcaller
 from typing import Any
 
 import numpy as np
@@ -31,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .timetext import format_us  # the columnar timestamp text (its own module: records is long)
 from .vocab import VOCAB_VERSION, UnknownTermError, check_action, check_purpose, check_scope
 
 __all__ = [
@@ -391,8 +390,6 @@ def canonical_bytes(values: dict[str, Any]) -> bytes:
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'
 _ESC_BYTES = np.zeros(256, dtype=bool)
 _ESC_BYTES[:0x20] = _ESC_BYTES[ord('"')] = _ESC_BYTES[ord("\\")] = True
-_PAIRS = np.frombuffer("".join(f"{i:02d}" for i in range(100)).encode(), dtype=np.uint8).reshape(100, 2)
-_TS_TEMPLATE = np.frombuffer(b"0000-00-00T00:00:00.000000Z", dtype=np.uint8)
 _STR = pa.large_string()  # 64-bit offsets: a column of many long texts never overflows
 _CHUNK = 1 << 16
 
@@ -404,7 +401,10 @@ def _any_byte(arr: pa.Array, table: np.ndarray) -> bool:
         return False
     off = np.frombuffer(offsets, dtype=np.int64 if pa.types.is_large_string(arr.type) else np.int32)
     off = off[arr.offset : arr.offset + len(arr) + 1]
-    return bool(table[np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]].any())
+    raw = np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]
+    if table is _ESC_BYTES:  # comparisons stream through memory; a table look-up gathers byte by byte
+        return bool((raw < 0x20).any() or (raw == ord('"')).any() or (raw == ord("\\")).any())
+    return bool(table[raw].any())
 
 
 # -- column helpers (shared with the verifier) ------------------------------------------
@@ -427,43 +427,6 @@ def json_quote(arr: pa.Array) -> pa.Array:
     """JSON string literal of every value, byte-identical to ``json.dumps(v, ensure_ascii=False)``."""
     arr = arr.cast(_STR) if arr.type != _STR else arr
     return pc.binary_join_element_wise(_lit('"'), json_inner(arr), _lit('"'), _lit(""))
-
-
-def format_us(us: np.ndarray | Sequence[int], *, quoted: bool = False) -> pa.Array:
-    """µs since epoch -> canonical ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the text of ``records.format_ts``).
-
-    Pure integer arithmetic in numpy (days -> civil date, H. Hinnant's algorithm) writing
-    fixed-width ASCII digits, about six times faster than Arrow's ``strftime``. Values
-    must lie in 1970..9999 (the importer checks). ``quoted`` adds JSON quotes.
-    """
-    us = np.asarray(us, dtype=np.int64)
-    days = us // 86_400_000_000
-    rem = us - days * 86_400_000_000
-    z = days + 719_468
-    era = z // 146_097
-    doe = z - era * 146_097
-    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = mp + np.where(mp < 10, 3, -9)
-    year = yoe + era * 400 + (month <= 2)
-    secs = rem // 1_000_000
-    frac = rem - secs * 1_000_000
-    hour = secs // 3600
-    minute = (secs - hour * 3600) // 60
-    sec = secs - hour * 3600 - minute * 60
-    q = 1 if quoted else 0
-    width = len(_TS_TEMPLATE) + 2 * q
-    out = np.empty((len(us), width), dtype=np.uint8)
-    out[:, q : q + len(_TS_TEMPLATE)] = _TS_TEMPLATE
-    if quoted:
-        out[:, 0] = out[:, -1] = ord('"')
-    for pos, v in ((0, year // 100), (2, year % 100), (5, month), (8, day), (11, hour), (14, minute), (17, sec),
-                   (20, frac // 10_000), (22, frac // 100 % 100), (24, frac % 100)):
-        out[:, q + pos : q + pos + 2] = _PAIRS[v]
-    offsets = np.arange(0, width * (len(us) + 1), width, dtype=np.int64)
-    return pa.LargeStringArray.from_buffers(len(us), pa.py_buffer(offsets), pa.py_buffer(out))
 
 
 def _lit(text: str) -> pa.Scalar:
@@ -623,8 +586,7 @@ class _Encoder:
         the same id and is refused, not doubled. Keys are joined by Arrow, a slice at a time.
         """
         out = []
-        digest = methodcaller("digest")
-        blake = partial(hashlib.blake2b, digest_size=16)
+        blake = hashlib.blake2b(digest_size=16)  # copied per key: cheaper than parsing the parameters each time
         for lo in range(0, self.n, _CHUNK):
             hi = min(lo + _CHUNK, self.n)
             keep = which[lo:hi]
@@ -642,7 +604,11 @@ class _Encoder:
                 mask = pa.array(keep)
                 parts = [p.filter(mask) for p in parts]
             keys = pc.binary_join_element_wise(*parts, _lit("\x1f")).cast(pa.large_binary())
-            out.append(b"".join(map(digest, map(blake, keys.to_pylist()))))
+            append = out.append
+            for key in keys.to_numpy(zero_copy_only=False).tolist():
+                h = blake.copy()
+                h.update(key)
+                append(h.digest())
         return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(-1, 16)
 
 
