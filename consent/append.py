@@ -208,7 +208,7 @@ class _BatchColumns:
 
 def _leaf_hashes(leaf0: Any, datas: list[bytes]) -> list[bytes]:
     """RFC 9162 leaf hashes ``SHA-256(0x00 || data)``: a copy of the prefix's state per record, no concatenation."""
-    out = []
+    out: list[bytes] = []
     append = out.append
     for d in datas:
         h = leaf0.copy()

@@ -143,7 +143,7 @@ def prepare_table(
                 return arr.cast(pa.string()) if arr.type != pa.string() else arr
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 raise ConsentImportError(source, [(0, name, f"column must hold text, not {arr.type}")]) from None
-        return pa.array(np.full(n, default, dtype=object), type=pa.string())
+        return pa.repeat(pa.scalar(default, type=pa.string()), n)  # an absent column: one value, no objects
 
     def flag(mask: np.ndarray, fld: str, msg: Any) -> None:
         nonlocal n_err

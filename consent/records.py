@@ -549,33 +549,48 @@ class _Encoder:
     rid: pa.Array
     ctrl: pa.Array
 
+    consts: dict[str, pa.Scalar | None] = field(default_factory=dict, repr=False)
+
     def __len__(self) -> int:
         return self.n
+
+    def _constant(self, name: str, arr: pa.Array) -> pa.Scalar | None:
+        """The JSON-escaped text (no quotes) of a column that holds one value in every row, else None."""
+        if name not in self.consts:
+            one = len(arr) > 0 and bool(pc.all(pc.equal(arr, arr[0])).as_py())
+            self.consts[name] = _lit(json_inner(arr.slice(0, 1).cast(_STR))[0].as_py()) if one else None
+        return self.consts[name]
 
     def texts(self, lo: int, hi: int) -> tuple[pa.Array, np.ndarray]:
         """Canonical texts of rows ``lo:hi`` and their packed ``layout`` (see :data:`LAYOUT_KEYS`)."""
         k = hi - lo
         has_exp = self.has_exp[lo:hi]
 
-        def cut(arr: pa.Array) -> pa.Array:
-            return arr.slice(lo, k).cast(_STR)
+        def text(name: str, arr: pa.Array, escape: bool = True) -> pa.Array | pa.Scalar:
+            const = self._constant(name, arr)
+            if const is not None:  # one value in the whole column (common: method, notice, ...): join a scalar
+                return const
+            out = arr.slice(lo, k).cast(_STR)
+            return json_inner(out) if escape else out
 
+        rec_at = self.rec_at[lo:hi]
         values = {
-            "action": cut(self.action),  # vocabulary terms: nothing to escape
-            "collection_method": json_inner(cut(self.method)),
+            "action": text("action", self.action, escape=False),  # vocabulary terms: nothing to escape
+            "collection_method": text("collection_method", self.method),
             "controller": _lit(self.controller),
             "effective_at": format_us(self.eff[lo:hi]),
             "expires_at": pc.if_else(pa.array(has_exp), format_us(np.where(has_exp, self.exp[lo:hi], 0), quoted=True),
                                      _lit("null")),
-            "jurisdiction": json_inner(cut(self.juris)),
-            "notice_version": json_inner(cut(self.notice)),
-            "purpose": cut(self.purpose),
-            "record_id": json_inner(cut(self.rid)),
-            "recorded_at": _format_present(self.rec_at[lo:hi], np.ones(k, dtype=bool)),
-            "recorded_by": json_inner(cut(self.by)),
+            "jurisdiction": text("jurisdiction", self.juris),
+            "notice_version": text("notice_version", self.notice),
+            "purpose": text("purpose", self.purpose, escape=False),
+            "record_id": json_inner(self.rid.slice(lo, k).cast(_STR)),
+            "recorded_at": (_lit(format_us(rec_at[:1])[0].as_py()) if k and rec_at.min() == rec_at.max()
+                            else format_us(rec_at)),
+            "recorded_by": text("recorded_by", self.by),
             "scopes": _take_distinct(self.scope_json, self.scope_codes[lo:hi]),
-            "subject_id": json_inner(cut(self.subject)),
-            "vocab_version": json_inner(cut(self.vocab)),
+            "subject_id": json_inner(self.subject.slice(lo, k).cast(_STR)),
+            "vocab_version": text("vocab_version", self.vocab),
         }
         return canonical_texts(values).combine_chunks(), _marker_offsets(values)
 
@@ -585,7 +600,7 @@ class _Encoder:
         The key is the record's fields joined by U+001F: the same event imported twice gets
         the same id and is refused, not doubled. Keys are joined by Arrow, a slice at a time.
         """
-        out = []
+        out: list[bytes] = []
         blake = hashlib.blake2b(digest_size=16)  # copied per key: cheaper than parsing the parameters each time
         for lo in range(0, self.n, _CHUNK):
             hi = min(lo + _CHUNK, self.n)
@@ -621,17 +636,3 @@ def _content_id_text(d: np.ndarray) -> pa.Array:
     text[:, 3::2] = hexd[d & 15]
     offsets = np.arange(0, 34 * (len(d) + 1), 34, dtype=np.int64)
     return pa.LargeStringArray.from_buffers(len(d), pa.py_buffer(offsets), pa.py_buffer(text))
-
-
-def _format_present(us: np.ndarray, present: np.ndarray) -> pa.Array:
-    """:func:`format_us` of the present values ('' elsewhere)."""
-    if not present.any():
-        return pa.repeat(_lit(""), len(us))
-    vals = us[present]
-    if vals.min() == vals.max():  # one value (e.g. every recorded_at of a file): format it once
-        txt = pa.repeat(format_us(vals[:1])[0], len(vals))
-    else:
-        txt = format_us(vals)
-    if present.all():
-        return txt
-    return pc.replace_with_mask(pa.repeat(_lit(""), len(us)), pa.array(present), txt)
