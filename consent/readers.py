@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def _read_csv(path: Path) -> pa.Table:
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            parse_options=pacsv.ParseOptions(newlines_in_values=_has_quote(path)),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=[],
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
@@ -116,6 +117,16 @@ def _read_csv(path: Path) -> pa.Table:
     out = {c: _strip(table.column(c).combine_chunks()) for c in names}
     out["__row__"] = pa.array(np.arange(1, n + 1, dtype=np.int64))
     return pa.table(out)
+
+
+def _has_quote(path: Path) -> bool:
+    """Does the file contain a double quote? Without one no value can hold a line break, and Arrow
+    then parses without tracking quoted newlines (a quarter less CPU on a plain export)."""
+    try:
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return mm.find(b'"') >= 0
+    except (OSError, ValueError):  # empty or unmappable: keep the careful setting
+        return True
 
 
 def _csv_problem(path: Path, names: list[str], exc: Exception) -> ConsentImportError:

@@ -9,7 +9,8 @@ equals ``json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False
 
 This module is the one producer of canonical bytes for the whole tamper-evidence component:
 the record-at-a-time encoder and the columnar one (bulk import, the verifier's fast pass)
-live here together. It is longer than 450 lines because of that: split across modules, the
+live here together (only the column-wise timestamp text, a pure function of an integer, is
+in :mod:`.timetext`). It is longer than 450 lines because of that: split across modules, the
 two encoders of the same bytes could drift apart unnoticed.
 """
 
@@ -388,23 +389,23 @@ def canonical_bytes(values: dict[str, Any]) -> bytes:
 # hypothesis tests in tests/test_consent_fastpath.py prove both paths byte-identical.
 # Characters json.dumps(ensure_ascii=False) escapes: '"', '\\' and controls below 0x20.
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'
-_ESC_BYTES = np.zeros(256, dtype=bool)
-_ESC_BYTES[:0x20] = _ESC_BYTES[ord('"')] = _ESC_BYTES[ord("\\")] = True
 _STR = pa.large_string()  # 64-bit offsets: a column of many long texts never overflows
 _CHUNK = 1 << 16
 
 
-def _any_byte(arr: pa.Array, table: np.ndarray) -> bool:
-    """Does any value of a string array contain a byte flagged in the 256-entry ``table``?"""
-    validity, offsets, data = arr.buffers()[:3]
+def _needs_escape(arr: pa.Array) -> bool:
+    """Does any value of a string array contain a byte json.dumps escapes (``"``, ``\\``, below 0x20)?
+
+    Three comparisons over the data buffer (they stream through memory; a 256-entry table
+    look-up would gather byte by byte).
+    """
+    _, offsets, data = arr.buffers()[:3]
     if data is None or len(arr) == 0:
         return False
     off = np.frombuffer(offsets, dtype=np.int64 if pa.types.is_large_string(arr.type) else np.int32)
     off = off[arr.offset : arr.offset + len(arr) + 1]
     raw = np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]
-    if table is _ESC_BYTES:  # comparisons stream through memory; a table look-up gathers byte by byte
-        return bool((raw < 0x20).any() or (raw == ord('"')).any() or (raw == ord("\\")).any())
-    return bool(table[raw].any())
+    return bool((raw < 0x20).any() or (raw == ord('"')).any() or (raw == ord("\\")).any())
 
 
 # -- column helpers (shared with the verifier) ------------------------------------------
@@ -415,7 +416,7 @@ def json_inner(arr: pa.Array) -> pa.Array:
     that contains a quote, a backslash or a control character goes through json's own encoder.
     The result has the type of ``arr``.
     """
-    if len(arr) == 0 or not _any_byte(arr, _ESC_BYTES):
+    if len(arr) == 0 or not _needs_escape(arr):
         return arr
     special = pc.match_substring_regex(arr, _NEEDS_ESCAPE)
     idx = pa.array(np.flatnonzero(special.to_numpy(zero_copy_only=False)))
