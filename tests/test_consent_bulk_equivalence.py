@@ -16,12 +16,15 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fedretain.consent import records, signing
-from fedretain.consent.importer import ConsentImportError
+from fedretain.consent.importer import ConsentImportError, _parse_plain_utc, _parse_times
 from fedretain.consent.ledger import BULK_ROWS, ConsentLedger
 from fedretain.consent.merkle import merkle_root
 from fedretain.consent.records import ConsentRecord, format_ts, from_us
@@ -171,3 +174,23 @@ def test_a_duplicate_found_while_inserting_a_bulk_file_changes_nothing(tmp_path,
         conn.close()
     finally:
         led.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(us=st.lists(st.integers(-10**15, 253_402_300_799_999_999), min_size=1, max_size=4),
+       digits=st.integers(0, 6), spelling=st.sampled_from(["Z", "+00:00", " Z", "z"]))
+def test_arrow_timestamp_fast_path_reads_what_pandas_reads(us, digits, spelling):
+    """The importer's Arrow parser takes a column only when it reads it exactly as records.parse_ts would."""
+    texts = []
+    for v in us:
+        full = format_ts(from_us(v)) if v >= 0 else "1969-12-31T23:59:59.000000Z"
+        texts.append(full[:19] + (full[19:20 + digits] if digits else "") + spelling)
+    present = np.ones(len(texts), dtype=bool)
+    got = _parse_times(pa.array(texts), present)
+    for text, value in zip(texts, got):
+        # records.parse_ts's reading (it refuses times before 1970 afterwards, as the importer does)
+        ts = pd.to_datetime(pd.Series([text]), utc=True, format="ISO8601", errors="coerce").iloc[0]
+        want = None if pd.isna(ts) else (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+        assert (value if value != np.iinfo(np.int64).min else None) == want, text
+    if spelling != "Z" or min(us) < 0:
+        assert _parse_plain_utc(pa.array(texts)) is None  # only plain UTC text in 1970..9999 takes the fast path
