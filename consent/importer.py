@@ -82,6 +82,8 @@ def _parse_times(arr: pa.Array, present: np.ndarray) -> np.ndarray:
     """ISO 8601 text -> int64 µs since epoch (UTC); unparseable or absent -> INT64 min.
 
     Uses the same pandas ISO 8601 parser as ``records.parse_ts``; only present values are parsed.
+    A column of plain UTC text (the usual export) is read by Arrow instead, when that provably
+    gives the same values (:func:`_parse_plain_utc`).
     """
     out = np.full(len(arr), _NAT, dtype=np.int64)
     if not present.any():
