@@ -97,7 +97,7 @@ def one_by_one(led: ConsentLedger, rows: list[dict[str, str]], ids: list[str], s
             recorded_by=row["recorded_by"].strip() or f"import:{source}", recorded_at=row["recorded_at"]))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), n=st.integers(1, 6))
 def test_bulk_import_and_record_at_a_time_write_identical_ledgers(key_file, data, n):
     rows = [data.draw(event(i)) for i in range(n)]
