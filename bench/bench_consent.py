@@ -1,38 +1,63 @@
-"""Benchmark the consent ledger and gate: bulk import, verify, point-in-time replay, gating.
+"""Benchmark the consent ledger against its floors, measured in the same process and run.
 
-    python bench/bench_consent.py                # 1M consent events, 1M users
-    python bench/bench_consent.py --n 100000     # quicker
+    python bench/bench_consent.py                          # 100k and 1M events, median of 3
+    python bench/bench_consent.py --sizes 100000 --repeat 1 --steps
 
-Prints one line per measured step (wall-clock seconds and a rate). Everything is written
-to a temporary directory that is removed at the end.
+For every size it prints, next to each other and with the load average:
+
+* ``import`` (``ConsentLedger.import_file`` of a CSV) against the *import floor*: the same
+  rows, already in memory as Python tuples, chained with SHA-256 in plain Python and
+  inserted with one ``executemany`` in one transaction into a fresh file with the ledger's
+  schema, pragmas and indexes (built after the insert, the cheapest order). The floor
+  reads no CSV, validates nothing, builds no JSON, no Merkle tree and signs nothing;
+* ``verify`` (the full audit) against the *verify floor*: one ``SELECT`` of every
+  record's canonical text and hashes, and the SHA-256 chain recomputed in plain Python;
+* ``decide`` per round of a run (``fedretain.consent.incremental``): the run's first
+  decision verifies in full, later rounds only the records appended since (``--append``
+  new consent events before each round); the replay of the decision is shown apart.
+
+Figures are medians over ``--repeat`` runs (wall and CPU seconds; CPU shows the cost when
+the machine is shared). Everything is written to a temporary directory removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import os
+import sqlite3
+import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fedretain.consent import timing
-from fedretain.consent.gate import apply_gate, decide
+from fedretain.consent.gate import decide
+from fedretain.consent.incremental import IncrementalLedger
 from fedretain.consent.ledger import ConsentLedger
+from fedretain.consent.store import INDEXES, PAGE_SIZE, SCHEMA, _connect, _statements
 from fedretain.consent.vocab import PURPOSES, SCOPES
-from fedretain.schema import EVENT_TYPES, canonical_events, canonical_users
+
+CONTROLLER = "bench-merchant"
+AT = "2025-06-01T00:00:00Z"
 
 
-def make_consent_csv(path: Path, n: int, n_subjects: int, seed: int = 0) -> None:
+def make_consent_csv(path: Path, n: int, n_subjects: int, seed: int = 0, first: int = 0) -> None:
     """``n`` consent events over ``n_subjects`` subjects: grants, some expiring, ~15% withdrawals."""
     rng = np.random.default_rng(seed)
     subj = rng.integers(0, n_subjects, n)
-    subj[:n_subjects] = np.arange(min(n, n_subjects))  # every subject has at least one event
+    if first == 0:
+        subj[:n_subjects] = np.arange(min(n, n_subjects))  # every subject has at least one event
     action = np.where(rng.random(n) < 0.15, "withdraw", "grant")
-    action[:n_subjects] = "grant"
+    if first == 0:
+        action[:n_subjects] = "grant"
     combos = np.array([";".join(s for j, s in enumerate(SCOPES) if m >> j & 1) for m in range(1, 1 << len(SCOPES))])
     scopes = combos[rng.integers(0, len(combos), n)]
     scopes = np.where((action == "withdraw") & (rng.random(n) < 0.5), "", scopes)
@@ -42,7 +67,7 @@ def make_consent_csv(path: Path, n: int, n_subjects: int, seed: int = 0) -> None
     exp = eff + rng.integers(86400, 200 * 86400, n).astype("timedelta64[s]")
     pd.DataFrame({
         "subject_id": np.char.add("u", subj.astype(str)),
-        "controller": "bench-merchant",
+        "controller": CONTROLLER,
         "purpose": np.array(PURPOSES)[rng.integers(0, 2, n)],
         "scopes": scopes,
         "action": action,
@@ -55,103 +80,175 @@ def make_consent_csv(path: Path, n: int, n_subjects: int, seed: int = 0) -> None
     }).to_csv(path, index=False)
 
 
-class Timer:
-    """Wall-clock and CPU seconds of a block (CPU shows the cost when the machine is shared)."""
-
-    wall = cpu = 0.0
-
-
 @contextmanager
-def timed():
-    t = Timer()
+def timed(out: dict[str, list[float]], name: str) -> Iterator[None]:
+    """Append the wall and CPU seconds of the block to ``out[name]`` and ``out[name + ' cpu']``."""
+    gc.collect()
     w, c = time.perf_counter(), time.process_time()
-    yield t
-    t.wall, t.cpu = time.perf_counter() - w, time.process_time() - c
-
-
-def line(step: str, n: int, unit: str, t: Timer, rate_unit: str = "", extra: str = "") -> None:
-    rate = f"{n / t.wall:12,.0f} {rate_unit}/s" if rate_unit else " " * 20
-    print(f"{step:<11}{n:>10,} {unit:<15} wall {t.wall:7.2f} s  cpu {t.cpu:7.2f} s  {rate}  {extra}".rstrip())
-
-
-@contextmanager
-def steps():
-    """Collect the CPU seconds of the ledger's internal steps (``timing.STEP_CPU``) for a block."""
-    timing.STEP_CPU = {}
     try:
-        yield timing.STEP_CPU
+        yield
     finally:
-        timing.STEP_CPU = None
+        out.setdefault(name, []).append(time.perf_counter() - w)
+        out.setdefault(name + " cpu", []).append(time.process_time() - c)
+        out.setdefault(name + " load", []).append(os.getloadavg()[0])
 
 
-def step_lines(cpu: dict[str, float]) -> None:
-    for name, sec in cpu.items():
-        print(f"  {name:<28}cpu {sec:7.2f} s")
+def _fresh(path: Path) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=1_000_000, help="consent events to import")
-    ap.add_argument("--users", type=int, default=1_000_000, help="users to gate")
-    ap.add_argument("--events-per-user", type=int, default=3)
-    ap.add_argument("--tmp", default=None, help="directory for the temporary files (default: system temp)")
-    args = ap.parse_args()
-    n_subjects = min(args.users, args.n)
+def import_floor(rows: list[tuple[Any, ...]], path: Path) -> None:
+    """SHA-256 chain in plain Python + one executemany, one transaction, the ledger's schema and pragmas."""
+    _fresh(path)
+    conn = _connect(path)
+    conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    for stmt in _statements(SCHEMA):
+        conn.execute(stmt)
+    sha = hashlib.sha256
+    prev = bytes(32)
+    out = []
+    for seq, rid, subj, purpose, action, scopes, eff, exp, text, layout in rows:
+        entry = sha(prev + sha(b"\x00" + text.encode("utf-8")).digest()).digest()
+        out.append((seq, rid, subj, purpose, action, scopes, eff, exp, text, prev, entry, layout))
+        prev = entry
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO records (seq, record_id, subject_id, purpose, action, scopes, effective_at, "
+                     "expires_at, canonical, prev_hash, entry_hash, layout) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", out)
+    for stmt in INDEXES.values():
+        conn.execute(stmt)
+    conn.execute("COMMIT")
+    conn.close()
 
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (wall time suffers when shared)")
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        tmp_p = Path(tmp)
-        csv = tmp_p / "consent.csv"
-        with timed() as t:
-            make_consent_csv(csv, args.n, n_subjects)
-        line("generate", args.n, "consent events", t, extra=f"({csv.stat().st_size / 1e6:.0f} MB CSV)")
 
-        ledger = ConsentLedger.open(tmp_p / "ledger.sqlite", key_path=tmp_p / "node.key", create=True,
-                                    controller="bench-merchant")
-        with timed() as t, steps() as cpu:
-            added = ledger.import_file(csv)
-        line("import", added, "consent events", t, "events",
-             f"({(tmp_p / 'ledger.sqlite').stat().st_size / 1e6:.0f} MB ledger, load {os.getloadavg()[0]:.1f})")
-        step_lines(cpu)
+def verify_floor(path: Path) -> int:
+    """Read every record's canonical text and hashes, recompute the SHA-256 chain in plain Python."""
+    conn = sqlite3.connect(str(path))
+    sha = hashlib.sha256
+    prev = bytes(32)
+    n = 0
+    for text, prev_hash, entry_hash in conn.execute("SELECT canonical, prev_hash, entry_hash FROM records "
+                                                    "ORDER BY seq"):
+        entry = sha(prev + sha(b"\x00" + text.encode("utf-8")).digest()).digest()
+        if prev_hash != prev or entry_hash != entry:
+            raise AssertionError(f"chain broken at {n + 1}")
+        prev = entry
+        n += 1
+    conn.close()
+    return n
 
-        with timed() as t, steps() as cpu:
+
+def _steps(enabled: bool) -> dict[str, float] | None:
+    timing.STEP_CPU = {} if enabled else None
+    return timing.STEP_CPU
+
+
+def one_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    """Measure one size ``--repeat`` times; returns every figure's samples."""
+    csv = tmp / f"consent-{n}.csv"
+    make_consent_csv(csv, n, n)
+    extra = []
+    for r in range(args.rounds):  # the consent events appended before each later round
+        path = tmp / f"consent-{n}-round{r + 1}.csv"
+        make_consent_csv(path, args.append, n, seed=100 + r, first=n)
+        extra.append(path)
+    users = pd.Index(np.char.add("u", np.arange(n).astype(str)), dtype=object)
+    out: dict[str, list[float]] = {}
+    for rep in range(args.repeat):
+        led_path = tmp / f"ledger-{n}.sqlite"
+        _fresh(led_path)
+        ledger = ConsentLedger.open(led_path, key_path=tmp / "node.key", create=True, controller=CONTROLLER)
+        cpu = _steps(args.steps and rep == 0)
+        with timed(out, "import"):
+            ledger.import_file(csv)
+        if cpu:
+            print("  import steps (cpu s): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        rows = ledger.connection.execute("SELECT seq, record_id, subject_id, purpose, action, scopes, effective_at, "
+                                         "expires_at, canonical, layout FROM records ORDER BY seq").fetchall()
+        with timed(out, "import floor"):
+            import_floor(rows, tmp / "floor.sqlite")
+        del rows
+        _fresh(tmp / "floor.sqlite")
+
+        cpu = _steps(args.steps and rep == 0)
+        with timed(out, "verify"):
             res = ledger.verify()
         assert res.ok, res.describe()
-        line("verify", res.n_records, "records", t, "records", f"(load {os.getloadavg()[0]:.1f})")
-        step_lines(cpu)
+        if cpu:
+            print("  verify steps (cpu s): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        _steps(False)
+        with timed(out, "verify floor"):
+            assert verify_floor(led_path) == n
 
-        at = "2024-09-01T00:00:00Z"
-        with timed() as t:
-            state = ledger.state_at(PURPOSES[0], at)
-        line("state_at", len(state), "subjects", t, extra="(replay of one purpose's log)")
-
-        rng = np.random.default_rng(1)
-        user_ids = np.char.add("u", np.arange(args.users).astype(str))
-        n_ev = args.users * args.events_per_user
-        events = canonical_events(pd.DataFrame({
-            "user_id": user_ids[rng.integers(0, args.users, n_ev)],
-            "ts": np.datetime64("2024-06-01", "s") + rng.integers(0, 90 * 86400, n_ev).astype("timedelta64[s]"),
-            "event": np.array(EVENT_TYPES)[rng.integers(0, len(EVENT_TYPES), n_ev)],
-            "amount": rng.random(n_ev) * 100,
-        }))
-        users = canonical_users(pd.DataFrame({
-            "user_id": user_ids,
-            "referral": np.array(["friend_share", "organic"])[rng.integers(0, 2, args.users)],
-            "member_tier": np.array(["none", "silver", "gold", "platinum"])[rng.integers(0, 4, args.users)],
-            "city_tier": rng.integers(1, 6, args.users),
-        }))
-
-        with timed() as t:
-            decision = decide(ledger, PURPOSES[0], at, users["user_id"])
-        line("decide", args.users, "users", t, "users",
-             f"(verify + replay; {len(decision.grants):,} admitted)")
-        with timed() as t:
-            ledger.state_at(PURPOSES[0], at, subjects=users["user_id"], size=decision.ledger_size)
-        line("  replay", args.users, "users", t, "users", "(decide without its verify)")
-        with timed() as t:
-            gated = apply_gate(decision, events, users)
-        line("apply_gate", args.users, "users", t, "users", f"({n_ev:,} events in, {len(gated.events):,} out)")
+        state = tmp / f"state-{n}"
+        state.mkdir(exist_ok=True)
+        (state / "verified_head.json").unlink(missing_ok=True)
+        checked = _TimedVerify(ledger, state, f"bench-{rep}", out)
+        checked.label = "  full verify"
+        with timed(out, "decide round 1 (full verify)"):
+            decision = decide(checked, PURPOSES[0], AT, users)
+        checked.label = "  incremental verify"
+        for path in extra:
+            ledger.import_file(path)  # consent changed between rounds
+            with timed(out, "decide later round"):
+                decision = decide(checked, PURPOSES[0], AT, users)
+        with timed(out, "  replay"):
+            ledger.state_at(PURPOSES[0], AT, subjects=users, size=decision.ledger_size)
         ledger.close()
+    return out
+
+
+class _TimedVerify(IncrementalLedger):
+    """The node's incremental ledger, timing its ``verify`` (the rest of ``decide`` is the replay)."""
+
+    def __init__(self, ledger: ConsentLedger, state: Path, run_id: str, out: dict[str, list[float]]) -> None:
+        super().__init__(ledger, state, run_id)
+        self.out, self.label = out, ""
+
+    def verify(self, public_key: Any = None) -> Any:
+        with timed(self.out, self.label):
+            return super().verify(public_key)
+
+
+def report(n: int, out: dict[str, list[float]], repeat: int) -> None:
+    def med(name: str) -> float:
+        return statistics.median(out[name])
+
+    def row(name: str, anchor: str | None = None) -> None:
+        text = f"  {name:<30}wall {med(name):7.2f} s  cpu {med(name + ' cpu'):7.2f} s  load {med(name + ' load'):4.1f}"
+        if anchor:
+            text += (f"   / {anchor}: wall x{med(name) / med(anchor):4.2f}, "
+                     f"cpu x{med(name + ' cpu') / med(anchor + ' cpu'):4.2f}")
+        print(text)
+
+    print(f"{n:,} consent events (median of {repeat}):")
+    row("import floor")
+    row("import", "import floor")
+    row("verify floor")
+    row("verify", "verify floor")
+    row("decide round 1 (full verify)")
+    row("  full verify")
+    if "decide later round" in out:
+        row("decide later round")
+        row("  incremental verify")
+    row("  replay")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of consent events "
+                    "(as many subjects; every subject is a user to decide)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per size; medians are printed")
+    ap.add_argument("--rounds", type=int, default=2, help="later rounds of a run, each after --append new events")
+    ap.add_argument("--append", type=int, default=1000, help="consent events appended before each later round")
+    ap.add_argument("--steps", action="store_true", help="print the CPU seconds of import/verify steps (1st run)")
+    ap.add_argument("--tmp", default=None, help="directory for the temporary files (default: system temp)")
+    args = ap.parse_args(argv)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
+          "(wall time suffers when shared; CPU seconds less so)")
+    for n in (int(s) for s in args.sizes.split(",")):
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            report(n, one_size(n, args, Path(tmp)), args.repeat)
 
 
 if __name__ == "__main__":

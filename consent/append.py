@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -63,12 +63,13 @@ def insert_batch(conn: sqlite3.Connection, key: Ed25519PrivateKey, controller: s
                 for name in (*INDEXES, *_RETIRED_INDEXES):
                     conn.execute(f"DROP INDEX IF EXISTS {name}")
             sha = hashlib.sha256
+            leaf0 = sha(b"\x00")  # RFC 9162 leaf prefix, hashed once and copied per record
             for lo in range(0, n, _SLICE):
                 hi = min(lo + _SLICE, n)
                 with step("columns"):
                     cols_lo, datas = cols.rows(lo, hi)
                 with step("hash+chain+merkle"):
-                    leaves = [sha(b"\x00" + d).digest() for d in datas]
+                    leaves = _leaf_hashes(leaf0, datas)
                     del datas
                     entries = [prev]
                     append = entries.append
@@ -181,18 +182,19 @@ class _BatchColumns:
     def record_ids(self) -> list[str]:
         return _pylist(self.batch.record_id)
 
-    def rows(self, lo: int, hi: int) -> tuple[list[Any], Iterable[Any]]:
+    def rows(self, lo: int, hi: int) -> tuple[list[Any], list[bytes]]:
         """Rows ``lo:hi``: the columns to bind (canonical text last but the hashes) and the canonical bytes."""
         b = self.batch
         canon = b.canonical
         if isinstance(canon, (list, tuple)):
             texts = list(canon[lo:hi])
-            datas: Iterable[Any] = [t.encode("utf-8") for t in texts]
             layout = _pylist(b.layout[lo:hi]) if b.layout is not None else [layout_of(t) for t in texts]
+            datas = [t.encode("utf-8") for t in texts]
         else:
             arr, lay = canon.texts(lo, hi)
-            texts, datas = _texts_and_views(arr)
+            texts = _pylist(arr)
             layout = lay.tolist()
+            datas = _pylist(arr.cast(pa.large_binary()))  # the same UTF-8 bytes, copied once by Arrow
         exp = b.expires_us[lo:hi]
         if isinstance(exp, (pa.Array, pa.ChunkedArray)):
             exp_l = exp.fill_null(_NO_EXPIRY_PARAM).to_numpy().tolist()
@@ -204,13 +206,15 @@ class _BatchColumns:
         return cols, datas
 
 
-def _texts_and_views(arr: pa.Array) -> tuple[list[str], list[memoryview]]:
-    """Python str of each text (bound as TEXT) and a memoryview of its UTF-8 bytes (hashed, no copy)."""
-    _, offsets, data = arr.buffers()[:3]
-    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    off = np.frombuffer(offsets, dtype=width)[arr.offset : arr.offset + len(arr) + 1].tolist()
-    view = memoryview(data) if data is not None else memoryview(b"")
-    return arr.to_pylist(), [view[a:b] for a, b in zip(off, off[1:])]
+def _leaf_hashes(leaf0: Any, datas: list[bytes]) -> list[bytes]:
+    """RFC 9162 leaf hashes ``SHA-256(0x00 || data)``: a copy of the prefix's state per record, no concatenation."""
+    out: list[bytes] = []
+    append = out.append
+    for d in datas:
+        h = leaf0.copy()
+        h.update(d)
+        append(h.digest())
+    return out
 
 
 def _pylist(col: Any, *, distinct: bool = False) -> list[Any]:
@@ -223,4 +227,6 @@ def _pylist(col: Any, *, distinct: bool = False) -> list[Any]:
     if distinct and len(col):
         enc = pc.dictionary_encode(col)
         return np.array(enc.dictionary.to_pylist(), dtype=object)[enc.indices.to_numpy(zero_copy_only=False)].tolist()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_large_binary(col.type):
+        return col.to_numpy(zero_copy_only=False).tolist()  # str/bytes objects; faster than to_pylist
     return col.to_pylist()

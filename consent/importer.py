@@ -82,16 +82,49 @@ def _parse_times(arr: pa.Array, present: np.ndarray) -> np.ndarray:
     """ISO 8601 text -> int64 µs since epoch (UTC); unparseable or absent -> INT64 min.
 
     Uses the same pandas ISO 8601 parser as ``records.parse_ts``; only present values are parsed.
+    A column of plain UTC text (the usual export) is read by Arrow instead, when that provably
+    gives the same values (:func:`_parse_plain_utc`).
     """
     out = np.full(len(arr), _NAT, dtype=np.int64)
     if not present.any():
         return out
     idx = np.flatnonzero(present)
     sub = arr.take(pa.array(idx)) if len(idx) < len(arr) else arr
+    fast = _parse_plain_utc(sub)
+    if fast is not None:
+        out[idx] = fast
+        return out
     ts = pd.to_datetime(pd.Series(sub.to_pandas()), utc=True, format="ISO8601", errors="coerce")
     us = ts.dt.tz_localize(None).astype("datetime64[us]").to_numpy().view(np.int64)
     out[idx] = us
     return out
+
+
+_PLAIN_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
+
+
+def _parse_plain_utc(sub: pa.Array) -> np.ndarray | None:
+    """µs of a column of plain ``YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z`` text, parsed by Arrow in C; else None.
+
+    Only when every value has that form, parses, lies in 1970..9999 and formats back to the
+    same instant (the input, zero-padded to microseconds, equals :func:`format_us` of the
+    result) is the column taken: a value read so is the one ISO 8601 reading of its text, so
+    the pandas parser (the general path, and ``records.parse_ts``) gives the same. Anything
+    else (offsets, other spellings, bad dates) goes to that parser, which names the problem.
+    """
+    if not pc.all(pc.match_substring_regex(sub, _PLAIN_UTC)).as_py():
+        return None
+    try:
+        us = sub.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if us.min() < 0 or us.max() > _MAX_TS_US:
+        return None
+    body = pc.utf8_slice_codeunits(sub, 0, -1)  # without the Z
+    body = pc.utf8_rpad(pc.if_else(pc.equal(pc.utf8_length(body), 19), pc.binary_join_element_wise(body, ".", ""),
+                                   body), width=26, padding="0")
+    text = pc.binary_join_element_wise(body, "Z", "").cast(pa.large_string())
+    return us if pc.all(pc.equal(text, format_us(us))).as_py() else None
 
 
 def _table(df: pd.DataFrame | pa.Table) -> pa.Table:
@@ -143,7 +176,7 @@ def prepare_table(
                 return arr.cast(pa.string()) if arr.type != pa.string() else arr
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 raise ConsentImportError(source, [(0, name, f"column must hold text, not {arr.type}")]) from None
-        return pa.array(np.full(n, default, dtype=object), type=pa.string())
+        return pa.repeat(pa.scalar(default, type=pa.string()), n)  # an absent column: one value, no objects
 
     def flag(mask: np.ndarray, fld: str, msg: Any) -> None:
         nonlocal n_err

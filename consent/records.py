@@ -9,7 +9,8 @@ equals ``json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False
 
 This module is the one producer of canonical bytes for the whole tamper-evidence component:
 the record-at-a-time encoder and the columnar one (bulk import, the verifier's fast pass)
-live here together. It is longer than 450 lines because of that: split across modules, the
+live here together (only the column-wise timestamp text, a pure function of an integer, is
+in :mod:`.timetext`). It is longer than 450 lines because of that: split across modules, the
 two encoders of the same bytes could drift apart unnoticed.
 """
 
@@ -21,9 +22,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from json.encoder import encode_basestring as _q  # the C string encoder json.dumps uses
-from operator import methodcaller
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .timetext import format_us  # the columnar timestamp text (its own module: records is long)
 from .vocab import VOCAB_VERSION, UnknownTermError, check_action, check_purpose, check_scope
 
 __all__ = [
@@ -389,22 +389,23 @@ def canonical_bytes(values: dict[str, Any]) -> bytes:
 # hypothesis tests in tests/test_consent_fastpath.py prove both paths byte-identical.
 # Characters json.dumps(ensure_ascii=False) escapes: '"', '\\' and controls below 0x20.
 _NEEDS_ESCAPE = r'["\\\x00-\x1f]'
-_ESC_BYTES = np.zeros(256, dtype=bool)
-_ESC_BYTES[:0x20] = _ESC_BYTES[ord('"')] = _ESC_BYTES[ord("\\")] = True
-_PAIRS = np.frombuffer("".join(f"{i:02d}" for i in range(100)).encode(), dtype=np.uint8).reshape(100, 2)
-_TS_TEMPLATE = np.frombuffer(b"0000-00-00T00:00:00.000000Z", dtype=np.uint8)
 _STR = pa.large_string()  # 64-bit offsets: a column of many long texts never overflows
 _CHUNK = 1 << 16
 
 
-def _any_byte(arr: pa.Array, table: np.ndarray) -> bool:
-    """Does any value of a string array contain a byte flagged in the 256-entry ``table``?"""
-    validity, offsets, data = arr.buffers()[:3]
+def _needs_escape(arr: pa.Array) -> bool:
+    """Does any value of a string array contain a byte json.dumps escapes (``"``, ``\\``, below 0x20)?
+
+    Three comparisons over the data buffer (they stream through memory; a 256-entry table
+    look-up would gather byte by byte).
+    """
+    _, offsets, data = arr.buffers()[:3]
     if data is None or len(arr) == 0:
         return False
     off = np.frombuffer(offsets, dtype=np.int64 if pa.types.is_large_string(arr.type) else np.int32)
     off = off[arr.offset : arr.offset + len(arr) + 1]
-    return bool(table[np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]].any())
+    raw = np.frombuffer(data, dtype=np.uint8)[off[0] : off[-1]]
+    return bool((raw < 0x20).any() or (raw == ord('"')).any() or (raw == ord("\\")).any())
 
 
 # -- column helpers (shared with the verifier) ------------------------------------------
@@ -415,7 +416,7 @@ def json_inner(arr: pa.Array) -> pa.Array:
     that contains a quote, a backslash or a control character goes through json's own encoder.
     The result has the type of ``arr``.
     """
-    if len(arr) == 0 or not _any_byte(arr, _ESC_BYTES):
+    if len(arr) == 0 or not _needs_escape(arr):
         return arr
     special = pc.match_substring_regex(arr, _NEEDS_ESCAPE)
     idx = pa.array(np.flatnonzero(special.to_numpy(zero_copy_only=False)))
@@ -427,43 +428,6 @@ def json_quote(arr: pa.Array) -> pa.Array:
     """JSON string literal of every value, byte-identical to ``json.dumps(v, ensure_ascii=False)``."""
     arr = arr.cast(_STR) if arr.type != _STR else arr
     return pc.binary_join_element_wise(_lit('"'), json_inner(arr), _lit('"'), _lit(""))
-
-
-def format_us(us: np.ndarray | Sequence[int], *, quoted: bool = False) -> pa.Array:
-    """µs since epoch -> canonical ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (the text of ``records.format_ts``).
-
-    Pure integer arithmetic in numpy (days -> civil date, H. Hinnant's algorithm) writing
-    fixed-width ASCII digits, about six times faster than Arrow's ``strftime``. Values
-    must lie in 1970..9999 (the importer checks). ``quoted`` adds JSON quotes.
-    """
-    us = np.asarray(us, dtype=np.int64)
-    days = us // 86_400_000_000
-    rem = us - days * 86_400_000_000
-    z = days + 719_468
-    era = z // 146_097
-    doe = z - era * 146_097
-    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = mp + np.where(mp < 10, 3, -9)
-    year = yoe + era * 400 + (month <= 2)
-    secs = rem // 1_000_000
-    frac = rem - secs * 1_000_000
-    hour = secs // 3600
-    minute = (secs - hour * 3600) // 60
-    sec = secs - hour * 3600 - minute * 60
-    q = 1 if quoted else 0
-    width = len(_TS_TEMPLATE) + 2 * q
-    out = np.empty((len(us), width), dtype=np.uint8)
-    out[:, q : q + len(_TS_TEMPLATE)] = _TS_TEMPLATE
-    if quoted:
-        out[:, 0] = out[:, -1] = ord('"')
-    for pos, v in ((0, year // 100), (2, year % 100), (5, month), (8, day), (11, hour), (14, minute), (17, sec),
-                   (20, frac // 10_000), (22, frac // 100 % 100), (24, frac % 100)):
-        out[:, q + pos : q + pos + 2] = _PAIRS[v]
-    offsets = np.arange(0, width * (len(us) + 1), width, dtype=np.int64)
-    return pa.LargeStringArray.from_buffers(len(us), pa.py_buffer(offsets), pa.py_buffer(out))
 
 
 def _lit(text: str) -> pa.Scalar:
@@ -586,33 +550,48 @@ class _Encoder:
     rid: pa.Array
     ctrl: pa.Array
 
+    consts: dict[str, pa.Scalar | None] = field(default_factory=dict, repr=False)
+
     def __len__(self) -> int:
         return self.n
+
+    def _constant(self, name: str, arr: pa.Array) -> pa.Scalar | None:
+        """The JSON-escaped text (no quotes) of a column that holds one value in every row, else None."""
+        if name not in self.consts:
+            one = len(arr) > 0 and bool(pc.all(pc.equal(arr, arr[0])).as_py())
+            self.consts[name] = _lit(json_inner(arr.slice(0, 1).cast(_STR))[0].as_py()) if one else None
+        return self.consts[name]
 
     def texts(self, lo: int, hi: int) -> tuple[pa.Array, np.ndarray]:
         """Canonical texts of rows ``lo:hi`` and their packed ``layout`` (see :data:`LAYOUT_KEYS`)."""
         k = hi - lo
         has_exp = self.has_exp[lo:hi]
 
-        def cut(arr: pa.Array) -> pa.Array:
-            return arr.slice(lo, k).cast(_STR)
+        def text(name: str, arr: pa.Array, escape: bool = True) -> pa.Array | pa.Scalar:
+            const = self._constant(name, arr)
+            if const is not None:  # one value in the whole column (common: method, notice, ...): join a scalar
+                return const
+            out = arr.slice(lo, k).cast(_STR)
+            return json_inner(out) if escape else out
 
+        rec_at = self.rec_at[lo:hi]
         values = {
-            "action": cut(self.action),  # vocabulary terms: nothing to escape
-            "collection_method": json_inner(cut(self.method)),
+            "action": text("action", self.action, escape=False),  # vocabulary terms: nothing to escape
+            "collection_method": text("collection_method", self.method),
             "controller": _lit(self.controller),
             "effective_at": format_us(self.eff[lo:hi]),
             "expires_at": pc.if_else(pa.array(has_exp), format_us(np.where(has_exp, self.exp[lo:hi], 0), quoted=True),
                                      _lit("null")),
-            "jurisdiction": json_inner(cut(self.juris)),
-            "notice_version": json_inner(cut(self.notice)),
-            "purpose": cut(self.purpose),
-            "record_id": json_inner(cut(self.rid)),
-            "recorded_at": _format_present(self.rec_at[lo:hi], np.ones(k, dtype=bool)),
-            "recorded_by": json_inner(cut(self.by)),
+            "jurisdiction": text("jurisdiction", self.juris),
+            "notice_version": text("notice_version", self.notice),
+            "purpose": text("purpose", self.purpose, escape=False),
+            "record_id": json_inner(self.rid.slice(lo, k).cast(_STR)),
+            "recorded_at": (_lit(format_us(rec_at[:1])[0].as_py()) if k and rec_at.min() == rec_at.max()
+                            else format_us(rec_at)),
+            "recorded_by": text("recorded_by", self.by),
             "scopes": _take_distinct(self.scope_json, self.scope_codes[lo:hi]),
-            "subject_id": json_inner(cut(self.subject)),
-            "vocab_version": json_inner(cut(self.vocab)),
+            "subject_id": json_inner(self.subject.slice(lo, k).cast(_STR)),
+            "vocab_version": text("vocab_version", self.vocab),
         }
         return canonical_texts(values).combine_chunks(), _marker_offsets(values)
 
@@ -622,9 +601,8 @@ class _Encoder:
         The key is the record's fields joined by U+001F: the same event imported twice gets
         the same id and is refused, not doubled. Keys are joined by Arrow, a slice at a time.
         """
-        out = []
-        digest = methodcaller("digest")
-        blake = partial(hashlib.blake2b, digest_size=16)
+        out: list[bytes] = []
+        blake = hashlib.blake2b(digest_size=16)  # copied per key: cheaper than parsing the parameters each time
         for lo in range(0, self.n, _CHUNK):
             hi = min(lo + _CHUNK, self.n)
             keep = which[lo:hi]
@@ -642,7 +620,11 @@ class _Encoder:
                 mask = pa.array(keep)
                 parts = [p.filter(mask) for p in parts]
             keys = pc.binary_join_element_wise(*parts, _lit("\x1f")).cast(pa.large_binary())
-            out.append(b"".join(map(digest, map(blake, keys.to_pylist()))))
+            append = out.append
+            for key in keys.to_numpy(zero_copy_only=False).tolist():
+                h = blake.copy()
+                h.update(key)
+                append(h.digest())
         return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(-1, 16)
 
 
@@ -655,17 +637,3 @@ def _content_id_text(d: np.ndarray) -> pa.Array:
     text[:, 3::2] = hexd[d & 15]
     offsets = np.arange(0, 34 * (len(d) + 1), 34, dtype=np.int64)
     return pa.LargeStringArray.from_buffers(len(d), pa.py_buffer(offsets), pa.py_buffer(text))
-
-
-def _format_present(us: np.ndarray, present: np.ndarray) -> pa.Array:
-    """:func:`format_us` of the present values ('' elsewhere)."""
-    if not present.any():
-        return pa.repeat(_lit(""), len(us))
-    vals = us[present]
-    if vals.min() == vals.max():  # one value (e.g. every recorded_at of a file): format it once
-        txt = pa.repeat(format_us(vals[:1])[0], len(vals))
-    else:
-        txt = format_us(vals)
-    if present.all():
-        return txt
-    return pc.replace_with_mask(pa.repeat(_lit(""), len(us)), pa.array(present), txt)
