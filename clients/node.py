@@ -236,6 +236,7 @@ class MerchantNode:
         at: datetime | None = None,
         run_id: str = "",
         decision: GateDecision | None = None,
+        eval_fraction: float = TEST_FRACTION,
     ) -> Prepared:
         """Features and labels of the users who may be used now, split into train/test.
 
@@ -243,7 +244,10 @@ class MerchantNode:
         scope and bought at least once before the cutoff (retention of existing buyers).
         ``decision``: one just taken by :meth:`decide` for ``purpose`` (the per-run cache decides
         first, then computes only if the admitted users changed); default: decide now.
+        ``eval_fraction``: share of the users held out for evaluation (the run's ``eval-fraction``).
         """
+        if not 0 < eval_fraction < 1:
+            raise ValueError(f"eval-fraction must be strictly between 0 and 1, got {eval_fraction}")
         names = list(check_features(feature_names))
         if decision is None:
             decision, gated = self.gate(purpose, at, run_id)
@@ -262,7 +266,7 @@ class MerchantNode:
         labels = make_labels(gated.events, feats.index, cut, horizon_days)
         y = to_targets(labels["repurchase"].to_numpy(), labels["spend"].to_numpy())
         x = feats[feature_columns(names)].to_numpy(np.float64)
-        test = split_test(feats.index, self.merchant_id)
+        test = split_test(feats.index, self.merchant_id, eval_fraction)
         return Prepared(
             x_train=x[~test], y_train=y[~test], x_test=x[test], y_test=y[test],
             columns=feature_columns(names), decision=decision, cutoff=cut,

@@ -13,9 +13,18 @@ from typing import Any
 from fedretain.consent.vocab import check_purpose
 from fedretain.features import DEFAULT_FEATURES, check_features
 from fedretain.models import MODEL_KINDS, check_model_kind
+from fedretain.privacy.schedule import check_schedule
 
 STRATEGIES = ("fedavg", "fedprox")
 DP_MODES = ("none", "local", "central", "aggregate")
+
+# run_config keys the servers read from ``RunSettings.extra`` (not fields): declared here so that
+# ``fedretain simulate`` can offer each one (tests/test_run_settings_cli.py keeps both lists in step)
+SERVER_EXTRA_KEYS = (
+    "secure-aggregation", "dp-accountant", "dp-clipping", "eval-epsilon", "aggregate-batch-size",
+    "aggregate-population", "server-learning-rate", "secagg-num-shares", "secagg-reconstruction-threshold",
+    "witness-db", "data-dir",
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,11 @@ class RunSettings:
     max_grad_norm: float = 10.0  # keeps log loss near the non-private model's (docs/PRIVACY.md)
     max_merchants_per_person: int = 1  # the platform's declared bound k (person-level ε, privacy/person.py)
     person_epsilon_cap: float = 0.0  # refuse a DP run whose person-level ε at k exceeds this; 0 = no cap
+    # DP batch/rounds: "auto" fits them to the data (fedretain/privacy/schedule.py), "fixed" uses the settings
+    # as given. The operator's entry points (simulate, pyproject run config) default to auto; "fixed" here
+    # keeps code that builds RunSettings directly on the numbers it passes.
+    dp_schedule: str = "fixed"
+    eval_fraction: float = 0.3  # share of each node's users held out for evaluation (never trained on)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +90,10 @@ class RunSettings:
         object.__setattr__(self, "hidden", check_model_kind(self.model, self.hidden))
         if not 0 <= self.prior_rate < 1:
             raise ValueError(f"prior-rate must be in [0, 1), got {self.prior_rate}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval-fraction is the share of each merchant's users held out for evaluation and "
+                             f"must be strictly between 0 and 1 (e.g. 0.3), got {self.eval_fraction}")
+        check_schedule(self.dp_schedule)
 
     # Flower run_config keys (kebab-case, as in pyproject's [tool.flwr.app.config])
     _KEYS = {
@@ -88,7 +106,8 @@ class RunSettings:
         "seed": "seed", "dp-mode": "dp_mode", "target-epsilon": "target_epsilon",
         "target-delta": "target_delta", "max-grad-norm": "max_grad_norm",
         "max-merchants-per-person": "max_merchants_per_person", "person-epsilon-cap": "person_epsilon_cap",
-        "model": "model", "prior-rate": "prior_rate",
+        "model": "model", "prior-rate": "prior_rate", "dp-schedule": "dp_schedule",
+        "eval-fraction": "eval_fraction",
     }
 
     @classmethod
@@ -116,7 +135,7 @@ class RunSettings:
                 kwargs[name] = typ(kwargs[name])
         for name in ("proximal_mu", "learning_rate", "horizon_days", "fraction_train", "round_timeout",
                      "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm", "person_epsilon_cap",
-                     "prior_rate"):
+                     "prior_rate", "eval_fraction"):
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
         if "resume" in kwargs:
