@@ -79,7 +79,8 @@ def _hidden(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"hidden layer widths are comma-separated integers (e.g. 64,32), got {value!r}")
+        raise click.BadParameter(f"hidden layer widths are comma-separated integers (e.g. 64,32), got {value!r}") \
+            from None
     if any(w < 1 for w in widths):
         raise click.BadParameter(f"hidden layer widths must be >= 1, got {value!r}")
     return widths
@@ -100,7 +101,7 @@ _EXTRA_OPTIONS = ("dp_accountant", "dp_clipping", "secure_aggregation", "aggrega
                    "declared population].")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "logreg"]), default="mlp", show_default=True,
-              help="mlp: small neural network (hidden layers --hidden); logreg: logistic regression (no hidden layers).")
+              help="mlp: small neural network (layers --hidden); logreg: logistic regression (no hidden layers).")
 @click.option("--hidden", default="64,32", show_default=True, callback=_hidden,
               help="MLP hidden layer widths, comma-separated (ignored by logreg).")
 @click.option("--prior-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),

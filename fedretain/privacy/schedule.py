@@ -169,7 +169,8 @@ def operator_batch(settings: Any) -> float | None:
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise PrivacyError(f"aggregate-batch-size must be a number (0: chosen by dp-schedule auto), got {raw!r}")
+        raise PrivacyError(f"aggregate-batch-size must be a number (0: chosen by dp-schedule auto), "
+                           f"got {raw!r}") from None
     if value < 0:
         raise PrivacyError(f"aggregate-batch-size must be >= 0 (0: chosen by dp-schedule auto), got {value:g}")
     return value or None
