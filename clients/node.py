@@ -7,6 +7,7 @@ turns messages into calls on :class:`MerchantNode`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from fedretain.ingest import Silo, load_silo
 from fedretain.labels import LABEL_SCOPE, make_labels
 from fedretain.train import to_targets
 
-__all__ = ["NODE_DIR", "NodeConfig", "MerchantNode", "Prepared", "simulation_silos", "split_test"]
+__all__ = ["NODE_DIR", "NodeConfig", "MerchantNode", "Prepared", "data_view", "simulation_silos", "split_test"]
 TEST_FRACTION = 0.3
 _SPLIT_KEY = "fedretain-split1"  # exactly 16 bytes: pandas hash key
 
@@ -155,6 +156,29 @@ def split_test(user_ids: pd.Index, merchant_id: str, fraction: float = TEST_FRAC
     keys = pd.Series(merchant_id + ":" + pd.Index(user_ids).astype(str), dtype=object)
     h = pd.util.hash_pandas_object(keys, index=False, hash_key=_SPLIT_KEY).to_numpy()
     return (h % 10_000) < int(fraction * 10_000)
+
+
+DATA_VIEWS = ("", "selection", "train-minus-validation")
+
+
+def data_view(prep: Prepared, merchant_id: str, view: str, validation_fraction: float) -> Prepared:
+    """The users a phase of a run with model selection trains and evaluates on (``data-view``).
+
+    ``selection``: train on the training users less a validation share, evaluate on that share (never on
+    the held-out test users); ``train-minus-validation``: the final model of a run without refit trains on
+    the same users as the candidates and is evaluated on the test users; ``""``: every non-test user.
+    """
+    if view not in DATA_VIEWS:
+        raise ValueError(f"unknown data-view {view!r}; expected one of {DATA_VIEWS}")
+    if not view:
+        return prep
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation-fraction must be strictly between 0 and 1, got {validation_fraction}")
+    val = split_test(prep.train_users, merchant_id + "/validation", validation_fraction)
+    kept = dict(x_train=prep.x_train[~val], y_train=prep.y_train[~val], train_users=prep.train_users[~val])
+    if view == "selection":
+        kept.update(x_test=prep.x_train[val], y_test=prep.y_train[val], test_users=prep.train_users[val])
+    return dataclasses.replace(prep, **kept)
 
 
 class MerchantNode:

@@ -287,6 +287,8 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         raise ValueError("resuming a secure-aggregation run is not supported (SecAgg+ state is per run)")
     if settings.strategy != "fedavg":
         raise ValueError("secure aggregation runs with strategy fedavg only")
+    if settings.model == "auto":
+        raise ValueError("model auto (selection on validation users) does not run under SecAgg+ yet: choose a model")
     schedule = aggregate_schedule(settings) if settings.dp_mode == "aggregate" else None
     if schedule is not None:  # auto may choose the rounds: every later step sees the chosen number
         settings = dataclasses.replace(settings, rounds=schedule.rounds)

@@ -86,6 +86,13 @@ def _hidden(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
     return widths
 
 
+def _floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers (e.g. 0.01,0.03), got {value!r}") from None
+
+
 # simulate options that are run_config keys the servers read from RunSettings.extra (server/settings.py
 # SERVER_EXTRA_KEYS): passed on only when set, so the servers' own defaults apply otherwise
 _EXTRA_OPTIONS = ("dp_accountant", "dp_clipping", "secure_aggregation", "aggregate_batch_size", "aggregate_population",
@@ -100,8 +107,17 @@ _EXTRA_OPTIONS = ("dp_accountant", "dp_clipping", "secure_aggregation", "aggrega
               help="Federated rounds [default: 5; with --dp-mode aggregate and --dp-schedule auto: chosen from the "
                    "declared population].")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
-@click.option("--model", type=click.Choice(["mlp", "logreg"]), default="mlp", show_default=True,
-              help="mlp: small neural network (layers --hidden); logreg: logistic regression (no hidden layers).")
+@click.option("--model", type=click.Choice(["mlp", "logreg", "auto"]), default="mlp", show_default=True,
+              help="mlp: small neural network (layers --hidden); logreg: logistic regression (no hidden layers); "
+                   "auto: both compared first on the merchants' validation users (dp-mode none).")
+@click.option("--validation-fraction", default=0.2, show_default=True, type=float,
+              help="--model auto: share of each merchant's training users the candidates are compared on.")
+@click.option("--selection-rounds", default=2, show_default=True, type=click.IntRange(1),
+              help="--model auto: federated rounds per candidate.")
+@click.option("--selection-learning-rates", default="", callback=lambda c, p, v: _floats(v),
+              help="--model auto: comma-separated learning rates to compare (default: --learning-rate).")
+@click.option("--refit", is_flag=True,
+              help="--model auto: train the chosen model on all non-test users (training + validation).")
 @click.option("--hidden", default="64,32", show_default=True, callback=_hidden,
               help="MLP hidden layer widths, comma-separated (ignored by logreg).")
 @click.option("--prior-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
