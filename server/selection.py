@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 
-from fedretain.models import make_model
+from fedretain.models import Standardizer, make_model
 from fedretain.protocol import EVALUATE_RECEIVED, model_arrays
 from fedretain.server.federation import (
     FederatedTraining,
@@ -95,7 +95,7 @@ class SelectingTraining(FederatedTraining):
         self.final_view = "" if selection["refit"] else "train-minus-validation"
         self.selection = selection
 
-    def _start_or_resume(self):  # type: ignore[no-untyped-def]  # the parent's tuple
+    def _start_or_resume(self) -> tuple[RunRecord, ArrayRecord, Standardizer, int]:
         out = super()._start_or_resume()
         if self.selection is not None:
             out[0].data["model_selection"] = self.selection

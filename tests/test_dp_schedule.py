@@ -122,3 +122,22 @@ def test_bad_schedule_values_are_refused_with_the_key_named():
     with pytest.raises(PrivacyError, match="aggregate-batch-size must be a number"):
         operator_batch(RunSettings(extra={"aggregate-batch-size": "big"}))
     assert operator_batch(RunSettings(extra={"aggregate-batch-size": 0})) is None
+
+
+def test_simulate_shows_the_schedule_and_its_warnings_before_starting(monkeypatch, synth_silos):
+    from rich.console import Console
+
+    import fedretain.cli.train as cli
+
+    out = Console(record=True, width=200)
+    monkeypatch.setattr(cli, "console", out)
+    cli.print_dp_schedule(RunSettings(dp_mode="aggregate", dp_schedule="auto",
+                                      extra={"aggregate-population": 300}), synth_silos)
+    text = out.export_text()
+    assert "aggregate DP schedule: N=300, expected batch 75 (auto), q=0.25, 20 rounds (auto)" in text
+    assert "warning:" in text and "pooled population N=300 is small" in text
+    cli.print_dp_schedule(RunSettings(dp_mode="local", dp_schedule="auto"), synth_silos)
+    text = out.export_text()
+    assert "Local DP batches, sized per silo" in text
+    for silo in synth_silos:
+        assert silo.name in text

@@ -89,3 +89,20 @@ def test_model_auto_compares_candidates_on_validation_users_then_refits(tmp_path
     with node.ledger() as ledger:  # the selection's reads are on record, under their own run id
         runs = {u.run_id for u in ledger.usages()}
     assert {"sel", "sel.select"} <= runs
+
+
+def test_simulate_prints_the_comparison():
+    from rich.console import Console
+
+    from fedretain.cli.train import selection_table
+
+    sel = {"selection_rounds": 2, "final_training_users": "all non-test users", "refit": True,
+           "chosen": {"model": "mlp", "hidden": [64, 32], "learning_rate": 0.01},
+           "candidates": [{"model": "logreg", "learning_rate": 0.01, "validation": {"auc": 0.7, "auc-low": 0.68,
+                                                                                  "auc-high": 0.72, "log_loss": 0.5}},
+                          {"model": "mlp", "learning_rate": 0.01, "validation": {"auc": 0.75, "log_loss": 0.45}}]}
+    out = Console(record=True, width=160)
+    out.print(selection_table(sel))
+    text = out.export_text()
+    assert "[0.680, 0.720]" in text and "0.7500" in text
+    assert [line for line in text.splitlines() if "✓" in line][0].lstrip("│ ").startswith("mlp")

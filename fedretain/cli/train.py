@@ -217,10 +217,28 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     finally:
         progress.remove_observer(observer)
     record = json.loads((run_dir / "run.json").read_text())
+    if record.get("model_selection"):
+        console.print(selection_table(record["model_selection"]))
     console.print(round_table(record["rounds"]))
     console.print(f"run record: {run_dir / 'run.json'}   global model: {run_dir / 'model.pt'}")
     if record["status"] != "completed":
         sys.exit(1)
+
+
+def selection_table(selection: dict[str, Any]) -> Table:
+    """``--model auto``: the candidates compared on the merchants' validation users, the chosen one marked."""
+    chosen = selection["chosen"]
+    table = Table(title=f"Model selection on validation users ({selection['selection_rounds']} round(s) each; "
+                        f"final model trained on {selection['final_training_users']})")
+    for col in ("model", "learning rate", "validation AUC", "95% interval", "log loss", "chosen"):
+        table.add_column(col, justify="left" if col in ("model", "chosen") else "right")
+    for c in selection["candidates"]:
+        v = c["validation"]
+        interval = f"[{_fmt(v.get('auc-low'), 3)}, {_fmt(v.get('auc-high'), 3)}]" if "auc-low" in v else "–"
+        mark = "✓" if (c["model"], c["learning_rate"]) == (chosen["model"], chosen["learning_rate"]) else ""
+        table.add_row(c["model"], f"{c['learning_rate']:g}", _fmt(v.get("auc")), interval, _fmt(v.get("log_loss")),
+                      mark)
+    return table
 
 
 def print_dp_schedule(settings: Any, silos: list[Path]) -> None:
