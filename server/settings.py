@@ -100,6 +100,9 @@ class RunSettings:
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation-fraction is the share of each merchant's training users used to compare "
                              f"models and must be strictly between 0 and 1, got {self.validation_fraction}")
+        if self.refit and self.model != "auto":
+            raise ValueError("refit applies after model selection (model auto); without it the model already "
+                             "trains on all of each merchant's non-test users")
         if self.selection_rounds < 1:
             raise ValueError(f"selection-rounds must be >= 1, got {self.selection_rounds}")
         if any(not lr > 0 for lr in self.selection_learning_rates):

@@ -55,6 +55,8 @@ def test_best_candidate_is_the_highest_pooled_validation_auc():
 def test_model_auto_is_refused_where_it_would_spend_budget():
     with pytest.raises(ValueError, match="model auto .* DP mode"):
         RunSettings(model="auto", dp_mode="local")
+    with pytest.raises(ValueError, match="refit applies after model selection"):
+        RunSettings(model="mlp", refit=True)
     with pytest.raises(ValueError, match="validation-fraction .* strictly between 0 and 1"):
         RunSettings(model="auto", validation_fraction=1.0)
     s = RunSettings.from_run_config({"model": "auto", "refit": "true", "selection-learning-rates": "0.01,0.05"})
