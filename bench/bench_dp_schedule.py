@@ -50,20 +50,34 @@ def run(nodes, s, seed: int, epsilon: float, batch: float, rounds: int, run_id: 
 
 def load(name: str, tmp: Path):
     if name == "cdnow-hash":
-        silos = make_silos(tmp / name, 10, "hash")
-    elif name == "synth-small":  # a small pool: 4 merchants, ~3,000 customers with a purchase
-        from fedretain.clients.provision import provision_node
-        from fedretain.synth import generate
-
-        silos = generate(tmp / name, n_merchants=4, n_users=1500, seed=11)
-        for silo in silos:
-            provision_node(silo)
+        s = settings(tmp / "unused", 10)
+        nodes, _ = _nodes(make_silos(tmp / name, 10, "hash"), s, "public")
+    elif name == "synth-small":  # a small pool: 4 synthetic merchants, a few thousand buyers
+        nodes, s = synth_nodes(tmp / name)
     else:
         raise SystemExit(f"unknown dataset {name}")
-    s = settings(tmp / "unused", 10)
-    nodes, _ = _nodes(silos, s, "public")
     _set_budgets(nodes, 1e4)
     return s, nodes
+
+
+def synth_nodes(root: Path):
+    """The synthetic default generator's merchants, each node's own split at its own clock (consent now)."""
+    from fedretain.clients.node import MerchantNode, NodeConfig
+    from fedretain.clients.provision import provision_node
+    from fedretain.features import DEFAULT_FEATURES
+    from fedretain.synth import generate
+    from fedretain.transforms import public_standardizer
+
+    silos = generate(root, n_merchants=4, n_users=1500, seed=11)
+    s = settings(root / "unused", 10, cutoff="", horizon_days=30.0, features=DEFAULT_FEATURES)
+    scaler = public_standardizer(s.features)
+    nodes = []
+    for silo in silos:
+        provision_node(silo)
+        p = MerchantNode(NodeConfig.for_silo(silo)).prepare(s.purpose, list(s.features), s.horizon_days)
+        nodes.append(dict(name=silo.name, ledger=silo / ".node" / "privacy.db", x=scaler.transform(p.x_train),
+                          y=p.y_train, xt=scaler.transform(p.x_test), yt=p.y_test))
+    return nodes, s
 
 
 def main() -> None:
@@ -73,6 +87,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--datasets", default="cdnow-hash,synth-small")
+    ap.add_argument("--also", default="", help="more fixed schedules to compare, e.g. 143:50,573:50 (B:rounds)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -84,6 +99,8 @@ def main() -> None:
             auto = aggregate_schedule(eps, 0.0, n_total)
             configs = [("fixed B=4096, 5 rounds", 4096.0, 5), ("fixed B=4096, 50 rounds", 4096.0, 50),
                        ("auto", auto.expected_batch, auto.rounds)]
+            configs += [(f"fixed B={b}, {r} rounds", float(b), int(r))
+                        for b, r in (x.split(":") for x in args.also.split(",") if x)]
             print(f"\n== {name}: N={n_total} training customers over {len(nodes)} merchants, ε={args.epsilon:g} "
                   f"(training {eps:g}); load average {os.getloadavg()[0]:.1f}")
             for label, batch, rounds in configs:

@@ -134,7 +134,7 @@ def test_simulate_shows_the_schedule_and_its_warnings_before_starting(monkeypatc
     cli.print_dp_schedule(RunSettings(dp_mode="aggregate", dp_schedule="auto",
                                       extra={"aggregate-population": 300}), synth_silos)
     text = out.export_text()
-    assert "aggregate DP schedule: N=300, expected batch 75 (auto), q=0.25, 20 rounds (auto)" in text
+    assert "aggregate DP schedule: N=300, expected batch 75 (auto), q=0.25, 50 rounds (auto)" in text
     assert "warning:" in text and "pooled population N=300 is small" in text
     cli.print_dp_schedule(RunSettings(dp_mode="local", dp_schedule="auto"), synth_silos)
     text = out.export_text()
