@@ -11,7 +11,8 @@ arithmetic, ``ServerDPSGD``) runs with
 * ``auto``                    — ``fedretain.privacy.schedule.aggregate_schedule`` for the pooled N.
 
 Printed: pooled held-out AUC (exact, the yardstick) and the schedule (B, q, rounds, σ, warnings), with
-the load average (2 shared cores).
+the load average (2 shared cores). With ``--local``: local DP-SGD with the old fixed batch 256 on
+every node vs the batch sized per silo (``local_batch_size``), 10 rounds × ``local-epochs``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,33 @@ def run(nodes, s, seed: int, epsilon: float, batch: float, rounds: int, run_id: 
                               noise_seed=seed * 1_000_003 + rnd * 1009 + i)[0] for i, n in enumerate(nodes)]
         server.step(secagg_sum(vectors, plan))
     return model, plan
+
+
+def run_local(nodes, s, seed: int, epsilon: float, batches: list[int], run_id: str):
+    """Local DP-SGD (``DPTrainer`` with real ledgers), each node with its own batch; unweighted FedAvg."""
+    from bench_dp_utility import LOCAL, fedavg
+
+    from fedretain.privacy.dp_trainer import DPConfig, DPTrainer
+    from fedretain.train import TrainConfig
+
+    return fedavg(nodes, s, seed, lambda i, r: DPTrainer(
+        TrainConfig(epochs=s.local_epochs, batch_size=batches[i], learning_rate=LOCAL["learning_rate"]),
+        DPConfig(epsilon, max_grad_norm=LOCAL["max_grad_norm"], total_rounds=s.rounds,
+                 noise_seed=seed * 1_000_003 + r * 1009 + i), nodes[i]["ledger"], run_id, PURPOSE, r), False)
+
+
+def local_rows(name: str, nodes, s, eps: float, seeds: int) -> None:
+    from fedretain.privacy.schedule import local_batch_size
+
+    sizes = [len(n["x"]) for n in nodes]
+    for label, batches in (("local, fixed batch 256", [256] * len(nodes)),
+                           ("local, auto (n/8 in [32, 1024])", [local_batch_size(n) for n in sizes])):
+        t0 = time.time()
+        aucs = [scores(run_local(nodes, s, seed, eps, batches, f"{name}-{label}-{seed}"), nodes)["auc"]
+                for seed in range(seeds)]
+        spread = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
+        print(f"{label:<32} batches {batches} (n {sizes}), {s.rounds} rounds × {s.local_epochs} epochs  "
+              f"AUC {statistics.mean(aucs):.4f} ± {spread:.4f}  ({time.time() - t0:.0f} s)", flush=True)
 
 
 def load(name: str, tmp: Path):
@@ -87,6 +115,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--epsilon", type=float, default=3.0)
     ap.add_argument("--datasets", default="cdnow-hash,synth-small")
+    ap.add_argument("--local", action="store_true", help="also local DP-SGD: fixed batch 256 vs sized per silo")
+    ap.add_argument("--no-aggregate", action="store_true")
     ap.add_argument("--also", default="", help="more fixed schedules to compare, e.g. 143:50,573:50 (B:rounds)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -103,7 +133,9 @@ def main() -> None:
                         for b, r in (x.split(":") for x in args.also.split(",") if x)]
             print(f"\n== {name}: N={n_total} training customers over {len(nodes)} merchants, ε={args.epsilon:g} "
                   f"(training {eps:g}); load average {os.getloadavg()[0]:.1f}")
-            for label, batch, rounds in configs:
+            if args.local:
+                local_rows(name, nodes, s, eps, args.seeds)
+            for label, batch, rounds in ([] if args.no_aggregate else configs):
                 sched = aggregate_schedule(eps, 0.0, n_total, batch=batch, rounds=rounds)
                 aucs, t0 = [], time.time()
                 for seed in range(args.seeds):
