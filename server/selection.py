@@ -90,8 +90,9 @@ class SelectingTraining(FederatedTraining):
 
     def _choose(self, selection: dict[str, Any]) -> None:
         s, chosen = self.settings, selection["chosen"]
+        # refit is carried out through final_view; the settings now describe the chosen model's run
         self.settings = dataclasses.replace(s, model=chosen["model"], learning_rate=float(chosen["learning_rate"]),
-                                            hidden=tuple(chosen["hidden"]) or s.hidden)
+                                            hidden=tuple(chosen["hidden"]) or s.hidden, refit=False)
         self.final_view = "" if selection["refit"] else "train-minus-validation"
         self.selection = selection
 
@@ -99,6 +100,7 @@ class SelectingTraining(FederatedTraining):
         out = super()._start_or_resume()
         if self.selection is not None:
             out[0].data["model_selection"] = self.selection
+            out[0].data["config"].update(model_requested="auto", refit=bool(self.selection["refit"]))
             out[0].save()
         return out
 

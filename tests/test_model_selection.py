@@ -82,6 +82,7 @@ def test_model_auto_compares_candidates_on_validation_users_then_refits(tmp_path
         assert c["validation"]["auc-low"] <= c["validation"]["auc"] <= c["validation"]["auc-high"]
     best = max(sel["candidates"], key=lambda c: c["validation"]["auc"])
     assert sel["chosen"]["model"] == best["model"] == rec["config"]["model"]
+    assert rec["config"]["model_requested"] == "auto" and rec["config"]["refit"] is True
     # the candidates were compared on validation users (20% of the 70% training share), not on the test users
     validation = sel["candidates"][0]["validation"]["num-examples"]
     assert 0 < validation < rec["rounds"][-1]["evaluate"]["num-examples"]
