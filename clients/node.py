@@ -7,6 +7,7 @@ turns messages into calls on :class:`MerchantNode`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from fedretain.ingest import Silo, load_silo
 from fedretain.labels import LABEL_SCOPE, make_labels
 from fedretain.train import to_targets
 
-__all__ = ["NODE_DIR", "NodeConfig", "MerchantNode", "Prepared", "simulation_silos", "split_test"]
+__all__ = ["NODE_DIR", "NodeConfig", "MerchantNode", "Prepared", "data_view", "simulation_silos", "split_test"]
 TEST_FRACTION = 0.3
 _SPLIT_KEY = "fedretain-split1"  # exactly 16 bytes: pandas hash key
 
@@ -157,6 +158,29 @@ def split_test(user_ids: pd.Index, merchant_id: str, fraction: float = TEST_FRAC
     return (h % 10_000) < int(fraction * 10_000)
 
 
+DATA_VIEWS = ("", "selection", "train-minus-validation")
+
+
+def data_view(prep: Prepared, merchant_id: str, view: str, validation_fraction: float) -> Prepared:
+    """The users a phase of a run with model selection trains and evaluates on (``data-view``).
+
+    ``selection``: train on the training users less a validation share, evaluate on that share (never on
+    the held-out test users); ``train-minus-validation``: the final model of a run without refit trains on
+    the same users as the candidates and is evaluated on the test users; ``""``: every non-test user.
+    """
+    if view not in DATA_VIEWS:
+        raise ValueError(f"unknown data-view {view!r}; expected one of {DATA_VIEWS}")
+    if not view:
+        return prep
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation-fraction must be strictly between 0 and 1, got {validation_fraction}")
+    val = split_test(prep.train_users, merchant_id + "/validation", validation_fraction)
+    kept = dict(x_train=prep.x_train[~val], y_train=prep.y_train[~val], train_users=prep.train_users[~val])
+    if view == "selection":
+        kept.update(x_test=prep.x_train[val], y_test=prep.y_train[val], test_users=prep.train_users[val])
+    return dataclasses.replace(prep, **kept)
+
+
 class MerchantNode:
     """One merchant's node: consent-gated features and labels from its own silo."""
 
@@ -236,6 +260,7 @@ class MerchantNode:
         at: datetime | None = None,
         run_id: str = "",
         decision: GateDecision | None = None,
+        eval_fraction: float = TEST_FRACTION,
     ) -> Prepared:
         """Features and labels of the users who may be used now, split into train/test.
 
@@ -243,7 +268,10 @@ class MerchantNode:
         scope and bought at least once before the cutoff (retention of existing buyers).
         ``decision``: one just taken by :meth:`decide` for ``purpose`` (the per-run cache decides
         first, then computes only if the admitted users changed); default: decide now.
+        ``eval_fraction``: share of the users held out for evaluation (the run's ``eval-fraction``).
         """
+        if not 0 < eval_fraction < 1:
+            raise ValueError(f"eval-fraction must be strictly between 0 and 1, got {eval_fraction}")
         names = list(check_features(feature_names))
         if decision is None:
             decision, gated = self.gate(purpose, at, run_id)
@@ -262,7 +290,7 @@ class MerchantNode:
         labels = make_labels(gated.events, feats.index, cut, horizon_days)
         y = to_targets(labels["repurchase"].to_numpy(), labels["spend"].to_numpy())
         x = feats[feature_columns(names)].to_numpy(np.float64)
-        test = split_test(feats.index, self.merchant_id)
+        test = split_test(feats.index, self.merchant_id, eval_fraction)
         return Prepared(
             x_train=x[~test], y_train=y[~test], x_test=x[test], y_test=y[test],
             columns=feature_columns(names), decision=decision, cutoff=cut,

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedretain.clients import round_cache
-from fedretain.clients.node import MerchantNode, NodeConfig, Prepared
+from fedretain.clients.node import MerchantNode, NodeConfig, Prepared, data_view
 from fedretain.consent.vocab import SCOPES
 from fedretain.dp_evaluation import DEFAULT_EVAL_DELTA, dp_release, exact_release
 from fedretain.models import RetentionNet, Standardizer
@@ -48,7 +48,9 @@ def _consent_time(cfg: ConfigRecord) -> datetime:
 def prepare_from_config(node: MerchantNode, cfg: ConfigRecord) -> Prepared:
     """The round's inputs: consent decided once per round at the node's clock, features once per run
     while consent and data are unchanged (``fedretain.clients.round_cache``)."""
-    return round_cache.prepared_for(node, cfg, _consent_time(cfg))
+    prep = round_cache.prepared_for(node, cfg, _consent_time(cfg))
+    view = str(cfg.get("data-view", "") or "")  # model selection (server/selection.py): validation users
+    return data_view(prep, node.merchant_id, view, float(cfg.get("validation-fraction", 0.2))) if view else prep
 
 
 def _model(arrays: ArrayRecord, n_inputs: int, cfg: ConfigRecord) -> RetentionNet:

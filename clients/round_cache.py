@@ -33,7 +33,7 @@ from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
-from fedretain.clients.node import MerchantNode, Prepared
+from fedretain.clients.node import TEST_FRACTION, MerchantNode, Prepared
 
 __all__ = ["CACHE_SIZE", "clear", "prepared_for", "stats"]
 
@@ -55,7 +55,8 @@ def run_key(node: MerchantNode, cfg: Any) -> tuple:
     """What a node's inputs depend on besides consent: its silo's content, the run and the features asked."""
     return (str(node.config.data_path), node.data_stamp(), str(node.config.consent_db),
             str(cfg.get("run-id", "") or ""), str(cfg["purpose"]), tuple(str(f) for f in cfg["features"]),
-            float(cfg.get("horizon-days", 30)), str(cfg.get("cutoff", "") or ""))
+            float(cfg.get("horizon-days", 30)), str(cfg.get("cutoff", "") or ""),
+            float(cfg.get("eval-fraction", TEST_FRACTION)))
 
 
 def prepared_for(node: MerchantNode, cfg: Any, at: datetime) -> Prepared:
@@ -73,7 +74,7 @@ def prepared_for(node: MerchantNode, cfg: Any, at: datetime) -> Prepared:
         _STATS["reused"] += 1
     else:
         prep = node.prepare(purpose=purpose, feature_names=list(key[5]), horizon_days=key[6],
-                            cutoff=key[7] or None, at=at, run_id=run_id, decision=decision)
+                            cutoff=key[7] or None, at=at, run_id=run_id, decision=decision, eval_fraction=key[8])
         _STATS["computed"] += 1
     _put(_BY_RUN, key, prep)
     if rnd is not None:

@@ -17,6 +17,7 @@ Any other value is refused (fail closed).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from fedretain.clients.node import MerchantNode, Prepared
 from fedretain.train import LocalTrainer, TrainConfig, TrainResult
 
 CENTRAL_WEIGHT_KEY = "dp-weight"
+_log = logging.getLogger(__name__)
 
 
 def train_config(cfg: ConfigRecord, context: Context) -> TrainConfig:
@@ -54,6 +56,23 @@ def dp_config(cfg: ConfigRecord):
         max_merchants_per_person=int(cfg.get("max-merchants-per-person", 1)),
         person_epsilon_cap=float(cfg.get("person-epsilon-cap", 0.0)),
     )
+
+
+def local_dp_train_config(cfg: ConfigRecord, context: Context, node: MerchantNode, prep: Prepared) -> TrainConfig:
+    """Local DP-SGD's training settings: with ``dp-schedule auto`` the batch is sized from this silo's own
+    number of training users (``fedretain.privacy.schedule.local_batch_size``), decided here and never sent."""
+    import dataclasses
+
+    from fedretain.privacy.schedule import local_batch_size, local_schedule_note
+
+    config = train_config(cfg, context)
+    if str(cfg.get("dp-schedule", "fixed")) != "auto" or prep.n_train < 1:
+        return config
+    batch = local_batch_size(prep.n_train)
+    note = local_schedule_note(prep.n_train, batch, "auto")["note"]
+    if note:  # the node's own log: the count behind it stays on the node
+        _log.warning("merchant %s: %s", node.merchant_id, note)
+    return dataclasses.replace(config, batch_size=batch)
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,7 @@ def make_trainer(cfg: ConfigRecord, context: Context, node: MerchantNode, prep: 
         if "total-rounds" not in cfg:
             raise RuntimeError("dp-mode local needs total-rounds in the train config (noise covers the whole run)")
         return DPTrainer(  # type: ignore[return-value]  # same fit() interface as LocalTrainer
-            train_config(cfg, context), dp_config(cfg), ledger_path(node.config.state_dir),
+            local_dp_train_config(cfg, context, node, prep), dp_config(cfg), ledger_path(node.config.state_dir),
             run_id=str(cfg.get("run-id", "")), purpose=str(cfg["purpose"]),
             server_round=int(cfg.get("server-round", 0)),
         )

@@ -50,7 +50,7 @@ def eval_epsilon(settings: RunSettings) -> float:
     """ε of the held-out evaluation release of a DP run (0 in dp-mode none)."""
     if settings.dp_mode == "none":
         return 0.0
-    eps = float(settings.extra.get("eval-epsilon", settings.target_epsilon * DEFAULT_EVAL_SHARE))
+    eps = float(settings.extra.get("eval-epsilon") or settings.target_epsilon * DEFAULT_EVAL_SHARE)  # 0: default
     if not 0 < eps < settings.target_epsilon:
         raise ValueError(f"eval-epsilon must be in (0, target-epsilon={settings.target_epsilon:g}), got {eps:g}")
     from fedretain.dp_evaluation import calibrated
@@ -231,6 +231,7 @@ class FederatedTraining:
             "dp-clipping": str(s.extra.get("dp-clipping", "bk")),
             "max-merchants-per-person": int(s.max_merchants_per_person),
             "person-epsilon-cap": float(s.person_epsilon_cap),
+            "eval-fraction": float(s.eval_fraction), "dp-schedule": s.dp_schedule,
         }
 
     def person_level_record(self) -> dict[str, Any] | None:
@@ -246,6 +247,14 @@ class FederatedTraining:
                 "person_epsilon_cap": float(s.person_epsilon_cap), "table": None,
                 "enforced_by": "each node's DP trainer, before it reserves budget (fedretain.privacy.person)",
                 "why_no_table": "local plans depend on each node's private user count, which is not sent"}
+
+    def dp_schedule_record(self) -> dict[str, Any] | None:
+        """Local mode's batch rule for run.json (aggregate mode's schedule is written by server/secagg.py)."""
+        if self.settings.dp_mode != "local":
+            return None
+        from fedretain.privacy.schedule import local_schedule_record
+
+        return local_schedule_record(self.settings)
 
     def input_transform(self) -> Standardizer:
         """The public input transform (``fedretain.transforms``): nothing is asked of the nodes."""
@@ -282,6 +291,8 @@ class FederatedTraining:
                 record.data["standardization"] = self.standardization_record()
             if (person := self.person_level_record()) is not None:
                 record.data["person_level"] = person
+            if (schedule := self.dp_schedule_record()) is not None:
+                record.data["dp_schedule"] = schedule
             train_cfg = ConfigRecord({
                 **self.base_config(), "local-epochs": s.local_epochs, "batch-size": s.batch_size,
                 "learning-rate": s.learning_rate, "proximal-mu": s.proximal_mu,

@@ -13,7 +13,8 @@ the same public input transform the regular ServerApp uses (nothing is asked of 
 Both write the same run record (``run.json``: per-round metrics, per-merchant ε and
 consent lineage) and per-round checkpoints as the regular ServerApp. Settings beyond
 ``RunSettings`` are read from its ``extra`` (run_config keys): ``aggregate-batch-size``
-(expected customers per step over all merchants, default 4096), ``server-learning-rate``
+(expected customers per step over all merchants; absent or 0 with ``dp-schedule auto``: chosen from N
+with the rounds, ``fedretain.privacy.schedule``; 4096 with ``fixed``), ``server-learning-rate``
 (Adam on the server in aggregate mode, default ``learning-rate``), ``dp-accountant``,
 ``secagg-num-shares`` and ``secagg-reconstruction-threshold`` (fractions, defaults 1.0 / 0.7), and
 ``aggregate-population`` (aggregate mode: the platform's *declared*, public number of customers over
@@ -24,11 +25,12 @@ because every record is Poisson-sampled with rate q).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,11 +48,14 @@ from fedretain.server.federation import FederatedTraining, RunAborted, evaluatio
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 
+if TYPE_CHECKING:
+    from fedretain.privacy.schedule import AggregateSchedule
+
 log = logging.getLogger("fedretain.server")
 
 SECURE_MODES = ("none", "local", "aggregate")
 SECAGG_CLIENT_APP = "fedretain.clients.secagg_app:app"  # the node's SecAgg+ ClientApp, by component reference
-DEFAULT_AGGREGATE_BATCH = 4096
+DEFAULT_AGGREGATE_BATCH = 4096  # dp-schedule fixed without aggregate-batch-size
 
 
 def legacy_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +137,30 @@ def aggregate_person_level(plan: Any, settings: RunSettings, population: int) ->
     eps = check_person_cap(run_plan, k, cap, where="aggregate plan")
     return {"max_merchants_per_person": k, "person_epsilon_cap": cap, "person_epsilon": eps,
             "table": [row.as_dict() for row in person_table(run_plan)]}
+
+
+def aggregate_schedule(settings: RunSettings) -> AggregateSchedule:
+    """Aggregate mode's batch and rounds for the declared population (``fedretain.privacy.schedule``):
+    with ``dp-schedule auto`` whatever the operator left open is chosen to fit N; refused before any record."""
+    from fedretain.privacy.accountant import PrivacyError
+    from fedretain.privacy.schedule import aggregate_schedule_for
+
+    try:
+        return aggregate_schedule_for(settings, declared_population(settings), train_epsilon(settings))
+    except PrivacyError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def record_schedule(record: RunRecord, run: FederatedTraining, schedule: AggregateSchedule | None) -> None:
+    """Put the DP schedule (what was chosen, by whom, why) into run.json; warnings as events and in the log."""
+    if schedule is None:
+        if (local := run.dp_schedule_record()) is not None:
+            record.data["dp_schedule"] = local
+        return
+    record.data["dp_schedule"] = schedule.as_dict()
+    for warning in schedule.warnings:
+        log.warning("aggregate DP schedule: %s", warning)
+        record.event("dp_schedule_warning", mode="aggregate", message=warning)
 
 
 class _RecordedStrategy(LegacyFedAvg):
@@ -258,6 +287,11 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         raise ValueError("resuming a secure-aggregation run is not supported (SecAgg+ state is per run)")
     if settings.strategy != "fedavg":
         raise ValueError("secure aggregation runs with strategy fedavg only")
+    if settings.model == "auto":
+        raise ValueError("model auto (selection on validation users) does not run under SecAgg+ yet: choose a model")
+    schedule = aggregate_schedule(settings) if settings.dp_mode == "aggregate" else None
+    if schedule is not None:  # auto may choose the rounds: every later step sees the chosen number
+        settings = dataclasses.replace(settings, rounds=schedule.rounds)
     run = FederatedTraining(grid, settings, strategy=None)  # its helpers only (strategy unused)
     record = RunRecord.create(run.out_dir, settings.run_id,
                               {**settings.as_dict(), "secure_aggregation": "secagg+"})
@@ -267,6 +301,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         record.data["standardization"] = run.standardization_record()
         if (person := run.person_level_record()) is not None:
             record.data["person_level"] = person
+        record_schedule(record, run, schedule)
         torch.manual_seed(settings.seed)
         model = RetentionNet(len(run.columns), settings.hidden)
         n_nodes = len(run.wait_for_nodes(settings.min_nodes))
@@ -278,15 +313,16 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         if settings.dp_mode == "aggregate":
             from fedretain.privacy.aggregate import plan_aggregate
 
+            assert schedule is not None
             plan = plan_aggregate(train_epsilon(settings), settings.target_delta, declared_population(settings),
-                                  float(extra(settings, "aggregate-batch-size", DEFAULT_AGGREGATE_BATCH)),
-                                  settings.rounds, settings.max_grad_norm, fit_config["dp-accountant"])
+                                  schedule.expected_batch, settings.rounds, settings.max_grad_norm,
+                                  fit_config["dp-accountant"])
             fit_config.update(plan.to_config())
             record.data["aggregate_plan"] = plan.to_config()
             record.data["person_level"] = aggregate_person_level(plan, settings, declared_population(settings))
             strategy: _RecordedStrategy = AggregateDPSGD(
                 **common, plan=plan,
-                server_learning_rate=float(extra(settings, "server-learning-rate", settings.learning_rate)))
+                server_learning_rate=float(extra(settings, "server-learning-rate", 0.0) or settings.learning_rate))
             workflow = SecAggPlusWorkflow(
                 float(extra(settings, "secagg-num-shares", 1.0)),
                 float(extra(settings, "secagg-reconstruction-threshold", 0.7)),

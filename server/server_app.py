@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedretain.server.federation import FederatedTraining
 from fedretain.server.secagg import run_secure, wants_secure_aggregation
+from fedretain.server.selection import SelectingTraining
 from fedretain.server.settings import RunSettings
 from fedretain.server.strategies import build_strategy
 
@@ -27,5 +28,6 @@ def main(grid: Grid, context: Context) -> None:
     if wants_secure_aggregation(settings):  # SecAgg+ runs only through Flower's legacy workflow
         record = run_secure(grid, context, settings)
     else:
-        record = FederatedTraining(grid, settings, build_strategy(settings)).run()
+        training = SelectingTraining if settings.model == "auto" else FederatedTraining  # model choice first
+        record = training(grid, settings, build_strategy(settings)).run()
     log.info("run %s %s; record at %s", settings.run_id, record.data["status"], record.path)

@@ -13,9 +13,18 @@ from typing import Any
 from fedretain.consent.vocab import check_purpose
 from fedretain.features import DEFAULT_FEATURES, check_features
 from fedretain.models import MODEL_KINDS, check_model_kind
+from fedretain.privacy.schedule import check_schedule
 
 STRATEGIES = ("fedavg", "fedprox")
 DP_MODES = ("none", "local", "central", "aggregate")
+
+# run_config keys the servers read from ``RunSettings.extra`` (not fields): declared here so that
+# ``fedretain simulate`` can offer each one (tests/test_run_settings_cli.py keeps both lists in step)
+SERVER_EXTRA_KEYS = (
+    "secure-aggregation", "dp-accountant", "dp-clipping", "eval-epsilon", "aggregate-batch-size",
+    "aggregate-population", "server-learning-rate", "secagg-num-shares", "secagg-reconstruction-threshold",
+    "witness-db", "data-dir",
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,16 @@ class RunSettings:
     max_grad_norm: float = 10.0  # keeps log loss near the non-private model's (docs/PRIVACY.md)
     max_merchants_per_person: int = 1  # the platform's declared bound k (person-level ε, privacy/person.py)
     person_epsilon_cap: float = 0.0  # refuse a DP run whose person-level ε at k exceeds this; 0 = no cap
+    # DP batch/rounds: "auto" fits them to the data (fedretain/privacy/schedule.py), "fixed" uses the settings
+    # as given. The operator's entry points (simulate, pyproject run config) default to auto; "fixed" here
+    # keeps code that builds RunSettings directly on the numbers it passes.
+    dp_schedule: str = "fixed"
+    eval_fraction: float = 0.3  # share of each node's users held out for evaluation (never trained on)
+    # model "auto" (server/selection.py): candidates compared on a validation share of the training users
+    validation_fraction: float = 0.2
+    selection_rounds: int = 2
+    selection_learning_rates: tuple[float, ...] = ()  # empty: learning_rate only
+    refit: bool = False  # after selection, train the chosen model on training + validation users
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,11 +90,29 @@ class RunSettings:
             raise ValueError(f"person-epsilon-cap must be >= 0 (0: no cap), got {self.person_epsilon_cap}")
         check_purpose(self.purpose)
         check_features(self.features)
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
-        object.__setattr__(self, "hidden", check_model_kind(self.model, self.hidden))
+        if self.model not in (*MODEL_KINDS, "auto"):
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)} or auto")
+        object.__setattr__(self, "hidden", check_model_kind("mlp" if self.model == "auto" else self.model,
+                                                            self.hidden))
+        if self.model == "auto" and self.dp_mode != "none":
+            raise ValueError("model auto trains every candidate on the merchants' data, which a DP mode would have "
+                             "to charge to their budgets (not supported yet): choose --model mlp or logreg")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation-fraction is the share of each merchant's training users used to compare "
+                             f"models and must be strictly between 0 and 1, got {self.validation_fraction}")
+        if self.refit and self.model != "auto":
+            raise ValueError("refit applies after model selection (model auto); without it the model already "
+                             "trains on all of each merchant's non-test users")
+        if self.selection_rounds < 1:
+            raise ValueError(f"selection-rounds must be >= 1, got {self.selection_rounds}")
+        if any(not lr > 0 for lr in self.selection_learning_rates):
+            raise ValueError(f"selection-learning-rates must be positive, got {list(self.selection_learning_rates)}")
         if not 0 <= self.prior_rate < 1:
             raise ValueError(f"prior-rate must be in [0, 1), got {self.prior_rate}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval-fraction is the share of each merchant's users held out for evaluation and "
+                             f"must be strictly between 0 and 1 (e.g. 0.3), got {self.eval_fraction}")
+        check_schedule(self.dp_schedule)
 
     # Flower run_config keys (kebab-case, as in pyproject's [tool.flwr.app.config])
     _KEYS = {
@@ -88,7 +125,10 @@ class RunSettings:
         "seed": "seed", "dp-mode": "dp_mode", "target-epsilon": "target_epsilon",
         "target-delta": "target_delta", "max-grad-norm": "max_grad_norm",
         "max-merchants-per-person": "max_merchants_per_person", "person-epsilon-cap": "person_epsilon_cap",
-        "model": "model", "prior-rate": "prior_rate",
+        "model": "model", "prior-rate": "prior_rate", "dp-schedule": "dp_schedule",
+        "eval-fraction": "eval_fraction", "validation-fraction": "validation_fraction",
+        "selection-rounds": "selection_rounds", "selection-learning-rates": "selection_learning_rates",
+        "refit": "refit",
     }
 
     @classmethod
@@ -105,22 +145,26 @@ class RunSettings:
                 value = tuple(v.strip() for v in str(value).split(",") if v.strip()) if value else DEFAULT_FEATURES
             elif name == "hidden":
                 value = tuple(int(v) for v in str(value).split(",") if v.strip())
+            elif name == "selection_learning_rates":
+                value = tuple(float(v) for v in str(value).split(",") if v.strip())
             elif name in ("run_id",) and not value:
                 continue
             kwargs[name] = value
         kwargs["extra"] = extra
         types = {f: type(getattr(cls(), f)) for f in ("rounds", "local_epochs", "batch_size", "min_nodes", "seed",
-                                                          "round_retries", "max_merchants_per_person")}
+                                                          "round_retries", "max_merchants_per_person",
+                                                          "selection_rounds")}
         for name, typ in types.items():
             if name in kwargs:
                 kwargs[name] = typ(kwargs[name])
         for name in ("proximal_mu", "learning_rate", "horizon_days", "fraction_train", "round_timeout",
                      "node_wait_timeout", "target_epsilon", "target_delta", "max_grad_norm", "person_epsilon_cap",
-                     "prior_rate"):
+                     "prior_rate", "eval_fraction", "validation_fraction"):
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
-        if "resume" in kwargs:
-            kwargs["resume"] = str(kwargs["resume"]).lower() in ("1", "true", "yes")
+        for flag in ("resume", "refit"):
+            if flag in kwargs:
+                kwargs[flag] = str(kwargs[flag]).lower() in ("1", "true", "yes")
         return cls(**kwargs)
 
     def to_run_config(self) -> dict[str, Any]:
@@ -130,7 +174,7 @@ class RunSettings:
             value = getattr(self, name)
             if name == "features":
                 value = ",".join(value)
-            elif name == "hidden":
+            elif name in ("hidden", "selection_learning_rates"):
                 value = ",".join(str(h) for h in value)
             out[key] = value
         return out
@@ -139,4 +183,5 @@ class RunSettings:
         d = asdict(self)
         d["features"] = list(self.features)
         d["hidden"] = list(self.hidden)
+        d["selection_learning_rates"] = list(self.selection_learning_rates)
         return d

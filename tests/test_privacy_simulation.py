@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+
+from fedretain.privacy.schedule import local_batch_size
 
 pytestmark = pytest.mark.heavy
 
@@ -54,9 +57,10 @@ def _ledger_rows(silo: Path, run_id: str):
 def test_local_dp_reports_epsilon_per_round_and_records_it_on_each_node(tmp_path, silos):
     from fedretain.server.simulation import run_in_simulation
 
-    s = _settings(tmp_path, dp_mode="local", target_epsilon=3.0, run_id="local-dp")
+    s = _settings(tmp_path, dp_mode="local", target_epsilon=3.0, run_id="local-dp", dp_schedule="auto")
     rec = _record(run_in_simulation(s, silos[0].parent))
     assert rec["status"] == "completed" and [r["round"] for r in rec["rounds"]] == [1, 2]
+    assert rec["dp_schedule"]["schedule"] == "auto" and "does not send" in rec["dp_schedule"]["chosen_by"]
     eps = {}
     for entry in rec["rounds"]:
         nodes = _train_nodes(entry)
@@ -69,6 +73,8 @@ def test_local_dp_reports_epsilon_per_round_and_records_it_on_each_node(tmp_path
     for silo in silos:
         plan, spends = _ledger_rows(silo, "local-dp")
         assert plan.mode == "local" and [sp.round for sp in spends] == [1, 2]
+        # each node sized its batch from its own training users (dp-schedule auto), not the run's batch-size
+        assert plan.sample_rate == pytest.approx(1 / math.ceil(plan.n_records / local_batch_size(plan.n_records)))
         assert spends[-1].epsilon == pytest.approx(eps[silo.name][-1])
 
 
@@ -94,6 +100,9 @@ def test_aggregate_mode_under_secagg_plus(tmp_path, silos):
     rec = _record(run_secagg_simulation(s, silos[0].parent))
     assert rec["status"] == "completed" and [r["round"] for r in rec["rounds"]] == [1, 2, 3]
     plan = rec["aggregate_plan"]
+    chosen = rec["dp_schedule"]  # what was chosen and by whom (dp-schedule fixed: the operator's numbers)
+    assert (chosen["rounds"], chosen["expected_batch"], chosen["rounds_chosen_by"]) == (3, 600, "operator")
+    assert chosen["sample_rate"] == plan["agg-sample-rate"] == pytest.approx(0.2)
     server_eps = [r["train"]["aggregate-epsilon"] for r in rec["rounds"]]
     assert server_eps == sorted(server_eps) and server_eps[-1] <= 3.0
     for entry, e in zip(rec["rounds"], server_eps):

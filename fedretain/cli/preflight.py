@@ -18,7 +18,7 @@ def training_records(settings: Any) -> Any:
 
         node = MerchantNode(NodeConfig.for_silo(silo))
         return node.prepare(settings.purpose, list(settings.features), settings.horizon_days,
-                            settings.cutoff or None).n_train
+                            settings.cutoff or None, eval_fraction=settings.eval_fraction).n_train
 
     return count
 
@@ -27,9 +27,10 @@ def check_or_exit(settings: Any, silos: list[Path], console: Console) -> None:
     """Refuse (exit 1, a readable message) a DP run that some silo cannot take; print person-level ε."""
     from fedretain.privacy.accountant import PrivacyError
     from fedretain.privacy.preflight import preflight
+    from fedretain.server.federation import train_epsilon
 
-    try:
-        result = preflight(settings, silos, training_records(settings))
+    try:  # planned with the ε the nodes are sent (the run's ε less the evaluation release)
+        result = preflight(settings, silos, training_records(settings), train_epsilon(settings))
     except (PrivacyError, ValueError) as exc:
         raise click.ClickException(f"DP run refused before starting the simulation: {exc}") from None
     if result.person:

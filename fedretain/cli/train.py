@@ -75,36 +75,93 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
     return silos
 
 
+def _hidden(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"hidden layer widths are comma-separated integers (e.g. 64,32), got {value!r}") \
+            from None
+    if any(w < 1 for w in widths):
+        raise click.BadParameter(f"hidden layer widths must be >= 1, got {value!r}")
+    return widths
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers (e.g. 0.01,0.03), got {value!r}") from None
+
+
+# simulate options that are run_config keys the servers read from RunSettings.extra (server/settings.py
+# SERVER_EXTRA_KEYS): passed on only when set, so the servers' own defaults apply otherwise
+_EXTRA_OPTIONS = ("dp_accountant", "dp_clipping", "secure_aggregation", "aggregate_batch_size", "aggregate_population",
+                  "server_learning_rate", "eval_epsilon", "secagg_num_shares", "secagg_reconstruction_threshold",
+                  "witness_db")
+
+
 @click.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of merchant silos (one virtual node each).")
-@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=None, type=click.IntRange(1),
+              help="Federated rounds [default: 5; with --dp-mode aggregate and --dp-schedule auto: chosen from the "
+                   "declared population].")
 @click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
-@click.option("--model", type=click.Choice(["mlp", "logreg"]), default="mlp", show_default=True,
-              help="mlp: small neural network (hidden layers 64,32); logreg: logistic regression (no hidden layers).")
+@click.option("--model", type=click.Choice(["mlp", "logreg", "auto"]), default="mlp", show_default=True,
+              help="mlp: small neural network (layers --hidden); logreg: logistic regression (no hidden layers); "
+                   "auto: both compared first on the merchants' validation users (dp-mode none).")
+@click.option("--validation-fraction", default=0.2, show_default=True, type=float,
+              help="--model auto: share of each merchant's training users the candidates are compared on.")
+@click.option("--selection-rounds", default=2, show_default=True, type=click.IntRange(1),
+              help="--model auto: federated rounds per candidate.")
+@click.option("--selection-learning-rates", default="", callback=lambda c, p, v: _floats(v),
+              help="--model auto: comma-separated learning rates to compare (default: --learning-rate).")
+@click.option("--refit", is_flag=True,
+              help="--model auto: train the chosen model on all non-test users (training + validation).")
+@click.option("--hidden", default="64,32", show_default=True, callback=_hidden,
+              help="MLP hidden layer widths, comma-separated (ignored by logreg).")
 @click.option("--prior-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Start the model at this repeat-purchase rate (e.g. 0.02 when few buyers come back); 0: at 0.5.")
 @click.option("--proximal-mu", default=0.0, show_default=True, type=float, help="FedProx μ (needs --strategy fedprox).")
 @click.option("--local-epochs", default=2, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1),
+              help="Local batch (local DP with --dp-schedule auto: sized per silo instead).")
 @click.option("--learning-rate", default=0.01, show_default=True, type=float)
 @click.option("--purpose", default="retention_modeling", show_default=True)
 @click.option("--horizon-days", default=30.0, show_default=True, type=float)
 @click.option("--cutoff", default="", help="Feature cutoff (ISO date); default: data end − horizon per merchant.")
 @click.option("--features", default="", help="Comma-separated feature names (default: all registered).")
+@click.option("--eval-fraction", default=0.3, show_default=True, type=float,
+              help="Share of each merchant's users held out for evaluation (never trained on), 0 < f < 1.")
 @click.option("--min-nodes", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--fraction-train", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of the connected nodes sampled for training each round.")
+@click.option("--round-timeout", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a round waits for replies.")
+@click.option("--node-wait-timeout", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds to wait for --min-nodes nodes.")
+@click.option("--round-retries", default=1, show_default=True, type=click.IntRange(0),
+              help="Retries of a round that got too few replies.")
 @click.option("--dp-mode", type=click.Choice(["none", "local", "central", "aggregate"]), default="none",
               show_default=True)
+@click.option("--dp-schedule", type=click.Choice(["auto", "fixed"]), default="auto", show_default=True,
+              help="auto: DP batch (and aggregate rounds) fitted to the data (docs/PRIVACY.md); fixed: as given.")
 @click.option("--target-epsilon", default=3.0, show_default=True, type=float, help="ε of this run (DP modes).")
 @click.option("--target-delta", default=0.0, show_default=True, type=float, help="0: below 1/n per merchant.")
+@click.option("--eval-epsilon", default=None, type=float,
+              help="DP modes: ε of the held-out evaluation release [default: 10% of --target-epsilon].")
 @click.option("--max-grad-norm", default=10.0, show_default=True, type=float, help="DP clipping norm.")
 @click.option("--dp-accountant", type=click.Choice(["rdp", "prv"]), default="rdp", show_default=True)
 @click.option("--dp-clipping", type=click.Choice(["bk", "ghost"]), default="bk", show_default=True,
               help="bk: fast clipped-gradient sum for Linear models; ghost: Opacus ghost clipping.")
 @click.option("--secure-aggregation", is_flag=True, help="SecAgg+ (required by --dp-mode aggregate).")
-@click.option("--aggregate-batch-size", default=4096, show_default=True, type=int,
-              help="Aggregate mode: expected batch.")
+@click.option("--aggregate-batch-size", default=None, type=click.IntRange(1),
+              help="Aggregate mode: expected customers per step [default: chosen from the population with "
+                   "--dp-schedule auto, 4096 with fixed].")
 @click.option("--server-learning-rate", default=None, type=float, help="Aggregate mode: server step size.")
+@click.option("--secagg-num-shares", default=None, type=float, help="SecAgg+ shares (fraction of nodes, default 1.0).")
+@click.option("--secagg-reconstruction-threshold", default=None, type=float,
+              help="SecAgg+ reconstruction threshold (fraction, default 0.7).")
 @click.option("--max-merchants-per-person", default=1, show_default=True, type=click.IntRange(1),
               help="The platform's declared bound k: person-level ε is reported (and capped) for it.")
 @click.option("--person-epsilon-cap", default=0.0, show_default=True, type=click.FloatRange(0),
@@ -114,6 +171,9 @@ def ensure_nodes(data_dir: Path, lifetime_budgets: dict[str, float] | None = Non
 @click.option("--lifetime-epsilon", default=None, type=float,
               help="Set this lifetime budget for the purpose on nodes that have none yet (DP runs need one).")
 @click.option("--out", "out_dir", default="runs/latest", show_default=True, type=click.Path(path_type=Path))
+@click.option("--run-id", default=None, help="Run id [default: a new one].")
+@click.option("--resume", is_flag=True, help="Resume the run in --out from its last checkpoint.")
+@click.option("--witness-db", default=None, help="The platform's ledger-witness database [default: beside the run].")
 @click.option("--seed", default=0, show_default=True, type=int)
 def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     """Federated training over local silos in Flower's Simulation Engine."""
@@ -123,16 +183,14 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     from fedretain.server.simulation import run_in_simulation
 
     features = tuple(f.strip() for f in opts.pop("features").split(",") if f.strip())
-    extra = {"dp-accountant": opts.pop("dp_accountant"), "dp-clipping": opts.pop("dp_clipping"),
-             "secure-aggregation": opts.pop("secure_aggregation"),
-             "aggregate-batch-size": opts.pop("aggregate_batch_size")}
-    population = opts.pop("aggregate_population")
-    if population is not None:
-        extra["aggregate-population"] = population
-    server_lr = opts.pop("server_learning_rate")
-    if server_lr is not None:
-        extra["server-learning-rate"] = server_lr
+    extra = {k.replace("_", "-"): v for k in _EXTRA_OPTIONS if (v := opts.pop(k)) is not None}
     lifetime = opts.pop("lifetime_epsilon")
+    if opts["run_id"] is None:
+        opts.pop("run_id")
+    if opts["rounds"] is not None and opts["dp_mode"] == "aggregate" and opts["dp_schedule"] == "auto":
+        raise click.UsageError("with --dp-mode aggregate and --dp-schedule auto the rounds are chosen from the "
+                               "declared population; add --dp-schedule fixed to set --rounds yourself")
+    opts["rounds"] = opts["rounds"] or 5
     try:
         settings = RunSettings(out_dir=str(out_dir), extra=extra, **({"features": features} if features else {}),
                                **opts)
@@ -146,6 +204,7 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     from fedretain.cli.preflight import check_or_exit
 
     check_or_exit(settings, silos, console)  # budgets (and person-level ε) before Ray/Flower start (issue 13)
+    print_dp_schedule(settings, silos)
     observer = RichRoundObserver()
     progress.add_observer(observer)
     try:
@@ -158,10 +217,65 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
     finally:
         progress.remove_observer(observer)
     record = json.loads((run_dir / "run.json").read_text())
+    if record.get("model_selection"):
+        console.print(selection_table(record["model_selection"]))
     console.print(round_table(record["rounds"]))
     console.print(f"run record: {run_dir / 'run.json'}   global model: {run_dir / 'model.pt'}")
     if record["status"] != "completed":
         sys.exit(1)
+
+
+def selection_table(selection: dict[str, Any]) -> Table:
+    """``--model auto``: the candidates compared on the merchants' validation users, the chosen one marked."""
+    chosen = selection["chosen"]
+    table = Table(title=f"Model selection on validation users ({selection['selection_rounds']} round(s) each; "
+                        f"final model trained on {selection['final_training_users']})")
+    for col in ("model", "learning rate", "validation AUC", "95% interval", "log loss", "chosen"):
+        table.add_column(col, justify="left" if col in ("model", "chosen") else "right")
+    for c in selection["candidates"]:
+        v = c["validation"]
+        interval = f"[{_fmt(v.get('auc-low'), 3)}, {_fmt(v.get('auc-high'), 3)}]" if "auc-low" in v else "–"
+        mark = "✓" if (c["model"], c["learning_rate"]) == (chosen["model"], chosen["learning_rate"]) else ""
+        table.add_row(c["model"], f"{c['learning_rate']:g}", _fmt(v.get("auc")), interval, _fmt(v.get("log_loss")),
+                      mark)
+    return table
+
+
+def print_dp_schedule(settings: Any, silos: list[Path]) -> None:
+    """Show the DP schedule the run will use, and its warnings, before anything starts.
+
+    Aggregate mode: the server's own choice for the declared population (the same function).
+    Local mode with ``dp-schedule auto``: each silo's batch and sampling rate, with a note for
+    tiny silos (a simulation's operator holds every silo; deployed nodes keep their counts).
+    """
+    if settings.dp_mode == "aggregate":
+        from fedretain.server.secagg import aggregate_schedule
+
+        try:
+            s = aggregate_schedule(settings)
+        except ValueError as exc:
+            raise click.ClickException(f"DP run refused before starting the simulation: {exc}") from None
+        console.print(f"aggregate DP schedule: N={s.population}, expected batch {s.expected_batch:g} "
+                      f"({s.batch_chosen_by}), q={s.sample_rate:.4g}, {s.rounds} rounds ({s.rounds_chosen_by}), "
+                      f"σ={s.noise_multiplier:.3f}")
+        for warning in s.warnings:
+            console.print(f"[bold yellow]warning:[/] {warning}")
+    elif settings.dp_mode == "local" and settings.dp_schedule == "auto":
+        from fedretain.cli.preflight import training_records
+        from fedretain.privacy.schedule import local_batch_size, local_schedule_note
+
+        count = training_records(settings)
+        table = Table(title="Local DP batches, sized per silo (dp-schedule auto)")
+        for col in ("silo", "training users", "batch", "sampling rate", "note"):
+            table.add_column(col, justify="left" if col in ("silo", "note") else "right")
+        for silo in silos:
+            n = count(silo)
+            if n < 1:
+                table.add_row(silo.name, "0", "–", "–", "no training users: this silo will not train")
+                continue
+            info = local_schedule_note(n, local_batch_size(n), "auto")
+            table.add_row(silo.name, str(n), str(info["batch"]), f"{info['sample_rate']:.3g}", info["note"])
+        console.print(table)
 
 
 @click.command()

@@ -50,29 +50,49 @@ def check_budgets(silos: list[Path], run_id: str, purpose: str, epsilon: float, 
     return problems
 
 
-def node_plans(settings: Any, counts: list[tuple[str, int]]) -> list[tuple[str, RunPlan]]:
-    """Each node's plan of this run from its training-record count, by the nodes' own planning functions."""
+def node_plans(settings: Any, counts: list[tuple[str, int]], epsilon: float | None = None
+               ) -> list[tuple[str, RunPlan]]:
+    """Each node's plan of this run from its training-record count, by the nodes' own planning functions.
+
+    ``epsilon``: the training share of the run's ε the nodes are sent (``server.federation.train_epsilon``;
+    default: the whole target). Batches and rounds follow the run's ``dp-schedule``
+    (``fedretain.privacy.schedule``), exactly as the server (aggregate) or each node (local) chooses them.
+    """
     from fedretain.privacy.aggregate import plan_aggregate
     from fedretain.privacy.dp_trainer import DPConfig, plan_run
+    from fedretain.privacy.schedule import aggregate_schedule_for, local_batch_for
     from fedretain.train import TrainConfig
 
+    eps = float(settings.target_epsilon if epsilon is None else epsilon)
     accountant = str(settings.extra.get("dp-accountant", "rdp"))
     if settings.dp_mode == "aggregate":  # as server/secagg.py plans it: one mechanism over all nodes' records
-        n_total = sum(n for _, n in counts)
-        agg = plan_aggregate(settings.target_epsilon, settings.target_delta, n_total,
-                             float(settings.extra.get("aggregate-batch-size", 4096)), settings.rounds,
+        n_total = declared_or_counted(settings, counts)
+        schedule = aggregate_schedule_for(settings, n_total, eps)
+        agg = plan_aggregate(eps, settings.target_delta, n_total, schedule.expected_batch, schedule.rounds,
                              settings.max_grad_norm, accountant)
         plan = RunPlan(settings.run_id, settings.purpose, "aggregate", accountant, agg.target_epsilon, agg.delta,
                        agg.noise_multiplier, agg.sample_rate, agg.rounds, n_total)
         return [("all nodes", plan)]
-    train = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size,
-                        learning_rate=settings.learning_rate)
-    dp = DPConfig(target_epsilon=settings.target_epsilon, target_delta=settings.target_delta,
+    dp = DPConfig(target_epsilon=eps, target_delta=settings.target_delta,
                   max_grad_norm=settings.max_grad_norm, accountant=accountant, total_rounds=settings.rounds)
-    return [(name, plan_run(settings.run_id, settings.purpose, n, train, dp)) for name, n in counts if n > 0]
+    return [(name, plan_run(settings.run_id, settings.purpose, n,
+                            TrainConfig(epochs=settings.local_epochs, batch_size=local_batch_for(settings, n),
+                                        learning_rate=settings.learning_rate), dp))
+            for name, n in counts if n > 0]
 
 
-def preflight(settings: Any, silos: list[Path], count: Callable[[Path], int]) -> Preflight:
+def declared_or_counted(settings: Any, counts: list[tuple[str, int]]) -> int:
+    """Aggregate mode's N: the platform's declared population when set (what the server uses), else the count."""
+    declared = settings.extra.get("aggregate-population")
+    try:
+        n = int(float(declared)) if declared not in (None, "") else 0
+    except (TypeError, ValueError):
+        n = 0
+    return n if n > 0 else sum(n for _, n in counts)
+
+
+def preflight(settings: Any, silos: list[Path], count: Callable[[Path], int],
+              epsilon: float | None = None) -> Preflight:
     """Budget (and, with a person cap or k > 1, person-level) checks of a DP run over ``silos``.
 
     ``count(silo)`` is the node's number of training records for this run (the CLI passes the
@@ -88,7 +108,7 @@ def preflight(settings: Any, silos: list[Path], count: Callable[[Path], int]) ->
     k, cap = int(settings.max_merchants_per_person), float(settings.person_epsilon_cap)
     if out.problems or (cap <= 0 and k == 1):
         return out
-    for name, plan in node_plans(settings, [(Path(s).name, count(Path(s))) for s in silos]):
+    for name, plan in node_plans(settings, [(Path(s).name, count(Path(s))) for s in silos], epsilon):
         out.person.extend({"node": name, **row.as_dict()} for row in person_table(plan, tuple(sorted({1, k}))))
         try:
             check_person_cap(plan, k, cap, where=name)
