@@ -68,8 +68,7 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
                 good_rows = rows[~p.bad]
                 maybe = finder.add(p.h1, p.h2, good_rows)
                 if maybe.any():
-                    finder.hold(frame.filter(pl.Series(~p.bad)).filter(pl.Series(maybe)), good_rows[maybe],
-                                p.h1[maybe])
+                    finder.hold(frame[np.flatnonzero(~p.bad)[maybe]], good_rows[maybe], p.h1[maybe])
                 accepted.append((p.clean, good_rows))
             if p.reasons is not None:
                 report.rows_rejected += int(p.bad.sum())
@@ -118,9 +117,10 @@ def _prepare(batch: RawBatch, rules: Rules, mapping: ColumnMapping, names: dict[
     h1 = h2 = np.zeros(0, dtype=np.uint64)
     table = None
     if not bad.all():
-        keep = pl.Series(~bad)
-        h1, h2 = row_keys(rules.key_frame(cols).filter(keep))
-        table = clean.filter(keep).to_arrow(compat_level=pl.CompatLevel.oldest())
+        good = ~bad
+        h1, h2 = row_keys(rules.key_frame(cols))  # hash every row, keep the good rows' keys: no copy of the text
+        h1, h2 = h1[good], h2[good]
+        table = clean.filter(pl.Series(good)).to_arrow(compat_level=pl.CompatLevel.oldest())
     return _Prepared(batch.rows, frame, checks, bad, table, h1, h2, _row_reasons(checks, bad) if bad.any() else None)
 
 

@@ -47,7 +47,7 @@ def events_frame(frames: list[pa.Table]) -> pd.DataFrame:
         return empty_events()
     return pd.DataFrame({
         "user_id": _strings(_take(frames, "user_id")),
-        "ts": _numbers(_take(frames, "ts")).astype("datetime64[ns]"),
+        "ts": _numbers(_take(frames, "ts")).astype("datetime64[ns]", copy=False),
         "event": _categorical(_take(frames, "event"), EVENT_TYPES),
         "item_id": _strings(_take(frames, "item_id")),
         "category": _strings(_take(frames, "category")),
