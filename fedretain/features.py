@@ -420,35 +420,24 @@ def check_finite(frame: pd.DataFrame) -> None:
 def _window_events(events: pd.DataFrame, population: pd.Index, cutoff: pd.Timestamp) -> dict[str, np.ndarray]:
     """Pre-cutoff events of the population as numpy columns (user position, type index, age in days...).
 
-    Users are found by one hash lookup of each event's id among the population's ids (Arrow's
-    ``index_in``: no Python strings, no per-batch dictionaries).
+    Users are found by one hash lookup of each event's id among the population's (Arrow ``index_in``).
     """
     ts = events["ts"].to_numpy(dtype="datetime64[ns]")
     ids = pa.array(events["user_id"].astype("string").array)
     people = pa.array(population.astype("string").array)
-    if isinstance(people, pa.ChunkedArray):
-        people = people.combine_chunks()
+    people = people.combine_chunks() if isinstance(people, pa.ChunkedArray) else people
     code = pc.index_in(ids, value_set=people.cast(ids.type))
-    del ids
     cut = cutoff.to_datetime64().astype("datetime64[ns]")
     ev = _codes(events["event"], EVENT_TYPES)
     keep = code.is_valid().to_numpy(zero_copy_only=False) & (ts < cut) & (ev >= 0)
-    code_np = pc.fill_null(code, -1).to_numpy().astype(np.int64, copy=False)
-    del code
     every = bool(keep.all())
-
-    def pick(values: np.ndarray) -> np.ndarray:
-        return values if every else values[keep]
-
-    ts = pick(ts)
-    return {
-        "code": pick(code_np),
-        "ev": pick(ev),
-        "age_days": (cut - ts).astype(np.int64) / 86_400e9,
-        "amount": pick(events["amount"].to_numpy(dtype=float)),
-        "watch_seconds": pick(events["watch_seconds"].to_numpy(dtype=float)),
-        "channel": pick(_codes(events["channel"], CHANNELS)),
-    }
+    cols = {"code": pc.fill_null(code, -1).to_numpy().astype(np.int64, copy=False), "ev": ev, "ts": ts,
+            "amount": events["amount"].to_numpy(dtype=float),
+            "watch_seconds": events["watch_seconds"].to_numpy(dtype=float),
+            "channel": _codes(events["channel"], CHANNELS)}
+    out = {k: v if every else v[keep] for k, v in cols.items()}
+    out["age_days"] = (cut - out.pop("ts")).astype(np.int64) / 86_400e9
+    return out
 
 
 def _codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:
