@@ -5,6 +5,9 @@ Conservation holds by construction: every record read is either accepted or reje
 A rejected row is counted once, under its first problem in check order; the quarantine lists all.
 Duplicates are settled after the last batch (one linear pass, see ``dedupe``), so a copy is found
 whatever batch its first occurrence landed in.
+Validation and row hashing of a batch need no state, so ``WORKERS`` threads run them ahead while the
+calling thread does the file-order work (duplicate flags, counts, examples, quarantine) batch by batch,
+in file order: results do not depend on the threads.
 """
 
 from __future__ import annotations
