@@ -134,6 +134,7 @@ def _row(path: Path, runs: list[dict]) -> str:
             f"{m['read_s']:.2f} + {m['features_s']:.2f} | {m['cpu_s']:.2f} ({m['read_cpu_s']:.2f} + "
             f"{m['features_cpu_s']:.2f}) | {m['polars_s']:.2f} ({m['polars_cpu_s']:.2f}) | "
             f"{m['pyarrow_s']:.2f} ({m['pyarrow_cpu_s']:.2f}) | {m['total_s'] / m['polars_s']:.1f} | "
+            f"{m['cpu_s'] / m['polars_cpu_s']:.1f} | "
             f"{peak / mib:.0f} | {r['arrow_bytes'] / mib:.0f} | **{peak / r['arrow_bytes']:.2f}** | {own:.2f} | "
             f"{loads} |")
 
@@ -152,9 +153,9 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
           f"median of {args.repeat} run(s) per size\n")
     print("| events | MiB | fedretain s | read + features s | CPU s (read + features) | anchor polars read+RFM s "
-          "(CPU) | anchor pyarrow read s (CPU) | /polars | peak RSS MiB | Arrow MiB | peak/Arrow | own/Arrow | "
-          "load 1-min |")
-    print("|" + "---:|" * 13)
+          "(CPU) | anchor pyarrow read s (CPU) | wall /polars | CPU /polars | peak RSS MiB | Arrow MiB | peak/Arrow | "
+          "own/Arrow | load 1-min |")
+    print("|" + "---:|" * 14)
     points, notes = [], []
     for size in [_millions(s) for s in args.sizes.split(",") if s.strip()]:
         path = ensure_file(size, args.out_dir)
