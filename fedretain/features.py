@@ -63,7 +63,9 @@ class Window:
         self.never_days = max(NEVER_DAYS, float(age.max()) if len(age) else 0.0)
         k = len(EVENT_TYPES)
         size = max(self.n * k, 1)
-        key = events["code"].astype(np.int64, copy=False) * k + events["ev"]
+        key = events["code"].astype(np.int64)  # built in place: fresh memory is costly at 10M rows
+        key *= k
+        key += events["ev"]
         counts = np.bincount(key, minlength=size)
         present = np.flatnonzero(counts)
         table = {"n": counts[present].astype(float), "code": present // k, "ev": present % k}
@@ -418,10 +420,7 @@ def check_finite(frame: pd.DataFrame) -> None:
 
 
 def _window_events(events: pd.DataFrame, population: pd.Index, cutoff: pd.Timestamp) -> dict[str, np.ndarray]:
-    """Pre-cutoff events of the population as numpy columns (user position, type index, age in days...).
-
-    Users are found by one hash lookup of each event's id among the population's (Arrow ``index_in``).
-    """
+    """Pre-cutoff events of the population as numpy columns; users found by one Arrow ``index_in`` lookup."""
     ts = events["ts"].to_numpy(dtype="datetime64[ns]")
     ids = pa.array(events["user_id"].astype("string").array)
     people = pa.array(population.astype("string").array)
@@ -431,12 +430,13 @@ def _window_events(events: pd.DataFrame, population: pd.Index, cutoff: pd.Timest
     ev = _codes(events["event"], EVENT_TYPES)
     keep = code.is_valid().to_numpy(zero_copy_only=False) & (ts < cut) & (ev >= 0)
     every = bool(keep.all())
-    cols = {"code": pc.fill_null(code, -1).to_numpy().astype(np.int64, copy=False), "ev": ev, "ts": ts,
+    cols = {"code": pc.fill_null(code, -1).to_numpy(), "ev": ev, "ts": ts,
             "amount": events["amount"].to_numpy(dtype=float),
             "watch_seconds": events["watch_seconds"].to_numpy(dtype=float),
             "channel": _codes(events["channel"], CHANNELS)}
     out = {k: v if every else v[keep] for k, v in cols.items()}
-    out["age_days"] = (cut - out.pop("ts")).astype(np.int64) / 86_400e9
+    out["age_days"] = age = (cut - out.pop("ts")).view(np.int64).astype(float)
+    age /= 86_400e9
     return out
 
 
