@@ -141,3 +141,22 @@ def test_empty_population():
     f = compute_features(_gated(events, users), CUTOFF)
     assert f.empty and list(f.columns) == feature_columns(FEATURES)
     assert np.isfinite(f.to_numpy()).all()
+
+
+def test_window_answers_any_window_or_channel_and_skips_unknown_users(example):
+    """Windows and channels outside the precomputed table go through the direct path; events of users
+    outside the population and events at or after the cutoff are never counted."""
+    from fedretain.features import Window, _window_events
+
+    events, users = example
+    stranger = _events([("zz", "2026-05-30", "purchase", 500.0, 0, "live")])
+    events = pd.concat([events, stranger], ignore_index=True)
+    population = pd.Index(["b", "a"], dtype="string", name="user_id")  # not in the events' order
+    people = users.set_index("user_id").reindex(population)
+    w = Window(_window_events(events, population, CUTOFF), people, CUTOFF)
+    assert w.count("purchase").tolist() == [1.0, 3.0]  # b, a; zz's purchase is not anyone's
+    assert w.count("cart", within_days=12).tolist() == [0.0, 3.0]  # 05-22 twice, 05-21; 05-20 is 12 days back
+    assert w.count("purchase", channel="live").tolist() == [0.0, 1.0]
+    assert w.total("amount", "purchase", within_days=14).tolist() == [0.0, 60.0]
+    assert w.total("watch_seconds", "view", within_days=30).tolist() == [0.0, 180.0]  # b's 06-02 view is after
+    assert w.days_since_first("purchase").tolist() == [90.0, 31.0]

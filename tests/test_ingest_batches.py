@@ -162,3 +162,23 @@ def test_recency_and_tenure_are_not_capped_at_a_year_when_data_spans_longer():
     assert f.loc["a", "recency_days"] == pytest.approx(math.log1p(span))
     assert f.loc["c", "recency_days"] == pytest.approx(math.log1p(span))  # never bought: as old as the data
     assert set(FEATURES) >= {"recency_days", "tenure_days"}
+
+
+def test_worker_threads_change_nothing(tmp_path, monkeypatch):
+    """Batches validated ahead on worker threads give the same frame, report and quarantine as one at a time."""
+    from fedretain.ingest import engine
+
+    rows = [f"u{i % 7},2025-03-01T10:{i % 60:02d}:00,{('view', 'purchase', 'teleport')[i % 3]},,,"
+            f"{i % 5},{i % 4},live" for i in range(120)]
+    rows += [rows[5], rows[90], "u1,later,view,,,,,"]
+    path = write_csv(tmp_path / "events.csv", rows)
+    results = []
+    for workers in (1, 4):
+        monkeypatch.setattr(engine, "WORKERS", workers)
+        df, report = read_events(path, now=NOW, chunksize=4, quarantine_path=tmp_path / f"q{workers}.csv")
+        results.append((df, report, (tmp_path / f"q{workers}.csv").read_text().replace(f"q{workers}", "")))
+    (df1, r1, q1), (df4, r4, q4) = results
+    pd.testing.assert_frame_equal(df1, df4)
+    assert r1.rows_rejected > 40 and r1.rejected_by_reason == r4.rejected_by_reason
+    assert [p.message for p in r1.problems] == [p.message for p in r4.problems]
+    assert q1 == q4

@@ -8,7 +8,7 @@ into a quarantine CSV so the merchant can fix and re-send it.
 Files are read in batches (``readers``), validated column-wise (``rules``, polars), de-duplicated
 by 128-bit row hashes (``dedupe``) and the rejected rows streamed to the quarantine file
 (``quarantine``); memory stays bounded by the canonical output plus ~32 bytes per accepted row
-(row keys and numbers) and one batch.
+(row keys and numbers) and the few batches in flight (``engine.WORKERS`` + 1).
 The raw events table of a silo is obtained in exactly one place, ``read_raw_events``.
 """
 

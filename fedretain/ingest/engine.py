@@ -5,10 +5,18 @@ Conservation holds by construction: every record read is either accepted or reje
 A rejected row is counted once, under its first problem in check order; the quarantine lists all.
 Duplicates are settled after the last batch (one linear pass, see ``dedupe``), so a copy is found
 whatever batch its first occurrence landed in.
+Validation and row hashing of a batch need no state, so ``WORKERS`` threads run them ahead while the
+calling thread does the file-order work (duplicate flags, counts, examples, quarantine) batch by batch,
+in file order: results do not depend on the threads.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +28,17 @@ import pyarrow.compute as pc
 
 from fedretain.ingest.dedupe import DuplicateFinder, row_keys
 from fedretain.ingest.quarantine import Quarantine
-from fedretain.ingest.readers import RawTable
+from fedretain.ingest.readers import RawBatch, RawTable
 from fedretain.ingest.report import MAX_EXAMPLES_PER_REASON, IngestReport, Problem
 from fedretain.ingest.rules import Check, RawColumns, Rules
 from fedretain.mapping import ColumnMapping, IngestError
 from fedretain.schema import EVENT_TYPES
 
-__all__ = ["run"]
+__all__ = ["run", "WORKERS"]
+
+# Batches validated at once: the file-order work (duplicates, quarantine) stays in the calling thread while
+# the next batches are parsed, validated and hashed in workers (polars and numpy release the GIL).
+WORKERS = 2
 
 
 def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
@@ -50,34 +62,22 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
     examples: dict[tuple[str, str], int] = {}
     accepted: list[tuple[pa.Table, np.ndarray]] = []  # compact Arrow copies: no raw batch buffers kept alive
     dup_field = "*" if rules.kind == "events" else names["user_id"]
-    with Quarantine(quarantine_path) as quarantine:
-        for batch in raw.batches:
-            frame = pl.from_arrow(batch.table)
-            assert isinstance(frame, pl.DataFrame)
-            frame = frame.with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String))
-            rows = batch.rows
-            cols = RawColumns(frame, names)
-            checks, clean = rules.validate(cols, mapping)
-            blank = checks[0].mask  # a blank row is one problem, not one per column
-            for check in checks[1:]:
-                check.mask = check.mask & ~blank
-            bad = np.logical_or.reduce([c.mask for c in checks])
-            good = ~bad
+    with Quarantine(quarantine_path) as quarantine, ThreadPoolExecutor(WORKERS) as pool:
+        prepared = _in_order(pool, (partial(_prepare, b, rules, mapping, names) for b in raw.batches), WORKERS)
+        for p in prepared:  # the file-order part: duplicates, counts, examples, quarantine
+            rows, frame, checks = p.rows, p.frame, p.checks
             report.rows_read += len(rows)
-            if good.any():
-                keep = pl.Series(good)
-                h1, h2 = row_keys(rules.key_frame(cols).filter(keep))
-                good_rows = rows[good]
-                maybe = finder.add(h1, h2, good_rows)
+            if p.clean is not None:
+                good_rows = rows[~p.bad]
+                maybe = finder.add(p.h1, p.h2, good_rows)
                 if maybe.any():
-                    finder.hold(frame.filter(keep).filter(pl.Series(maybe)), good_rows[maybe], h1[maybe])
-                accepted.append((clean.filter(keep).to_arrow(compat_level=pl.CompatLevel.oldest()), good_rows))
-            if bad.any():
-                report.rows_rejected += int(bad.sum())
-                _count(report, checks, bad)
+                    finder.hold(frame[np.flatnonzero(~p.bad)[maybe]], good_rows[maybe], p.h1[maybe])
+                accepted.append((p.clean, good_rows))
+            if p.reasons is not None:
+                report.rows_rejected += int(p.bad.sum())
+                _count(report, checks, p.bad)
                 _examples(report, examples, checks, frame, rows, file)
-                fields, reasons = _row_reasons(checks, bad)
-                quarantine.write(frame.filter(pl.Series(bad)), file, rows[bad], fields, reasons)
+                quarantine.write(frame.filter(pl.Series(p.bad)), file, rows[p.bad], *p.reasons)
         dups = finder.finish()
         if dups.height:
             accepted = _settle_duplicates(report, examples, finder, dups, accepted, quarantine, rules,
@@ -90,6 +90,52 @@ def run(raw: RawTable, rules: Rules, mapping: ColumnMapping,
     if frames:
         _summarise(report, frames)
     return frames, report
+
+
+@dataclass
+class _Prepared:
+    """One batch, validated and hashed (the part that needs no file-order state, so it runs in a worker)."""
+
+    rows: np.ndarray
+    frame: pl.DataFrame  # raw values, as text
+    checks: list[Check]
+    bad: np.ndarray
+    clean: pa.Table | None  # accepted canonical rows
+    h1: np.ndarray
+    h2: np.ndarray
+    reasons: tuple[pl.Series, pl.Series] | None  # fields and reasons of the rejected rows
+
+
+def _prepare(batch: RawBatch, rules: Rules, mapping: ColumnMapping, names: dict[str, str]) -> _Prepared:
+    frame = pl.from_arrow(batch.table)
+    assert isinstance(frame, pl.DataFrame)
+    if any(isinstance(t, (pl.Categorical, pl.Enum)) for t in frame.dtypes):
+        frame = frame.with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String))
+    cols = RawColumns(frame, names)
+    checks, clean = rules.validate(cols, mapping)
+    blank = checks[0].mask  # a blank row is one problem, not one per column
+    for check in checks[1:]:
+        check.mask = check.mask & ~blank
+    bad = np.logical_or.reduce([c.mask for c in checks])
+    h1 = h2 = np.zeros(0, dtype=np.uint64)
+    table = None
+    if not bad.all():
+        good = ~bad
+        h1, h2 = row_keys(rules.key_frame(cols))  # hash every row, keep the good rows' keys: no copy of the text
+        h1, h2 = h1[good], h2[good]
+        table = clean.filter(pl.Series(good)).to_arrow(compat_level=pl.CompatLevel.oldest())
+    return _Prepared(batch.rows, frame, checks, bad, table, h1, h2, _row_reasons(checks, bad) if bad.any() else None)
+
+
+def _in_order(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], _Prepared]], ahead: int) -> Iterator[_Prepared]:
+    """Run jobs on the pool, at most ``ahead`` beyond the one being consumed; yield results in job order."""
+    pending: deque[Future[_Prepared]] = deque()
+    for job in jobs:
+        pending.append(pool.submit(job))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _settle_duplicates(report: IngestReport, examples: dict[tuple[str, str], int], finder: DuplicateFinder,
@@ -167,13 +213,16 @@ def _column(frames: list[pa.Table], name: str) -> pa.ChunkedArray:
 
 
 def _summarise(report: IngestReport, frames: list[pa.Table]) -> None:
+    """Users, time span and event counts of the accepted rows (event counts from the enum codes: no text)."""
     report.n_users = int(pc.count_distinct(_column(frames, "user_id")).as_py())
     if report.kind == "events":
         span = pc.min_max(_column(frames, "ts")).as_py()
         report.date_min, report.date_max = pd.Timestamp(span["min"]), pd.Timestamp(span["max"])
-        counts = pc.value_counts(pc.cast(_column(frames, "event"), pa.large_string())).to_pylist()
-        found = {c["values"]: c["counts"] for c in counts}
-        report.event_counts = {t: int(found[t]) for t in EVENT_TYPES if found.get(t)}
+        found = np.zeros(len(EVENT_TYPES), dtype=np.int64)
+        for chunk in _column(frames, "event").chunks:
+            lut = np.array([EVENT_TYPES.index(v) for v in chunk.dictionary.to_pylist()], dtype=np.int64)
+            found += np.bincount(lut[chunk.indices.drop_null().to_numpy()], minlength=len(EVENT_TYPES))
+        report.event_counts = {t: int(found[i]) for i, t in enumerate(EVENT_TYPES) if found[i]}
 
 
 def _cell(value: Any, limit: int = 200) -> str:
