@@ -152,14 +152,15 @@ def auc_interval(y: np.ndarray, prob: np.ndarray, seed: int = 0, resamples: int 
 
 
 def ltv_check(bundle, prep, horizon_days: float, currency: str) -> dict[str, Any] | None:
-    """Money factor fitted on the node's training customers, checked on its held-out ones (None: too few buyers)."""
+    """Money calibration fitted on the node's training customers, checked on its held-out ones (None: too few buyers)."""
     from fedretain.ltv import holdout_check
     from fedretain.train import predict
 
     model, tr = bundle.build_model(), bundle.standardizer.transform
-    return holdout_check(predict(model, tr(prep.x_train))[1], np.expm1(prep.y_train[:, 1].astype(np.float64)),
-                         predict(model, tr(prep.x_test))[1], np.expm1(prep.y_test[:, 1].astype(np.float64)),
-                         horizon_days, currency)
+    (p_train, raw_train), (p_test, raw_test) = predict(model, tr(prep.x_train)), predict(model, tr(prep.x_test))
+    return holdout_check(raw_train, np.expm1(prep.y_train[:, 1].astype(np.float64)),
+                         raw_test, np.expm1(prep.y_test[:, 1].astype(np.float64)),
+                         horizon_days, currency, p_train=p_train, p_test=p_test)
 
 
 def value_of_joining(bundle, nodes, prepared, settings, epochs: int) -> list[dict[str, Any]]:

@@ -302,7 +302,7 @@ def _ltv_section(ltv: dict[str, Any], path: Path, currency: str, horizon_days: f
                for r in table.to_dict("records")]
     return (
         f"<p>Predicted value is the expected spend per customer over the next {horizon_days:g} days, in "
-        f"{html.escape(cur)}. The money factor was fitted on {html.escape(merchant)}'s training customers and is "
+        f"{html.escape(cur)}. The money calibration was fitted on {html.escape(merchant)}'s training customers and is "
         "checked here on its held-out customers: bars of the same height per decile mean the predicted value can "
         "be used to budget.</p>"
         + f"<p>{_ratio_verdict(float(ltv['ratio']))}</p>"
