@@ -16,7 +16,8 @@ What a node sends per round depends on the run's ``dp-mode``:
 The node re-runs the consent gate every round, records its usage in the consent
 ledger and its privacy spend in the budget ledger before anything leaves, exactly like
 the regular ClientApp. At the end of the run it keeps the final global model for scoring
-(``query.deliver_model``, ``clients/delivery.py``) exactly as the regular app does. Metrics are the regular app's (``train_metrics``,
+(``query.deliver_model``, ``clients/delivery.py``) exactly as the regular app does. Metrics
+are the regular app's (``train_metrics``,
 ``evaluation_metrics``: no exact numbers in DP modes) plus lineage strings; legacy
 metrics hold scalars only, so the histograms travel as ``json:`` strings.
 """

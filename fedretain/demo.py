@@ -152,7 +152,7 @@ def auc_interval(y: np.ndarray, prob: np.ndarray, seed: int = 0, resamples: int 
 
 
 def ltv_check(bundle, prep, horizon_days: float, currency: str) -> dict[str, Any] | None:
-    """Money calibration fitted on the node's training customers, checked on its held-out ones (None: too few buyers)."""
+    """Money calibration fitted on the node's training customers, checked on held-out ones (None: too few buyers)."""
     from fedretain.ltv import holdout_check
     from fedretain.train import predict
 
@@ -176,7 +176,7 @@ def value_of_joining(bundle, nodes, prepared, settings, epochs: int) -> list[dic
             continue
         tr = bundle.standardizer.transform
         res = compare(node.merchant_id, bundle.build_model(), tr(prep.x_train), prep.y_train, tr(prep.x_test),
-                      prep.y_test, cfg, local_epochs=epochs, prior_rate=settings.prior_rate)
+                      prep.y_test, cfg, local_epochs=epochs)
         out.append(res.as_dict())
     return out
 
