@@ -63,7 +63,8 @@ def main() -> None:
             print(f"\n== {name}: {summary['merchants']} merchants with held-out users")
             print(f"joining beats local-only for {summary['share_merchants_joining_helps']:.0%} of merchants, "
                   f"holding {summary['share_customers_joining_helps']:.0%} of customers "
-                  f"(significant at 95 % for {summary['share_merchants_significant']:.0%}; "
+                  f"(significant at 95 %, where a returning customer was held out, for "
+                  f"{summary['share_merchants_significant']:.0%}; "
                   f"personalised best for {summary['share_merchants_personalised_best']:.0%}; local-only "
                   f"significantly better for {summary['share_merchants_local_significant']:.0%} of merchants, "
                   f"{summary['share_customers_local_significant']:.0%} of customers) "

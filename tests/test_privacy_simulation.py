@@ -128,6 +128,8 @@ def _assert_delivered_and_scorable(rec: dict, run_dir: Path, silos: list[Path], 
         models = silo / ".node" / "models"
         assert hashlib.sha256((models / "latest.pt").read_bytes()).hexdigest() == final
         assert (models / f"{run_id}.pt").read_bytes() == (models / "latest.pt").read_bytes()
+        joining = json.loads((models / f"{run_id}.joining.json").read_text())  # computed there, never sent
+        assert joining["merchant"] == silo.name and set(joining["log_loss"]) == {"local", "global", "personalised"}
         out = tmp_path / f"scores-{silo.name}.csv"
         res = CliRunner().invoke(score, ["--silo", str(silo), "--out", str(out)])  # the delivered model, by default
         assert res.exit_code == 0, res.output
