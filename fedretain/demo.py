@@ -157,10 +157,9 @@ def ltv_check(bundle, prep, horizon_days: float, currency: str) -> dict[str, Any
     from fedretain.train import predict
 
     model, tr = bundle.build_model(), bundle.standardizer.transform
-    (p_train, raw_train), (p_test, raw_test) = predict(model, tr(prep.x_train)), predict(model, tr(prep.x_test))
-    return holdout_check(raw_train, np.expm1(prep.y_train[:, 1].astype(np.float64)),
-                         raw_test, np.expm1(prep.y_test[:, 1].astype(np.float64)),
-                         horizon_days, currency, p_train=p_train, p_test=p_test)
+    (p_tr, raw_tr), (p_te, raw_te), spend = predict(model, tr(prep.x_train)), predict(model, tr(prep.x_test)), np.expm1
+    return holdout_check(raw_tr, spend(prep.y_train[:, 1].astype(np.float64)), raw_te,
+                         spend(prep.y_test[:, 1].astype(np.float64)), horizon_days, currency, p_train=p_tr, p_test=p_te)
 
 
 def value_of_joining(bundle, nodes, prepared, settings, epochs: int) -> list[dict[str, Any]]:
