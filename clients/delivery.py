@@ -6,17 +6,26 @@ differs, one that is not a readable fedretain model, or one whose run id, round,
 transform or model kind differ from what the message states; otherwise it saves the file
 atomically as ``<node folder>/models/<run-id>.pt`` and points ``latest.pt`` at the same bytes
 (another atomic replace), so ``fedretain score --silo SILO`` scores with it by default. It
-reads no silo data and replies with an acknowledgement only (merchant id, run id, round, the
-hash it verified, ``saved``).
+replies with an acknowledgement only (merchant id, run id, round, the hash it verified, ``saved``).
+
+Once the model is saved the node also answers, for itself, what joining gained it
+(``fedretain.joining``: local-only vs the delivered model vs the model fine-tuned on its own
+users, held-out log loss with an interval) on its consented users under the run's purpose,
+records that use in its consent ledger, writes ``<run-id>.joining.json`` beside the model and
+keeps a one-line summary that ``fedretain client start`` prints. None of it is sent; if it
+fails (too few users, consent refused) the delivery still stands and the log says why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,7 +37,10 @@ from fedretain.protocol import DELIVER_ACTION, DELIVERY_RECORD
 
 MODELS_DIR = "models"
 LATEST = "latest.pt"
+JOINING_SUFFIX = ".joining.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SUMMARIES: dict[str, str] = {}  # run id -> the console line of its value of joining (this process only)
+log = logging.getLogger(__name__)
 
 
 class DeliveryError(RuntimeError):
@@ -91,12 +103,65 @@ def save_delivery(config: NodeConfig, cfg: ConfigRecord) -> tuple[Path, str, str
     return path, digest, run_id, rnd
 
 
+def value_of_joining(config: NodeConfig, cfg: ConfigRecord, path: Path, run_id: str, rnd: int) -> dict[str, Any] | None:
+    """Local-only vs delivered vs fine-tuned on this node's held-out users; saved beside the model, never sent.
+
+    None when the node has no consented training or held-out users for the run's purpose."""
+    from fedretain.clients.node import MerchantNode
+    from fedretain.clients.replies import record_usage
+    from fedretain.joining import compare
+    from fedretain.train import TrainConfig
+
+    bundle = ModelBundle.load(path)
+    names = [c for c in bundle.feature_names if not c.startswith("has_")]
+    node = MerchantNode(config)
+    prep = node.prepare(str(cfg.get("purpose", "")), names, float(cfg.get("horizon-days", 30.0)),
+                        str(cfg.get("cutoff", "")) or None)
+    if prep.n_train == 0 or len(prep.x_test) == 0:
+        return None
+    record_usage(node, prep, ConfigRecord({"run-id": run_id, "server-round": rnd, "features": names}), "joining")
+    tr = bundle.standardizer.transform
+    train = TrainConfig(epochs=1, batch_size=int(cfg.get("batch-size", 128)),
+                        learning_rate=float(cfg.get("learning-rate", 0.01)))
+    epochs = max(1, int(cfg.get("rounds", 1)) * int(cfg.get("local-epochs", 1)))
+    result = compare(node.merchant_id, bundle.build_model(), tr(prep.x_train), prep.y_train, tr(prep.x_test),
+                     prep.y_test, train, local_epochs=epochs)
+    out = {"run_id": run_id, "round": rnd, **result.as_dict()}
+    write_atomic(path.with_name(f"{run_id}{JOINING_SUFFIX}"), json.dumps(out, indent=2, default=float).encode())
+    _SUMMARIES[run_id] = summary_line(out)
+    return out
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """``client start``'s end-of-run line: the gain of joining over training alone, with its interval."""
+    ll = r["log_loss"]
+    verdict = "joining helps" if r["gain"] > 0 else "training alone did as well or better"
+    if not r.get("decidable", True):
+        verdict += " (undecidable: no returning customer among the held-out ones)"
+    elif r["gain_low"] > 0:
+        verdict += " (significant at 95 %)"
+    return (f"value of joining, on {r['n_test']} held-out customers (computed here, not sent): log loss "
+            f"alone {ll['local']:.4f}, federated {ll['global']:.4f}, personalised {ll['personalised']:.4f}; "
+            f"gain {r['gain']:+.4f} [{r['gain_low']:+.4f}, {r['gain_high']:+.4f}] with the {r['best_shared']} "
+            f"model: {verdict}")
+
+
+def delivery_line(run_id: str, digest: str) -> str:
+    """The console line for a delivered model, with the value of joining when it was computed."""
+    head = f"final model of run {run_id} received (sha256 {digest[:16]}), saved for `fedretain score`"
+    return head + (f"; {_SUMMARIES[run_id]}" if run_id in _SUMMARIES else "")
+
+
 def deliver_model(msg: Message, context: Context) -> Message:
     """``query.deliver_model``: save the run's final model; reply with an acknowledgement only."""
     from fedretain.clients.witnessing import merchant_id
 
     config = NodeConfig.from_flower(dict(context.node_config), dict(context.run_config))
-    _, digest, run_id, rnd = save_delivery(config, msg.content["model"])
+    path, digest, run_id, rnd = save_delivery(config, msg.content["model"])
+    try:
+        value_of_joining(config, msg.content["model"], path, run_id, rnd)
+    except Exception as exc:  # noqa: BLE001 - the model is delivered whatever this local comparison does
+        log.warning("value of joining for run %s not computed: %s", run_id, exc)
     ack = ConfigRecord({"merchant-id": merchant_id(config), "run-id": run_id, "round": rnd,
                         "model-sha256": digest, "saved": True})
     return Message(RecordDict({DELIVERY_RECORD: ack}), reply_to=msg)

@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fedretain.protocol import DELIVER_ACTION, DELIVERY_RECORD
+
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -49,6 +51,11 @@ def describe_reply(message: Any, reply: Any) -> str | None:
     """:func:`format_progress` for a Flower request/reply pair; None when there is nothing to show."""
     try:
         kind = str(message.metadata.message_type)
+        if kind.endswith(DELIVER_ACTION):  # the end of a run: the model kept and what joining gained
+            from fedretain.clients.delivery import delivery_line
+
+            ack = dict(reply.content[DELIVERY_RECORD])
+            return delivery_line(str(ack["run-id"]), str(ack["model-sha256"]))
         content = message.content
         config = dict(content["config"]) if "config" in content else {}
         rc = reply.content

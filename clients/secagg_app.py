@@ -15,7 +15,9 @@ What a node sends per round depends on the run's ``dp-mode``:
 
 The node re-runs the consent gate every round, records its usage in the consent
 ledger and its privacy spend in the budget ledger before anything leaves, exactly like
-the regular ClientApp. Metrics are the regular app's (``train_metrics``,
+the regular ClientApp. At the end of the run it keeps the final global model for scoring
+(``query.deliver_model``, ``clients/delivery.py``) exactly as the regular app does. Metrics
+are the regular app's (``train_metrics``,
 ``evaluation_metrics``: no exact numbers in DP modes) plus lineage strings; legacy
 metrics hold scalars only, so the histograms travel as ``json:`` strings.
 """
@@ -33,6 +35,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fedretain.clients import replies as regular
+from fedretain.clients.delivery import install as install_delivery
 from fedretain.clients.node import MerchantNode, Prepared
 from fedretain.clients.training import make_trainer
 from fedretain.clients.witnessing import install as install_witness
@@ -137,6 +140,7 @@ legacy_app = ClientApp(client_fn=_client_fn, mods=[secaggplus_mod])
 # every reply, each SecAgg+ stage too, carries the signed ledger heads; the guard checks all of it
 app = ClientApp(mods=[egress_guard, witness_mod])
 install_witness(app)
+install_delivery(app)  # query.deliver_model: the run's final model, as the regular app keeps it
 
 
 @app.train()

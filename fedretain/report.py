@@ -302,7 +302,7 @@ def _ltv_section(ltv: dict[str, Any], path: Path, currency: str, horizon_days: f
                for r in table.to_dict("records")]
     return (
         f"<p>Predicted value is the expected spend per customer over the next {horizon_days:g} days, in "
-        f"{html.escape(cur)}. The money factor was fitted on {html.escape(merchant)}'s training customers and is "
+        f"{html.escape(cur)}. The money calibration was fitted on {html.escape(merchant)}'s training customers and is "
         "checked here on its held-out customers: bars of the same height per decile mean the predicted value can "
         "be used to budget.</p>"
         + f"<p>{_ratio_verdict(float(ltv['ratio']))}</p>"
@@ -326,6 +326,9 @@ def _ratio_verdict(ratio: float) -> str:
 
 def _joining_section(joining: Sequence[dict[str, Any]]) -> str:
     def verdict(r: dict[str, Any]) -> str:
+        if r.get("decidable") is False:  # no returning customer held out: the lower prediction wins by default
+            return ("undecided: none of the held-out customers came back ("
+                    + ("joining" if r["gain"] > 0 else "training alone") + " predicted fewer returns)")
         if r["gain_low"] > 0:
             return "joining helps (significant)"
         if r["gain_high"] < 0:
@@ -339,7 +342,8 @@ def _joining_section(joining: Sequence[dict[str, Any]]) -> str:
              "AUC: fine-tuned": r["auc"]["personalised"],
              "gain (log loss)": f"{r['gain']:+.4f}", "95 % interval": f"{r['gain_low']:+.4f} – {r['gain_high']:+.4f}",
              "verdict": verdict(r)} for r in joining]
-    titles = {"log loss: alone": "A model trained on this merchant's customers only, same recipe and epochs.",
+    titles = {"log loss: alone": "A model trained on this merchant's customers only, same recipe and epochs, "
+                                 "started at this merchant's own repeat rate.",
               "log loss: shared": "The federated model as every merchant received it.",
               "log loss: shared, fine-tuned": "The federated model trained one more short round on this "
                                               "merchant's own customers (personalisation).",

@@ -80,7 +80,7 @@ def score_users(
     if feats.empty:
         return pd.DataFrame(columns=list(SCORE_COLUMNS))
     p_return, raw_ltv = raw_predictions(bundle, feats)
-    ltv = calibration.apply(raw_ltv) if calibration else raw_ltv
+    ltv = calibration.apply(raw_ltv, p_return) if calibration else raw_ltv
     churn = 1.0 - p_return
     if_retained = ltv / np.maximum(p_return, MIN_RETURN_PROBABILITY)
     past = buyers["spend"].reindex(feats.index).to_numpy(float)
@@ -112,8 +112,8 @@ def fit_money_calibration(bundle: ModelBundle, prepared, horizon_days: float, cu
     y = np.concatenate([prepared.y_train, prepared.y_test])
     if not np.isfinite(x).all():
         raise ValueError("features of labelled users are not finite: cannot calibrate LTV")
-    _, raw = predict(bundle.build_model(), bundle.standardizer.transform(x))
-    return MoneyCalibration.fit(raw, np.expm1(y[:, 1].astype(np.float64)), horizon_days, currency)
+    p_return, raw = predict(bundle.build_model(), bundle.standardizer.transform(x))
+    return MoneyCalibration.fit(raw, np.expm1(y[:, 1].astype(np.float64)), horizon_days, currency, p_return=p_return)
 
 
 def record_scoring_use(ledger, decision, users, feature_names, run_id: str, round_: int, phase: str = "score") -> int:

@@ -9,7 +9,9 @@ whether it acknowledged, and the hash it acknowledged — the same hash as the l
 ``model_sha256``, so a merchant can check that the model it scores with is the run's model.
 
 A node that does not acknowledge does not fail the run (the model exists and is recorded);
-the record says which merchant has no copy.
+the record says which merchant has no copy. The record also carries the run's public recipe
+(cutoff, batch size, learning rate, epochs, rounds), with which the node computes — for itself,
+never sent — what joining gained it over training alone (``fedretain.joining``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def delivery_config(model_file: Path, digest: str, settings: RunSettings) -> Con
         "features": list(bundle.feature_names), "transform": str(bundle.standardizer.source),
         "model-kind": bundle.kind, "hidden": [int(h) for h in bundle.hidden],
         "purpose": settings.purpose, "horizon-days": float(settings.horizon_days), "dp-mode": settings.dp_mode,
+        # the run's public recipe: the node compares the model with one it trains alone (clients/delivery.py)
+        "cutoff": settings.cutoff, "batch-size": int(settings.batch_size),
+        "learning-rate": float(settings.learning_rate), "local-epochs": int(settings.local_epochs),
+        "rounds": int(settings.rounds),
     })
 
 

@@ -11,7 +11,8 @@ the same public input transform the regular ServerApp uses (nothing is asked of 
   once and steps (``fedretain.privacy.aggregate``).
 
 Both write the same run record (``run.json``: per-round metrics, per-merchant ε and
-consent lineage) and per-round checkpoints as the regular ServerApp. Settings beyond
+consent lineage) and per-round checkpoints as the regular ServerApp, and deliver the final model to
+every participating node (``fedretain.server.delivery``, the record's ``delivery``). Settings beyond
 ``RunSettings`` are read from its ``extra`` (run_config keys): ``aggregate-batch-size``
 (expected customers per step over all merchants; absent or 0 with ``dp-schedule auto``: chosen from N
 with the rounds, ``fedretain.privacy.schedule``; 4096 with ``fixed``), ``server-learning-rate``
@@ -342,6 +343,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
         if done != settings.rounds:
             raise RunAborted(f"secure aggregation stopped after {done} of {settings.rounds} rounds "
                              f"(a SecAgg+ stage lost too many nodes; see the server log)")
+        run._deliver(record)  # every participating node receives the final model, as in a FedAvg run
     return record
 
 

@@ -147,3 +147,40 @@ def test_aggregate_plan_over_the_person_cap_fails_the_run_and_the_table_is_recor
                         max_merchants_per_person=5, person_epsilon_cap=shown["table"][1]["person_epsilon"])
     with pytest.raises(PersonCapExceeded, match="aggregate plan"):
         aggregate_person_level(plan, tight, 20000)
+
+
+def test_node_computes_what_joining_gained_it_for_itself_and_records_that_use(final_model, tmp_path, synth_silos):
+    """After saving the model the node compares it with one trained alone on its own users: the result stays
+    in its folder and on its console (the ack carries only DELIVERY_ACK_KEYS), and the use is in its ledger."""
+    import shutil
+
+    from fedretain.clients.delivery import JOINING_SUFFIX, delivery_line, value_of_joining
+    from fedretain.clients.node import MerchantNode
+    from fedretain.clients.round_progress import describe_reply
+    from fedretain.protocol import DELIVERY_ACK_KEYS
+
+    settings, model_file, _ = final_model
+    silo = tmp_path / "shop"
+    shutil.copytree(synth_silos[0], silo)  # the use is appended to this copy's ledger
+    config = NodeConfig.for_silo(silo)
+    cfg = delivery_config(model_file, sha256_file(model_file), settings)
+    assert {"cutoff", "batch-size", "learning-rate", "local-epochs", "rounds"} <= set(cfg)
+    path, digest, run_id, rnd = save_delivery(config, cfg)
+    out = value_of_joining(config, cfg, path, run_id, rnd)
+    assert out is not None
+    saved = json.loads(path.with_name("run-a" + JOINING_SUFFIX).read_text())
+    assert saved["merchant"] == synth_silos[0].name and saved["n_test"] > 0 and saved["run_id"] == "run-a"
+    assert set(saved["log_loss"]) == {"local", "global", "personalised"}
+    assert saved["gain_low"] <= saved["gain"] <= saved["gain_high"] and isinstance(saved["decidable"], bool)
+    with MerchantNode(config).ledger() as ledger:
+        uses = [u for u in ledger.usages() if u.run_id == "run-a"]
+    assert uses and all(u.feature_set.startswith("joining:") for u in uses)
+    line = delivery_line("run-a", digest)
+    assert "value of joining" in line and "not sent" in line and f"{saved['gain']:+.4f}" in line
+
+    class Reply:  # what `client start` prints for the delivery reply (clients/round_progress.py)
+        content = {"delivery": dict.fromkeys(DELIVERY_ACK_KEYS)}
+
+    Reply.content["delivery"].update({"run-id": "run-a", "model-sha256": digest})
+    request = type("Request", (), {"metadata": type("M", (), {"message_type": "query.deliver_model"})()})()
+    assert describe_reply(request, Reply()) == line

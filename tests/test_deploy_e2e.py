@@ -121,6 +121,9 @@ def test_each_node_received_the_final_model_and_scores_its_users_with_it(tls_run
     final = _round(record, 3)["model_sha256"]
     assert record["delivery"]["model_sha256"] == final
     assert {n["merchant_id"] for n in record["delivery"]["nodes"] if n["acknowledged"]} == {s.name for s in dep.silos}
+    for node in dep.nodes.values():  # `client start`'s end-of-run summary: the model kept and what joining gained
+        assert f"final model of run {record['run_id']} received (sha256 {final[:16]})" in node.output()
+        assert re.search(r"value of joining, on \d+ held-out customers \(computed here, not sent\)", node.output())
     for silo in dep.silos:
         latest = silo / ".node" / "models" / "latest.pt"
         assert hashlib.sha256(latest.read_bytes()).hexdigest() == final

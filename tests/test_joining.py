@@ -53,3 +53,29 @@ def test_a_merchant_unlike_the_federation_can_see_local_win_and_one_class_tests_
     assert s["merchants"] == 2 and 0 <= s["share_customers_joining_helps"] <= 1
     with pytest.raises(ValueError, match="needs training and held-out users"):
         compare("empty", global_model, x[:0], y[:0], xt, yt, cfg, local_epochs=1)
+
+
+def test_local_only_starts_at_its_own_rate_and_no_positive_sellers_are_undecidable():
+    """A seller alone knows only its own repeat rate (not the marketplace's); a held-out set without a
+    returning customer cannot decide, and the summary says so beside the overall shares."""
+    from fedretain.joining import own_rate
+
+    cfg = TrainConfig(epochs=1, batch_size=64, learning_rate=0.01)
+    bx, by = _data(3000, 0)
+    global_model = make_model("logreg", 5)
+    LocalTrainer(cfg).fit(global_model, bx, by)
+    x, y = _data(60, 5)
+    y[:, 0] = 0  # no returning customer among its 60 training users
+    assert own_rate(y) == pytest.approx(0.5 / 61)
+    xt, yt = _data(30, 6)
+    none_back = yt.copy()
+    none_back[:, 0] = 0
+    r0 = compare("tiny", global_model, x, y, xt, none_back, cfg, local_epochs=5)
+    r1 = compare("tiny-2", global_model, x, y, xt, yt, cfg, local_epochs=5)
+    assert r0.test_positives == 0 and not r0.decidable and r1.decidable and r1.test_positives == int(yt[:, 0].sum())
+    # the local model predicts the seller's own ~1 % rate: with nobody back it wins; with some back it loses
+    assert r0.gain < 0 < r1.gain
+    s = summarize([r0, r1])
+    assert s["share_merchants_undecidable"] == 0.5 and s["share_customers_undecidable"] == pytest.approx(0.5)
+    assert s["share_customers_joining_helps_decidable"] == 1.0 and s["share_customers_joining_helps"] == 0.5
+    assert r0.as_dict()["decidable"] is False

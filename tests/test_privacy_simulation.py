@@ -115,6 +115,34 @@ def test_aggregate_mode_under_secagg_plus(tmp_path, silos):
         assert stored.mode == "aggregate" and stored.noise_multiplier == pytest.approx(plan["agg-noise-multiplier"])
         assert [sp.total_steps for sp in spends] == [1, 2, 3]
     assert (Path(s.out_dir) / "model.pt").is_file()
+    _assert_delivered_and_scorable(rec, Path(s.out_dir), silos, "agg", tmp_path)
+
+
+def _assert_delivered_and_scorable(rec: dict, run_dir: Path, silos: list[Path], run_id: str, tmp_path: Path) -> None:
+    """Every node got the final model (the hash in run.json) under SecAgg+ too, and scores with it."""
+    import hashlib
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from fedretain.cli.train import score
+
+    final = hashlib.sha256((run_dir / "model.pt").read_bytes()).hexdigest()
+    assert rec["rounds"][-1]["model_sha256"] == final
+    delivery = rec["delivery"]
+    assert delivery["model_sha256"] == final and delivery["round"] == rec["rounds"][-1]["round"]
+    assert sorted(n["merchant_id"] for n in delivery["nodes"] if n["acknowledged"]) == sorted(p.name for p in silos)
+    assert all(n["model_sha256"] == final and n["error"] is None for n in delivery["nodes"])
+    for silo in silos:
+        models = silo / ".node" / "models"
+        assert hashlib.sha256((models / "latest.pt").read_bytes()).hexdigest() == final
+        assert (models / f"{run_id}.pt").read_bytes() == (models / "latest.pt").read_bytes()
+        joining = json.loads((models / f"{run_id}.joining.json").read_text())  # computed there, never sent
+        assert joining["merchant"] == silo.name and set(joining["log_loss"]) == {"local", "global", "personalised"}
+        out = tmp_path / f"scores-{silo.name}.csv"
+        res = CliRunner().invoke(score, ["--silo", str(silo), "--out", str(out)])  # the delivered model, by default
+        assert res.exit_code == 0, res.output
+        assert len(pd.read_csv(out)) > 0
 
 
 def test_local_dp_models_summed_under_secagg_plus(tmp_path, silos):

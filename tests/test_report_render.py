@@ -62,6 +62,9 @@ def _fixture_run(tmp_path: Path, currency: str) -> tuple[Path, dict]:
     joining[2] = JoiningResult("merchant_02", 90, 20, {"local": 0.40, "global": 0.45, "personalised": 0.44},
                                dict.fromkeys(("local", "global", "personalised"), float("nan")),
                                "personalised", -0.04, -0.10, 0.02).as_dict()
+    joining.append(JoiningResult("seller_tiny", 12, 5, {"local": 0.01, "global": 0.02, "personalised": 0.02},
+                                 dict.fromkeys(("local", "global", "personalised"), float("nan")),
+                                 "global", -0.01, -0.02, -0.005, test_positives=0).as_dict())
     path = write_demo_report(tmp_path / "report.html", record, summary, scores, currency=currency, horizon_days=30.0,
                              calibrated=True, ltv=ltv, joining=joining)
     return path, ltv
@@ -88,6 +91,7 @@ def test_report_explains_metrics_and_shows_money_in_the_shops_currency(report_eu
     assert f"{ltv_ratio:.2f}× the mean actual spend" in page  # the LTV level judged against the ±15 % target
     assert "What a merchant gains by joining" in page and "+0.0300 – +0.0900" in page
     assert "joining helps (significant)" in page and "training alone did better (not significant)" in page
+    assert "undecided: none of the held-out customers came back (training alone predicted fewer returns)" in page
     assert (path.parent / "ltv_deciles.png").stat().st_size > 1000
 
 

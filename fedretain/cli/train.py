@@ -327,7 +327,7 @@ def score(model_path: Path | None, silo: Path, out_path: Path, consent_db: Path 
             prep = node.prepare(purpose, names, horizon, str(cutoff - pd.Timedelta(days=horizon)))
             calibration = fit_money_calibration(bundle, prep, horizon, currency)
             note = (f"values in {currency or 'the shop currency'} over the next {horizon:g} days, calibrated on "
-                    f"{calibration.n_users} of this shop's customers (×{calibration.scale:.3g})")
+                    f"{calibration.n_users} of this shop's customers, whose mean spend it matches")
         except ValueError as exc:
             calibration = None
             note = f"values NOT calibrated in money ({exc}); use them to rank, not to budget"

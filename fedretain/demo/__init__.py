@@ -136,14 +136,14 @@ def auc_interval(y: np.ndarray, prob: np.ndarray, seed: int = 0, resamples: int 
 
 
 def ltv_check(bundle, prep, horizon_days: float, currency: str) -> dict[str, Any] | None:
-    """Money factor fitted on the node's training customers, checked on its held-out ones (None: too few buyers)."""
+    """Money calibration fitted on the node's training customers, checked on held-out ones (None: too few buyers)."""
     from fedretain.ltv import holdout_check
     from fedretain.train import predict
 
     model, tr = bundle.build_model(), bundle.standardizer.transform
-    return holdout_check(predict(model, tr(prep.x_train))[1], np.expm1(prep.y_train[:, 1].astype(np.float64)),
-                         predict(model, tr(prep.x_test))[1], np.expm1(prep.y_test[:, 1].astype(np.float64)),
-                         horizon_days, currency)
+    (p_tr, raw_tr), (p_te, raw_te), spend = predict(model, tr(prep.x_train)), predict(model, tr(prep.x_test)), np.expm1
+    return holdout_check(raw_tr, spend(prep.y_train[:, 1].astype(np.float64)), raw_te,
+                         spend(prep.y_test[:, 1].astype(np.float64)), horizon_days, currency, p_train=p_tr, p_test=p_te)
 
 
 def value_of_joining(bundle, nodes, prepared, settings, epochs: int) -> list[dict[str, Any]]:
@@ -159,6 +159,6 @@ def value_of_joining(bundle, nodes, prepared, settings, epochs: int) -> list[dic
             continue
         tr = bundle.standardizer.transform
         res = compare(node.merchant_id, bundle.build_model(), tr(prep.x_train), prep.y_train, tr(prep.x_test),
-                      prep.y_test, cfg, local_epochs=epochs, prior_rate=settings.prior_rate)
+                      prep.y_test, cfg, local_epochs=epochs)
         out.append(res.as_dict())
     return out
