@@ -118,10 +118,15 @@ class RunRecord:
         self.data["events"].append({**entry, "kind": f"alert:{kind}"})
         self.save()
 
-    def witnessed(self, head: dict[str, Any]) -> None:
-        """Record a signed ledger head the platform witnessed (public: merchant, kind, size, root, signature)."""
+    def witnessed(self, head: dict[str, Any], save: bool = True) -> None:
+        """Record a signed ledger head the platform witnessed (public: merchant, kind, size, root, signature).
+
+        ``save=False`` lets the witness add the heads of every reply one pull brought and write the
+        file once for them (:meth:`save`): one rewrite per reply made the first round of a large
+        federation quadratic. The witness store (SQLite) has already committed each head by then."""
         self.data.setdefault("witness", {}).setdefault("heads", []).append(head)
-        self.save()
+        if save:
+            self.save()
 
     def add_round(self, entry: dict[str, Any]) -> None:
         self.data["rounds"] = [r for r in self.data["rounds"] if r["round"] != entry["round"]]

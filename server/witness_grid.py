@@ -30,6 +30,7 @@ from fedretain.consent.witness_record import (
     WitnessFormatError,
     decode,
 )
+from fedretain.server.polling import poll_interval
 from fedretain.server.run_record import RunRecord
 from fedretain.server.witness import WitnessStore, judge, witness_db_path
 
@@ -46,7 +47,9 @@ class Witness:
         self.store, self.run_id, self.out_dir = store, run_id, Path(out_dir)
         self.merchant_of: dict[int, str] = {}
         self._impostors: set[int] = set()  # claimed a merchant whose pinned key they do not hold
-        self._recorded: set[tuple[str, str, int, str]] = set()
+        self._recorded: set[tuple[str, str, int, str]] = set()  # heads in the run record (its object below)
+        self._record_seen: RunRecord | None = None
+        self._unsaved: RunRecord | None = None  # heads added to it, file not yet rewritten (see check/flush)
 
     def seen_record(self, node_id: int) -> ConfigRecord | None:
         merchant = self.merchant_of.get(node_id)
@@ -75,8 +78,28 @@ class Witness:
         else:
             self._impostors.discard(node_id)
 
-    def check(self, reply: Message, server_round: int = 0) -> Message:
-        """The reply itself if its ledgers extend what was witnessed, else an error reply naming why."""
+    def _record(self) -> RunRecord | None:
+        """The active run record; the first time (or after a resume) the heads it lists are noted once,
+        instead of listing them again for every reply (quadratic in a large federation)."""
+        record = RunRecord.active(self.out_dir)
+        if record is not None and record is not self._record_seen:
+            self._record_seen = record
+            self._recorded |= {(h.get("merchant"), h.get("kind"), h.get("size"), h.get("root"))
+                               for h in record.data.get("witness", {}).get("heads", [])}
+        return record
+
+    def flush(self) -> None:
+        """Write the run record once for the heads that :meth:`check` added with ``save=False``."""
+        record, self._unsaved = self._unsaved, None
+        if record is not None:
+            record.save()
+
+    def check(self, reply: Message, server_round: int = 0, save: bool = True) -> Message:
+        """The reply itself if its ledgers extend what was witnessed, else an error reply naming why.
+
+        Each head is committed to the witness store before this returns; with ``save=False`` the run
+        record's copy of new heads is written by the caller's :meth:`flush` (once per pull of replies).
+        """
         if reply.has_error():
             return reply
         node_id = int(reply.metadata.src_node_id)
@@ -90,15 +113,17 @@ class Witness:
             refused, accepted = self.store.witness(merchant, report.claims, self.run_id)
         except WitnessFormatError as exc:
             refused, accepted = {"witness": str(exc)}, []
-        record = RunRecord.active(self.out_dir)
+        record = self._record()
         for head in accepted:  # each distinct head once per run, with the round it was first seen in
             key = (merchant, head.kind, head.size, head.root)
-            if record is None or key in self._recorded:
+            if record is None or key in self._recorded:  # (a resumed run's record lists its heads already)
                 continue
             self._recorded.add(key)
-            if key not in {(h.get("merchant"), h.get("kind"), h.get("size"), h.get("root"))  # a resumed run
-                           for h in record.data.get("witness", {}).get("heads", [])}:
-                record.witnessed({"merchant": merchant, "round": server_round, "node_id": node_id, **head.to_dict()})
+            record.witnessed({"merchant": merchant, "round": server_round, "node_id": node_id, **head.to_dict()},
+                             save=False)
+            self._unsaved = record
+        if save:
+            self.flush()
         if not refused:
             return reply
         reason = "; ".join(f"{kind}: {why}" for kind, why in sorted(refused.items()))
@@ -169,9 +194,12 @@ class WitnessedGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         out = []
-        for reply in self.inner.pull_messages(message_ids):
-            rnd = self._round.pop(reply.metadata.reply_to_message_id, 0)
-            out.append(self.witness.check(reply, rnd))
+        try:
+            for reply in self.inner.pull_messages(message_ids):
+                rnd = self._round.pop(reply.metadata.reply_to_message_id, 0)
+                out.append(self.witness.check(reply, rnd, save=False))
+        finally:
+            self.witness.flush()  # the run record rewritten once per pull, not once per reply
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -184,7 +212,7 @@ class WitnessedGrid(Grid):
             pending -= {r.metadata.reply_to_message_id for r in got}
             if not pending or (timeout is not None and time.monotonic() >= end):
                 break
-            time.sleep(_POLL_S)
+            time.sleep(poll_interval(len(pending), _POLL_S, end - time.monotonic() if timeout is not None else None))
         return replies
 
 
