@@ -176,8 +176,15 @@ class WitnessedGrid(Grid):
         if not unknown:
             return
         asks = [Message(RecordDict({}), dst_node_id=n, message_type=f"query.{WITNESS_ACTION}") for n in unknown]
-        for reply in self.inner.send_and_receive(asks, timeout=self.identify_timeout):
-            self.witness.learn(reply)
+        pending = set(self.inner.push_messages(asks))  # polled as below, not at Flower's fixed 0.1 s
+        end = time.monotonic() + self.identify_timeout
+        while pending:
+            for reply in self.inner.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                self.witness.learn(reply)
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(poll_interval(len(pending), _POLL_S, end - time.monotonic()))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
