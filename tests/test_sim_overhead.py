@@ -106,3 +106,20 @@ def test_polling_slows_with_pending_replies_but_not_for_a_small_exchange():
     assert poll_interval(200) < poll_interval(600) < poll_interval(1000) == MAX_POLL_S
     assert poll_interval(10_000) == MAX_POLL_S
     assert poll_interval(1000, remaining=0.3) == 0.3 and poll_interval(1000, remaining=-1) == 0.0
+
+
+def test_simulate_progress_shows_merchants_trained_per_round():
+    from fedretain.cli.train import RichRoundObserver
+
+    obs = RichRoundObserver(merchants=4)
+    obs.on_start("r", 2, 1)
+    try:
+        nodes = [{"phase": "train", "error": None}] * 3 + [{"phase": "train", "error": "no consented examples"},
+                                                           {"phase": "evaluate", "error": None}]
+        obs.on_round_trained({"round": 1, "nodes": nodes})
+        assert obs.progress.tasks[0].fields["status"] == "round 1: 3/4 merchants trained"
+        obs.on_round_trained({"round": 2, "nodes": nodes[:2]})
+        obs.on_round({"round": 1, "evaluate": {"auc": 0.71}})  # round 1 is evaluated in round 2's exchange
+        assert obs.progress.tasks[0].fields["status"].startswith("round 1: 3/4 merchants trained AUC 0.71")
+    finally:
+        obs.on_end("completed", {})
