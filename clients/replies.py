@@ -127,9 +127,6 @@ def record_usages(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phases:
 
     A train message that first evaluates the received model uses two phases; writing both at
     once halves the node's ledger opens and commits per round (issue 14)."""
-    from fedretain.consent.ledger import LedgerError, UsageWriteError, storage_errors
-    from fedretain.consent.usage import record_usages as append_usages
-
     d = prep.decision
     entries = []
     for phase in phases:
@@ -139,15 +136,24 @@ def record_usages(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phases:
                             scope_counts=counts, n_users=len(users), ledger_size=d.ledger_size,
                             ledger_root=d.ledger_head, at=d.at, subjects=[str(u) for u in users]))
     with node.ledger() as ledger:
-        if len(entries) == 1:  # the ledger's own method, as every other writer uses
-            ledger.record_usage(**entries[0])
-            return
-        try:
-            with storage_errors(ledger.path, "record a data use in"):
-                append_usages(ledger.connection, entries)
-        except LedgerError as exc:
-            raise UsageWriteError(f"{exc}; the use was not recorded, so the node must not send anything "
-                                  "from it (fail closed)") from None
+        append_usages(ledger, entries)
+
+
+def append_usages(ledger: Any, entries: list[dict[str, Any]]) -> None:
+    """Write ``entries`` (keyword arguments of ``ConsentLedger.record_usage``) in one transaction; a storage
+    fault raises ``UsageWriteError`` as the ledger's own method does (the node sends nothing)."""
+    from fedretain.consent.ledger import LedgerError, UsageWriteError, storage_errors
+    from fedretain.consent.usage import record_usages as insert_usages
+
+    if len(entries) == 1:  # the ledger's own method, as every other writer uses
+        ledger.record_usage(**entries[0])
+        return
+    try:
+        with storage_errors(ledger.path, "record a data use in"):
+            insert_usages(ledger.connection, entries)
+    except LedgerError as exc:
+        raise UsageWriteError(f"{exc}; the use was not recorded, so the node must not send anything "
+                              "from it (fail closed)") from None
 
 
 def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: Any, model: RetentionNet,

@@ -123,3 +123,19 @@ def test_simulate_progress_shows_merchants_trained_per_round():
         assert obs.progress.tasks[0].fields["status"].startswith("round 1: 3/4 merchants trained AUC 0.71")
     finally:
         obs.on_end("completed", {})
+
+
+def test_a_full_disk_on_the_joint_usage_write_fails_closed(tmp_path):
+    from fedretain.clients.replies import append_usages
+    from fedretain.consent.gate import ConsentError
+
+    cfg = make_node(tmp_path, "shop-a")
+    with ConsentLedger.open(cfg.consent_db, key_path=cfg.node_key) as ledger:
+        subjects = [f"user-with-a-long-pseudonymous-id-{i:06d}" for i in range(3000)]
+        entries = [usage_entry(ledger, "evaluate", subjects[:10]), usage_entry(ledger, "train", subjects)]
+        pages = ledger.connection.execute("PRAGMA page_count").fetchone()[0]
+        ledger.connection.execute(f"PRAGMA max_page_count={pages}")  # the file may not grow: a full disk
+        with pytest.raises(ConsentError) as err:
+            append_usages(ledger, entries)
+        assert "record a data use" in str(err.value) and "fail closed" in str(err.value)
+        assert ledger.usages() == []  # neither use half-recorded
