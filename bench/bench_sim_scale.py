@@ -122,7 +122,7 @@ def _profiled_apps(stats_dir: str):  # type: ignore[no-untyped-def]
             import sys as _sys
 
             g = _sys.__dict__  # one profile per worker process (this class is unpickled per message)
-            prof = g.setdefault("_fedretain_bench_prof", cp.Profile())
+            prof = g.setdefault("_fedretain_bench_prof", cp.Profile(time.thread_time))  # CPU, not wall
             prof.enable()
             try:
                 return super().__call__(message, context)
@@ -138,7 +138,7 @@ def _profiled_apps(stats_dir: str):  # type: ignore[no-untyped-def]
 
     @server.main()
     def _main(grid, context):  # type: ignore[no-untyped-def]
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)  # this thread's CPU time: sleeps and waits do not count
         prof.enable()
         try:
             fed_main(grid, context)
@@ -160,7 +160,7 @@ def profile_sim(n: int, rounds: int, top: int, keep: bool = False) -> None:
         t0 = time.perf_counter()
         wall, cpu, out = measure(["--child", "profiled", str(data), str(n), str(rounds), str(root / "run"),
                                   str(stats_dir)])
-        print(out.strip().splitlines()[-1])
+        print("\n".join(out.strip().splitlines()[-2:]))
         print(f"profiled run, {n} merchants x {rounds} rounds: {wall:.1f} s wall, {cpu:.1f} CPU-s (whole tree, "
               f"profiling included; load {_load()}); {time.perf_counter() - t0:.0f} s")
         server = pstats.Stats(str(stats_dir / "server.prof"))
@@ -197,6 +197,7 @@ class TreeCPU:
 
     def __init__(self, pid: int, every: float = 0.25) -> None:
         self.root, self.every, self.seen = psutil.Process(pid), every, {}
+        self.names: dict[tuple[int, float], str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -210,6 +211,7 @@ class TreeCPU:
             try:
                 t = p.cpu_times()
                 self.seen[(p.pid, p.create_time())] = t.user + t.system
+                self.names.setdefault((p.pid, p.create_time()), p.name())
             except psutil.Error:
                 pass
 
@@ -223,6 +225,13 @@ class TreeCPU:
         self._thread.join()
         return sum(self.seen.values())
 
+    def by_name(self) -> dict[str, float]:
+        """CPU seconds per process name (driver, Ray's raylet/gcs_server, ray::ClientAppActor workers...)."""
+        out: dict[str, float] = {}
+        for key, cpu in self.seen.items():
+            out[self.names.get(key, "?")] = out.get(self.names.get(key, "?"), 0.0) + cpu
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
 
 def measure(args: list[str]) -> tuple[float, float, str]:
     t0 = time.perf_counter()
@@ -234,7 +243,8 @@ def measure(args: list[str]) -> tuple[float, float, str]:
     total = cpu.total()
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{out[-3000:]}")
-    return wall, total, out
+    split = ", ".join(f"{name} {sec:.1f}" for name, sec in list(cpu.by_name().items())[:6])
+    return wall, total, out + f"\nCPU-s by process: {split}\n"
 
 
 def make_silos(root: Path, n: int, seed: int = 0) -> Path:
@@ -264,7 +274,7 @@ def scale(ns: list[int], rounds: int, keep: bool) -> None:
             la_a = _load()
             fw, fc, out = measure(["--child", "fedretain", str(data), str(n), str(rounds), str(root / f"run{n}")])
             la_f = _load()
-            print(out.strip().splitlines()[-1], flush=True)
+            print("\n".join(out.strip().splitlines()[-2:]), flush=True)
             extra = (fc - ac) / (n * rounds)
             rows.append((n, aw, ac, ac / (n * rounds), fw, fc, extra, la_a, la_f))
             print(f"N={n}: anchor {aw:.1f} s / {ac:.1f} CPU-s; fedretain {fw:.1f} s / {fc:.1f} CPU-s; "
