@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __all__ = ["PENDING_PER_S", "MAX_POLL_S", "poll_interval"]
 
-PENDING_PER_S = 500  # outstanding replies per second of wait: 1,000 pending -> a pull every 2 s
+PENDING_PER_S = 250  # outstanding replies per second of wait: 500 or more pending -> a pull every 2 s
 MAX_POLL_S = 2.0
 
 

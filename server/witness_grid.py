@@ -38,6 +38,7 @@ log = logging.getLogger("fedretain.server.witness")
 
 WITNESS_REFUSED = 4901  # error code of a reply the witness replaced
 _POLL_S = 0.1
+FLUSH_S = 5.0  # while an exchange still has replies pending
 
 
 class Witness:
@@ -50,6 +51,7 @@ class Witness:
         self._recorded: set[tuple[str, str, int, str]] = set()  # heads in the run record (its object below)
         self._record_seen: RunRecord | None = None
         self._unsaved: RunRecord | None = None  # heads added to it, file not yet rewritten (see check/flush)
+        self._flushed = 0.0
 
     def seen_record(self, node_id: int) -> ConfigRecord | None:
         merchant = self.merchant_of.get(node_id)
@@ -88,11 +90,15 @@ class Witness:
                                for h in record.data.get("witness", {}).get("heads", [])}
         return record
 
-    def flush(self) -> None:
-        """Write the run record once for the heads that :meth:`check` added with ``save=False``."""
+    def flush(self, every: float = 0.0) -> None:
+        """Write the run record once for the heads that :meth:`check` added with ``save=False``;
+        with ``every``, only if the last write is that many seconds old (the run loop saves the record
+        after every exchange anyway, and the witness store has each head committed already)."""
+        if self._unsaved is None or time.monotonic() - self._flushed < every:
+            return
         record, self._unsaved = self._unsaved, None
-        if record is not None:
-            record.save()
+        record.save()
+        self._flushed = time.monotonic()
 
     def check(self, reply: Message, server_round: int = 0, save: bool = True) -> Message:
         """The reply itself if its ledgers extend what was witnessed, else an error reply naming why.
@@ -205,8 +211,8 @@ class WitnessedGrid(Grid):
             for reply in self.inner.pull_messages(message_ids):
                 rnd = self._round.pop(reply.metadata.reply_to_message_id, 0)
                 out.append(self.witness.check(reply, rnd, save=False))
-        finally:
-            self.witness.flush()  # the run record rewritten once per pull, not once per reply
+        finally:  # the run record rewritten at most every FLUSH_S while replies come in, not once per reply
+            self.witness.flush(FLUSH_S if self._round else 0.0)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
