@@ -160,7 +160,7 @@ def profile_sim(n: int, rounds: int, top: int, keep: bool = False) -> None:
         t0 = time.perf_counter()
         wall, cpu, out = measure(["--child", "profiled", str(data), str(n), str(rounds), str(root / "run"),
                                   str(stats_dir)])
-        print("\n".join(out.strip().splitlines()[-2:]))
+        print("\n".join(x for x in out.splitlines() if x.startswith(("profiled run done", "CPU-s by process"))))
         print(f"profiled run, {n} merchants x {rounds} rounds: {wall:.1f} s wall, {cpu:.1f} CPU-s (whole tree, "
               f"profiling included; load {_load()}); {time.perf_counter() - t0:.0f} s")
         server = pstats.Stats(str(stats_dir / "server.prof"))
@@ -274,7 +274,7 @@ def scale(ns: list[int], rounds: int, keep: bool) -> None:
             la_a = _load()
             fw, fc, out = measure(["--child", "fedretain", str(data), str(n), str(rounds), str(root / f"run{n}")])
             la_f = _load()
-            print("\n".join(out.strip().splitlines()[-2:]), flush=True)
+            print("\n".join(x for x in out.splitlines() if x.startswith(("status=", "CPU-s by process"))), flush=True)
             extra = (fc - ac) / (n * rounds)
             rows.append((n, aw, ac, ac / (n * rounds), fw, fc, extra, la_a, la_f))
             print(f"N={n}: anchor {aw:.1f} s / {ac:.1f} CPU-s; fedretain {fw:.1f} s / {fc:.1f} CPU-s; "
