@@ -16,11 +16,16 @@ It prints wall, CPU-s, and ``(CPU fedretain − CPU anchor) / (N·R)``: what fed
 merchant-round, training included. The load average is printed beside every row: on a
 shared machine wall moves with it, CPU much less.
 
+``--profile-sim N`` runs the fedretain simulation on N merchants with cProfile on the ServerApp's
+thread (the driver process) and on every ClientApp call in each Ray worker (stats merged from
+all workers), and prints the top of both: where the per-merchant-round overhead of a real run is.
+
 ``--profile-node N`` instead profiles, in this process with cProfile, the node-side work of
 R rounds on N merchants (consent decision, features, usage records — what every ClientApp
 message does before training), the place where per-merchant overheads live.
 
     python bench/bench_sim_scale.py --merchants 10,100 --rounds 3
+    python bench/bench_sim_scale.py --profile-sim 200
     python bench/bench_sim_scale.py --profile-node 100
 """
 
@@ -99,12 +104,100 @@ def child_fedretain(data: str, n: int, rounds: int, out: str) -> None:
     print(f"status={rec['status']} merchants/round={obs.done_per_round}", flush=True)
 
 
+# -- profiling a real run: the ServerApp thread and every ClientApp call ------------------------------
+def _profiled_apps(stats_dir: str):  # type: ignore[no-untyped-def]
+    """The fedretain apps, each call run under cProfile; stats land in ``stats_dir`` (one file per process)."""
+    import cProfile
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    from fedretain.clients.client_app import app as fed_client
+    from fedretain.server.server_app import main as fed_main
+
+    class ProfiledClientApp(ClientApp):  # pickled by value into the Ray workers (defined in __main__)
+        def __call__(self, message, context):  # type: ignore[no-untyped-def]
+            import cProfile as cp
+            import os as _os
+            import sys as _sys
+
+            g = _sys.__dict__  # one profile per worker process (this class is unpickled per message)
+            prof = g.setdefault("_fedretain_bench_prof", cp.Profile(time.thread_time))  # CPU, not wall
+            prof.enable()
+            try:
+                return super().__call__(message, context)
+            finally:
+                prof.disable()
+                g["_fedretain_bench_calls"] = calls = g.get("_fedretain_bench_calls", 0) + 1
+                if calls % 25 == 0 or message.metadata.message_type.startswith("query.deliver"):
+                    prof.dump_stats(_os.path.join(stats_dir, f"client-{_os.getpid()}.prof"))
+
+    client = ProfiledClientApp.__new__(ProfiledClientApp)
+    client.__dict__.update(fed_client.__dict__)
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context):  # type: ignore[no-untyped-def]
+        prof = cProfile.Profile(time.thread_time)  # this thread's CPU time: sleeps and waits do not count
+        prof.enable()
+        try:
+            fed_main(grid, context)
+        finally:
+            prof.disable()
+            prof.dump_stats(os.path.join(stats_dir, "server.prof"))
+
+    return server, client
+
+
+def profile_sim(n: int, rounds: int, top: int, keep: bool = False) -> None:
+    import pstats
+
+    root = Path(tempfile.mkdtemp(prefix="bench-sim-prof-"))
+    try:
+        data = make_silos(root, n)
+        stats_dir = root / "prof"
+        stats_dir.mkdir()
+        t0 = time.perf_counter()
+        wall, cpu, out = measure(["--child", "profiled", str(data), str(n), str(rounds), str(root / "run"),
+                                  str(stats_dir)])
+        print("\n".join(x for x in out.splitlines() if x.startswith(("profiled run done", "CPU-s by process"))))
+        print(f"profiled run, {n} merchants x {rounds} rounds: {wall:.1f} s wall, {cpu:.1f} CPU-s (whole tree, "
+              f"profiling included; load {_load()}); {time.perf_counter() - t0:.0f} s")
+        server = pstats.Stats(str(stats_dir / "server.prof"))
+        print(f"\n== ServerApp thread: {server.total_tt:.2f} s profiled ==")  # type: ignore[attr-defined]
+        server.sort_stats("cumulative").print_stats(top)
+        server.sort_stats("tottime").print_stats(top)
+        clients = sorted(stats_dir.glob("client-*.prof"))
+        merged = pstats.Stats(*map(str, clients))
+        print(f"\n== ClientApp calls, {len(clients)} worker(s): {merged.total_tt:.2f} s profiled, "  # type: ignore[attr-defined]
+              f"{merged.total_tt / (n * rounds):.4f} s per merchant-round ==")  # type: ignore[attr-defined]
+        merged.sort_stats("cumulative").print_stats(top)
+        merged.sort_stats("tottime").print_stats(top)
+    finally:
+        if keep:
+            print(f"kept {root} (profiles in {root / 'prof'})")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def child_profiled(data: str, n: int, rounds: int, out: str, stats_dir: str) -> None:
+    from fedretain.server.settings import RunSettings
+    from fedretain.server.simulation import run_in_simulation
+
+    server, client = _profiled_apps(stats_dir)
+    settings = RunSettings(rounds=rounds, local_epochs=1, min_nodes=max(1, n // 2), out_dir=out,
+                           run_id=f"prof{n}")
+    run_in_simulation(settings, data, server_app=server, client_app=client)
+    print("profiled run done", flush=True)
+
+
 # -- measuring a child's whole process tree --------------------------------------------------------
 class TreeCPU:
     """Sum of user+system CPU seconds of a process and all its descendants, sampled until it exits."""
 
     def __init__(self, pid: int, every: float = 0.25) -> None:
         self.root, self.every, self.seen = psutil.Process(pid), every, {}
+        self.names: dict[tuple[int, float], str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -118,6 +211,7 @@ class TreeCPU:
             try:
                 t = p.cpu_times()
                 self.seen[(p.pid, p.create_time())] = t.user + t.system
+                self.names.setdefault((p.pid, p.create_time()), p.name())
             except psutil.Error:
                 pass
 
@@ -131,6 +225,13 @@ class TreeCPU:
         self._thread.join()
         return sum(self.seen.values())
 
+    def by_name(self) -> dict[str, float]:
+        """CPU seconds per process name (driver, Ray's raylet/gcs_server, ray::ClientAppActor workers...)."""
+        out: dict[str, float] = {}
+        for key, cpu in self.seen.items():
+            out[self.names.get(key, "?")] = out.get(self.names.get(key, "?"), 0.0) + cpu
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
 
 def measure(args: list[str]) -> tuple[float, float, str]:
     t0 = time.perf_counter()
@@ -142,7 +243,8 @@ def measure(args: list[str]) -> tuple[float, float, str]:
     total = cpu.total()
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{out[-3000:]}")
-    return wall, total, out
+    split = ", ".join(f"{name} {sec:.1f}" for name, sec in list(cpu.by_name().items())[:6])
+    return wall, total, out + f"\nCPU-s by process: {split}\n"
 
 
 def make_silos(root: Path, n: int, seed: int = 0) -> Path:
@@ -172,7 +274,7 @@ def scale(ns: list[int], rounds: int, keep: bool) -> None:
             la_a = _load()
             fw, fc, out = measure(["--child", "fedretain", str(data), str(n), str(rounds), str(root / f"run{n}")])
             la_f = _load()
-            print(out.strip().splitlines()[-1], flush=True)
+            print("\n".join(x for x in out.splitlines() if x.startswith(("status=", "CPU-s by process"))), flush=True)
             extra = (fc - ac) / (n * rounds)
             rows.append((n, aw, ac, ac / (n * rounds), fw, fc, extra, la_a, la_f))
             print(f"N={n}: anchor {aw:.1f} s / {ac:.1f} CPU-s; fedretain {fw:.1f} s / {fc:.1f} CPU-s; "
@@ -248,6 +350,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the generated silos and run folders")
     ap.add_argument("--profile-node", type=int, default=0, metavar="N")
+    ap.add_argument("--profile-sim", type=int, default=0, metavar="N")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -255,8 +358,13 @@ def main() -> None:
         kind, *rest = a.child
         if kind == "anchor":
             child_anchor(int(rest[0]), int(rest[1]))
+        elif kind == "profiled":
+            child_profiled(rest[0], int(rest[1]), int(rest[2]), rest[3], rest[4])
         else:
             child_fedretain(rest[0], int(rest[1]), int(rest[2]), rest[3])
+        return
+    if a.profile_sim:
+        profile_sim(a.profile_sim, a.rounds, a.top, a.keep)
         return
     if a.profile_node:
         profile_node(a.profile_node, a.rounds, a.top)

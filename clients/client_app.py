@@ -33,6 +33,7 @@ from fedretain.clients.replies import (  # noqa: F401  (re-exported: the handler
     node_for,
     prepare_from_config,
     record_usage,
+    record_usages,
     train_metrics,
 )
 from fedretain.clients.secagg_app import is_legacy_message, legacy_app
@@ -68,12 +69,18 @@ def train(msg: Message, context: Context) -> Message:
     if prep.n_train == 0:
         raise RuntimeError(f"merchant {node.merchant_id}: no consented training examples this round")
     model = _model(msg.content["arrays"], len(prep.columns), cfg)
-    received = evaluation_metrics(node, prep, cfg, model) if bool(cfg.get(EVALUATE_RECEIVED, False)) else None
+    used: list[str] = []  # the evaluate use is recorded with the train use: one ledger commit per message
+    received = evaluation_metrics(node, prep, cfg, model, used) if bool(cfg.get(EVALUATE_RECEIVED, False)) else None
     global_params = [p.detach().clone() for p in model.parameters()]
     scaler = _standardizer(cfg)
-    trainer = make_trainer(cfg, context, node, prep)
-    result = trainer.fit(model, scaler.transform(prep.x_train), prep.y_train, global_params)
-    record_usage(node, prep, cfg, "train")
+    try:
+        trainer = make_trainer(cfg, context, node, prep)
+        result = trainer.fit(model, scaler.transform(prep.x_train), prep.y_train, global_params)
+    except BaseException:
+        if used:  # nothing leaves, but the held-out users' data was read: the use is still recorded
+            record_usages(node, prep, cfg, used)
+        raise
+    record_usages(node, prep, cfg, [*used, "train"])
     metrics = train_metrics(cfg, result.loss, result.num_examples, getattr(result, "extra_metrics", None), prep)
     content = RecordDict(
         {"arrays": model_arrays(model.state_dict()), "metrics": MetricRecord(metrics), "lineage": lineage(node, prep)}

@@ -121,25 +121,48 @@ def consent_metrics(prep: Prepared, phase: str) -> dict[str, Any]:
 
 def record_usage(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phase: str) -> None:
     """Append the usage record to the node's ledger before replying (fails closed)."""
+    record_usages(node, prep, cfg, [phase])
+
+
+def record_usages(node: MerchantNode, prep: Prepared, cfg: ConfigRecord, phases: list[str]) -> None:
+    """Append one usage record per phase, in one ledger open and one transaction (all or none; fails closed).
+
+    A train message that first evaluates the received model uses two phases; writing both at
+    once halves the node's ledger opens and commits per round (issue 14)."""
     d = prep.decision
-    users, counts = prep.usage(phase)
+    entries = []
+    for phase in phases:
+        users, counts = prep.usage(phase)
+        entries.append(dict(run_id=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)),
+                            purpose=d.purpose, feature_set=f"{phase}:" + ",".join(cfg["features"]),
+                            scope_counts=counts, n_users=len(users), ledger_size=d.ledger_size,
+                            ledger_root=d.ledger_head, at=d.at, subjects=[str(u) for u in users]))
     with node.ledger() as ledger:
-        ledger.record_usage(
-            run_id=str(cfg.get("run-id", "")),
-            round=int(cfg.get("server-round", 0)),
-            purpose=d.purpose,
-            feature_set=f"{phase}:" + ",".join(cfg["features"]),
-            scope_counts=counts,
-            n_users=len(users),
-            ledger_size=d.ledger_size,
-            ledger_root=d.ledger_head,
-            at=d.at,
-            subjects=[str(u) for u in users],
-        )
+        append_usages(ledger, entries)
 
 
-def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: Any, model: RetentionNet) -> dict[str, Any]:
-    """What leaves the node about ``model`` on its consented held-out users; the usage is recorded first.
+def append_usages(ledger: Any, entries: list[dict[str, Any]]) -> None:
+    """Write ``entries`` (keyword arguments of ``ConsentLedger.record_usage``) in one transaction; a storage
+    fault raises ``UsageWriteError`` as the ledger's own method does (the node sends nothing)."""
+    from fedretain.consent.ledger import LedgerError, UsageWriteError, storage_errors
+    from fedretain.consent.usage import record_usages as insert_usages
+
+    if len(entries) == 1:  # the ledger's own method, as every other writer uses
+        ledger.record_usage(**entries[0])
+        return
+    try:
+        with storage_errors(ledger.path, "record a data use in"):
+            insert_usages(ledger.connection, entries)
+    except LedgerError as exc:
+        raise UsageWriteError(f"{exc}; the use was not recorded, so the node must not send anything "
+                              "from it (fail closed)") from None
+
+
+def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: Any, model: RetentionNet,
+                       deferred: list[str] | None = None) -> dict[str, Any]:
+    """What leaves the node about ``model`` on its consented held-out users; the usage is recorded first
+    (dp-mode none with ``deferred``: the phase is appended to it instead and the caller records it,
+    with its own, before its reply leaves — :func:`record_usages`).
 
     dp-mode none: exact metrics, counts and the exact score histogram. DP modes: only the
     noisy score histogram (``fedretain.dp_evaluation``), charged to the node's budget under
@@ -151,7 +174,10 @@ def evaluation_metrics(node: MerchantNode, prep: Prepared, cfg: Any, model: Rete
     y = prep.y_test[:, 0] if len(prep.y_test) else np.zeros(0)
     prob = predict(model, x)[0] if len(x) else np.zeros(0)
     if mode == "none":
-        record_usage(node, prep, cfg, "evaluate")
+        if deferred is None:
+            record_usage(node, prep, cfg, "evaluate")
+        else:
+            deferred.append("evaluate")
         report = evaluate(model, x, prep.y_test)
         metrics: dict[str, Any] = {k: float(v) for k, v in report.items() if k != "num_examples"}
         metrics["num-examples"] = int(prep.n_test)

@@ -19,7 +19,7 @@ from typing import Any
 from .records import format_ts, parse_ts
 from .vocab import UnknownTermError, check_purpose, check_scope
 
-__all__ = ["UsageRecord", "USAGE_SCHEMA", "record_usage", "usages"]
+__all__ = ["UsageRecord", "USAGE_SCHEMA", "record_usage", "record_usages", "usages"]
 
 USAGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -102,6 +102,15 @@ def record_usage(
     ``n_users`` must equal the number of distinct ``subjects``: the count reported to the
     server and the list a data subject can query must never disagree.
     """
+    return record_usages(conn, [dict(run_id=run_id, round=round, purpose=purpose, feature_set=feature_set,
+                                     scope_counts=scope_counts, n_users=n_users, ledger_size=ledger_size,
+                                     ledger_root=ledger_root, at=at, subjects=subjects)])[0]
+
+
+def _checked(run_id: str, round: int, purpose: str, feature_set: str | Iterable[str], scope_counts: Mapping[str, int],
+             n_users: int, ledger_size: int, ledger_root: str, at: Any,
+             subjects: Iterable[str]) -> tuple[tuple[Any, ...], list[str]]:
+    """One entry validated (as :func:`record_usage` documents) into its row values and subjects."""
     if not isinstance(run_id, str) or not run_id.strip():
         raise ValueError("usage: run_id must be non-empty text")
     if int(round) < 0:
@@ -122,25 +131,35 @@ def record_usage(
     if len(ledger_root) != 64:
         raise ValueError("usage: ledger_root must be a 64-character hex SHA-256 root")
     at_txt = format_ts(parse_ts(at, "at"))
+    row = (run_id, int(round), purpose, fs, json.dumps(counts, sort_keys=True), len(subj), int(ledger_size),
+           ledger_root, at_txt)
+    return row, subj
+
+
+def record_usages(conn: sqlite3.Connection, entries: list[Mapping[str, Any]]) -> list[int]:
+    """Append several usage entries (keyword arguments of :func:`record_usage`) in one transaction:
+    all or none. A node answering one message that uses two phases (evaluate, then train) commits
+    once instead of twice; every entry is validated before anything is written."""
+    checked = [_checked(**e) for e in entries]
     now = format_ts(datetime.now(timezone.utc))
+    ids: list[int] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        cur = conn.execute(
-            "INSERT INTO usage (run_id, round, purpose, feature_set, scope_counts, n_users, ledger_size,"
-            " ledger_root, at, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (run_id, int(round), purpose, fs, json.dumps(counts, sort_keys=True), len(subj),
-             int(ledger_size), ledger_root, at_txt, now),
-        )
-        usage_id = int(cur.lastrowid)  # type: ignore[arg-type]
-        conn.executemany(
-            "INSERT INTO usage_subjects (usage_id, subject_id) VALUES (?, ?)", ((usage_id, s) for s in subj)
-        )
+        for row, subj in checked:
+            cur = conn.execute(
+                "INSERT INTO usage (run_id, round, purpose, feature_set, scope_counts, n_users, ledger_size,"
+                " ledger_root, at, recorded_at) VALUES (?,?,?,?,?,?,?,?,?,?)", (*row, now))
+            usage_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            conn.executemany(
+                "INSERT INTO usage_subjects (usage_id, subject_id) VALUES (?, ?)", ((usage_id, s) for s in subj)
+            )
+            ids.append(usage_id)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:  # SQLite already rolled back after a full disk or I/O error
             conn.execute("ROLLBACK")
         raise
-    return usage_id
+    return ids
 
 
 def usages(conn: sqlite3.Connection, subject: str | None = None) -> list[UsageRecord]:

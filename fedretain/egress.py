@@ -23,6 +23,7 @@ guard can also keep a copy of every reply for the node's operator
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -195,8 +196,13 @@ def _allowed(field: Field, mode: str) -> bool:
 
 def lookup(message_type: str, record: str, key: str, mode: str) -> list[Field]:
     """The manifest entries that allow ``key`` of ``record`` in a ``message_type`` reply in ``mode``."""
-    return [f for f in MANIFEST if any(fnmatch.fnmatchcase(message_type, m) for m in f.messages.split("|"))
-            and fnmatch.fnmatchcase(record, f.record) and fnmatch.fnmatchcase(key, f.key) and _allowed(f, mode)]
+    return list(_lookup(message_type, record, key, mode))
+
+
+@functools.lru_cache(maxsize=8192)  # MANIFEST is a constant: every reply asks the same few hundred keys
+def _lookup(message_type: str, record: str, key: str, mode: str) -> tuple[Field, ...]:
+    return tuple(f for f in MANIFEST if any(fnmatch.fnmatchcase(message_type, m) for m in f.messages.split("|"))
+                 and fnmatch.fnmatchcase(record, f.record) and fnmatch.fnmatchcase(key, f.key) and _allowed(f, mode))
 
 
 def _equals(value: Any, constant: float | None) -> bool:

@@ -28,6 +28,7 @@ from fedretain.models import ModelBundle, RetentionNet, Standardizer, make_model
 from fedretain.protocol import EVALUATE_RECEIVED, evaluation_of, model_arrays, state_dict_from
 from fedretain.server import progress
 from fedretain.server.checkpoints import latest_checkpoint, save_checkpoint, sha256_file
+from fedretain.server.polling import poll_interval
 from fedretain.server.run_record import RunRecord, now_iso
 from fedretain.server.settings import RunSettings
 from fedretain.server.witness_grid import witnessed
@@ -130,7 +131,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll: 
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(poll)
+        time.sleep(poll_interval(len(pending), poll, deadline - time.monotonic()))  # server/polling.py
     return replies
 
 

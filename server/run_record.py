@@ -35,12 +35,34 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def dumps_by_line(payload: Any) -> str:
+    """JSON with each top-level key, and each element of a top-level list, on its own line.
+
+    ``json.dump(..., indent=2)`` runs the pure-Python encoder (CPython uses its C encoder only
+    without ``indent``), and a 1,000-merchant run record is megabytes rewritten every round:
+    that was most of the ServerApp's CPU (issue 14). Encoding values with the C encoder and
+    breaking lines only at the top two levels keeps the file diff- and grep-friendly."""
+    def enc(v: Any) -> str:
+        return json.dumps(v, allow_nan=False, ensure_ascii=False)
+
+    if not isinstance(payload, dict):
+        return enc(payload)
+    lines = []
+    for key, value in payload.items():
+        if isinstance(value, list) and value:
+            body = "[\n" + ",\n".join(f"    {enc(v)}" for v in value) + "\n  ]"
+        else:
+            body = enc(value)
+        lines.append(f"  {enc(str(key))}: {body}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_clean(payload), fh, indent=2, sort_keys=False, allow_nan=False)
+            fh.write(dumps_by_line(_clean(payload)))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -118,10 +140,15 @@ class RunRecord:
         self.data["events"].append({**entry, "kind": f"alert:{kind}"})
         self.save()
 
-    def witnessed(self, head: dict[str, Any]) -> None:
-        """Record a signed ledger head the platform witnessed (public: merchant, kind, size, root, signature)."""
+    def witnessed(self, head: dict[str, Any], save: bool = True) -> None:
+        """Record a signed ledger head the platform witnessed (public: merchant, kind, size, root, signature).
+
+        ``save=False`` lets the witness add the heads of every reply one pull brought and write the
+        file once for them (:meth:`save`): one rewrite per reply made the first round of a large
+        federation quadratic. The witness store (SQLite) has already committed each head by then."""
         self.data.setdefault("witness", {}).setdefault("heads", []).append(head)
-        self.save()
+        if save:
+            self.save()
 
     def add_round(self, entry: dict[str, Any]) -> None:
         self.data["rounds"] = [r for r in self.data["rounds"] if r["round"] != entry["round"]]

@@ -18,6 +18,7 @@ wrapper that applies them to every exchange is ``fedretain.server.witness_grid``
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedretain.consent import signing
 from fedretain.consent.merkle import verify_consistency
@@ -111,6 +114,21 @@ def _is_hex(text: str, nbytes: int | None = None) -> bool:
     return nbytes is None or len(raw) == nbytes
 
 
+@functools.lru_cache(maxsize=8192)
+def _parsed_pem(pem: str) -> tuple[Ed25519PublicKey, str]:
+    key = signing.load_public_key(pem)
+    return key, signing.fingerprint(key)
+
+
+def _public_key(pem: str) -> tuple[Ed25519PublicKey, str]:
+    """The key a node sent and its fingerprint. PEM text is parsed once per server process (every reply of
+    a merchant carries the same one); the signature itself is verified on every reply."""
+    if isinstance(pem, str) and "-----BEGIN" in pem:
+        return _parsed_pem(pem)
+    key = signing.load_public_key(pem)
+    return key, signing.fingerprint(key)
+
+
 def judge(merchant: str, kind: str, claim: HeadClaim, pin: Pin | None, last: SignedHead | None) -> str | None:
     """Why the claim must be refused, or None if it extends what was witnessed (pure; no I/O)."""
     head = claim.head
@@ -121,10 +139,9 @@ def judge(merchant: str, kind: str, claim: HeadClaim, pin: Pin | None, last: Sig
     if head.size < 0 or not _is_hex(head.root, 32):
         return f"the {kind} head is malformed (size {head.size}, root {head.root[:16]!r})"
     try:
-        key = signing.load_public_key(claim.public_key_pem)
+        key, fingerprint = _public_key(claim.public_key_pem)
     except signing.KeyFileError as exc:
         return f"the node sent no usable public key for its {kind} ledger ({exc})"
-    fingerprint = signing.fingerprint(key)
     if fingerprint != head.key_fingerprint:
         return f"the {kind} head names key {head.key_fingerprint} but came with key {fingerprint}"
     if pin is not None and fingerprint != pin.key_fingerprint:

@@ -30,6 +30,7 @@ from fedretain.consent.witness_record import (
     WitnessFormatError,
     decode,
 )
+from fedretain.server.polling import poll_interval
 from fedretain.server.run_record import RunRecord
 from fedretain.server.witness import WitnessStore, judge, witness_db_path
 
@@ -37,6 +38,7 @@ log = logging.getLogger("fedretain.server.witness")
 
 WITNESS_REFUSED = 4901  # error code of a reply the witness replaced
 _POLL_S = 0.1
+FLUSH_S = 5.0  # while an exchange still has replies pending
 
 
 class Witness:
@@ -46,7 +48,10 @@ class Witness:
         self.store, self.run_id, self.out_dir = store, run_id, Path(out_dir)
         self.merchant_of: dict[int, str] = {}
         self._impostors: set[int] = set()  # claimed a merchant whose pinned key they do not hold
-        self._recorded: set[tuple[str, str, int, str]] = set()
+        self._recorded: set[tuple[str, str, int, str]] = set()  # heads in the run record (its object below)
+        self._record_seen: RunRecord | None = None
+        self._unsaved: RunRecord | None = None  # heads added to it, file not yet rewritten (see check/flush)
+        self._flushed = 0.0
 
     def seen_record(self, node_id: int) -> ConfigRecord | None:
         merchant = self.merchant_of.get(node_id)
@@ -75,8 +80,32 @@ class Witness:
         else:
             self._impostors.discard(node_id)
 
-    def check(self, reply: Message, server_round: int = 0) -> Message:
-        """The reply itself if its ledgers extend what was witnessed, else an error reply naming why."""
+    def _record(self) -> RunRecord | None:
+        """The active run record; the first time (or after a resume) the heads it lists are noted once,
+        instead of listing them again for every reply (quadratic in a large federation)."""
+        record = RunRecord.active(self.out_dir)
+        if record is not None and record is not self._record_seen:
+            self._record_seen = record
+            self._recorded |= {(h.get("merchant"), h.get("kind"), h.get("size"), h.get("root"))
+                               for h in record.data.get("witness", {}).get("heads", [])}
+        return record
+
+    def flush(self, every: float = 0.0) -> None:
+        """Write the run record once for the heads that :meth:`check` added with ``save=False``;
+        with ``every``, only if the last write is that many seconds old (the run loop saves the record
+        after every exchange anyway, and the witness store has each head committed already)."""
+        if self._unsaved is None or time.monotonic() - self._flushed < every:
+            return
+        record, self._unsaved = self._unsaved, None
+        record.save()
+        self._flushed = time.monotonic()
+
+    def check(self, reply: Message, server_round: int = 0, save: bool = True) -> Message:
+        """The reply itself if its ledgers extend what was witnessed, else an error reply naming why.
+
+        Each head is committed to the witness store before this returns; with ``save=False`` the run
+        record's copy of new heads is written by the caller's :meth:`flush` (once per pull of replies).
+        """
         if reply.has_error():
             return reply
         node_id = int(reply.metadata.src_node_id)
@@ -90,15 +119,17 @@ class Witness:
             refused, accepted = self.store.witness(merchant, report.claims, self.run_id)
         except WitnessFormatError as exc:
             refused, accepted = {"witness": str(exc)}, []
-        record = RunRecord.active(self.out_dir)
+        record = self._record()
         for head in accepted:  # each distinct head once per run, with the round it was first seen in
             key = (merchant, head.kind, head.size, head.root)
-            if record is None or key in self._recorded:
+            if record is None or key in self._recorded:  # (a resumed run's record lists its heads already)
                 continue
             self._recorded.add(key)
-            if key not in {(h.get("merchant"), h.get("kind"), h.get("size"), h.get("root"))  # a resumed run
-                           for h in record.data.get("witness", {}).get("heads", [])}:
-                record.witnessed({"merchant": merchant, "round": server_round, "node_id": node_id, **head.to_dict()})
+            record.witnessed({"merchant": merchant, "round": server_round, "node_id": node_id, **head.to_dict()},
+                             save=False)
+            self._unsaved = record
+        if save:
+            self.flush()
         if not refused:
             return reply
         reason = "; ".join(f"{kind}: {why}" for kind, why in sorted(refused.items()))
@@ -151,8 +182,15 @@ class WitnessedGrid(Grid):
         if not unknown:
             return
         asks = [Message(RecordDict({}), dst_node_id=n, message_type=f"query.{WITNESS_ACTION}") for n in unknown]
-        for reply in self.inner.send_and_receive(asks, timeout=self.identify_timeout):
-            self.witness.learn(reply)
+        pending = set(self.inner.push_messages(asks))  # polled as below, not at Flower's fixed 0.1 s
+        end = time.monotonic() + self.identify_timeout
+        while pending:
+            for reply in self.inner.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                self.witness.learn(reply)
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(poll_interval(len(pending), _POLL_S, end - time.monotonic()))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -169,9 +207,12 @@ class WitnessedGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         out = []
-        for reply in self.inner.pull_messages(message_ids):
-            rnd = self._round.pop(reply.metadata.reply_to_message_id, 0)
-            out.append(self.witness.check(reply, rnd))
+        try:
+            for reply in self.inner.pull_messages(message_ids):
+                rnd = self._round.pop(reply.metadata.reply_to_message_id, 0)
+                out.append(self.witness.check(reply, rnd, save=False))
+        finally:  # the run record rewritten at most every FLUSH_S while replies come in, not once per reply
+            self.witness.flush(FLUSH_S if self._round else 0.0)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -184,7 +225,7 @@ class WitnessedGrid(Grid):
             pending -= {r.metadata.reply_to_message_id for r in got}
             if not pending or (timeout is not None and time.monotonic() >= end):
                 break
-            time.sleep(_POLL_S)
+            time.sleep(poll_interval(len(pending), _POLL_S, end - time.monotonic() if timeout is not None else None))
         return replies
 
 

@@ -41,7 +41,9 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
 class RichRoundObserver:
     """Progress bar over rounds, then the round table."""
 
-    def __init__(self) -> None:
+    def __init__(self, merchants: int = 0) -> None:
+        self.merchants = merchants  # shown as "k/N merchants trained" per round (issue 14)
+        self.trained: dict[int, str] = {}
         self.progress = Progress(
             TextColumn("[bold]federated training"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
@@ -52,9 +54,16 @@ class RichRoundObserver:
         self.progress.start()
         self.task = self.progress.add_task("rounds", total=total_rounds, completed=first_round - 1, status="")
 
+    def on_round_trained(self, entry: dict[str, Any]) -> None:
+        nodes = [n for n in entry.get("nodes", []) if n.get("phase") == "train"]
+        done = sum(1 for n in nodes if not n.get("error"))
+        self.trained[entry["round"]] = f"{done}/{self.merchants or len(nodes)} merchants trained"
+        self.progress.update(self.task, status=f"round {entry['round']}: {self.trained[entry['round']]}")
+
     def on_round(self, entry: dict[str, Any]) -> None:
         auc = entry.get("evaluate", {}).get("auc")
-        self.progress.update(self.task, completed=entry["round"], status=f"round {entry['round']}: AUC {_fmt(auc)}")
+        self.progress.update(self.task, completed=entry["round"],
+                             status=f"round {entry['round']}: {self.trained.get(entry['round'], '')} AUC {_fmt(auc)}")
 
     def on_end(self, status: str, record: dict[str, Any]) -> None:
         self.progress.stop()
@@ -205,7 +214,7 @@ def simulate(data_dir: Path, out_dir: Path, **opts: Any) -> None:
 
     check_or_exit(settings, silos, console)  # budgets (and person-level ε) before Ray/Flower start (issue 13)
     print_dp_schedule(settings, silos)
-    observer = RichRoundObserver()
+    observer = RichRoundObserver(len(silos))
     progress.add_observer(observer)
     try:
         if secure:
