@@ -53,12 +53,12 @@ def settings(out_dir: Path, rounds: int = 10, **overrides):
     return RunSettings(**base)
 
 
-def prepared(silos: list[Path], s) -> list:
+def prepared(silos: list[Path], s, consent_at: str = CONSENT_AT) -> list:
     """Each node's consent-gated train/test matrices under the protocol (for pooled yardsticks)."""
     from datetime import datetime
 
     from fedretain.clients.node import MerchantNode, NodeConfig
 
-    at = datetime.fromisoformat(CONSENT_AT)  # local yardstick; federated nodes use their own clock (no grant expires)
+    at = datetime.fromisoformat(consent_at)  # local yardstick; federated nodes use their own clock
     return [MerchantNode(NodeConfig.for_silo(p)).prepare(s.purpose, list(s.features), s.horizon_days, s.cutoff, at)
             for p in silos]

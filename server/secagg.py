@@ -42,7 +42,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedretain.models import RetentionNet, Standardizer
+from fedretain.models import RetentionNet, Standardizer, make_model
 from fedretain.server import progress
 from fedretain.server.checkpoints import save_checkpoint
 from fedretain.server.federation import FederatedTraining, RunAborted, evaluation_metrics, sha256_file, train_epsilon
@@ -269,8 +269,7 @@ class AggregateDPSGD(_RecordedStrategy):
         if any(r.num_examples != 1 for _, r in results):
             raise RunAborted(f"round {server_round}: aggregate mode needs weight 1 from every node")
         # SecAgg+ returns the mean over the contributing nodes (all weight 1): × count = the sum
-        summed = [a * len(results) for a in parameters_to_ndarrays(results[0][1].parameters)]
-        epsilon = self.sgd.step(summed)
+        epsilon = self.sgd.step_mean(parameters_to_ndarrays(results[0][1].parameters), len(results))
         params = self._set_model([v.detach().numpy() for v in self.model.state_dict().values()])
         train = weighted_metrics([(1, r.metrics) for _, r in results])
         train.update({"aggregate-epsilon": epsilon, "aggregate-delta": self.plan.delta,
@@ -304,7 +303,7 @@ def run_secure(grid: Grid, context: Context, settings: RunSettings) -> RunRecord
             record.data["person_level"] = person
         record_schedule(record, run, schedule)
         torch.manual_seed(settings.seed)
-        model = RetentionNet(len(run.columns), settings.hidden)
+        model = make_model(settings.model, len(run.columns), settings.hidden, settings.prior_rate)
         n_nodes = len(run.wait_for_nodes(settings.min_nodes))
         fit_config = {**run.base_config(), "local-epochs": settings.local_epochs, "batch-size": settings.batch_size,
                       "learning-rate": settings.learning_rate, "proximal-mu": settings.proximal_mu,

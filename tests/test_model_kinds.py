@@ -117,3 +117,26 @@ def test_dp_sgd_trains_a_logistic_regression_and_spends_the_budget(tmp_path):
                     ledger_path(tmp_path), "lr-run", PURPOSE, 1).fit(net, x, y)
     assert 2.9 < res.extra_metrics["epsilon"] <= 3.0 and math.isnan(res.loss)
     assert evaluate(net, x, y)["auc"] > 0.75
+
+
+@pytest.mark.parametrize("kind,expected", [("logreg", torch.optim.SGD), ("mlp", torch.optim.Adam)])
+def test_dp_sgd_steps_with_the_same_optimizer_as_plain_training(tmp_path, monkeypatch, kind, expected):
+    """Local DP-SGD of a logistic regression is noisy *SGD*: the FedAvg-of-Adam bias would come back with DP."""
+    import fedretain.privacy.dp_trainer as dp_trainer
+    from fedretain.train import make_optimizer
+
+    built: list[torch.optim.Optimizer] = []
+
+    def recording(model, lr):  # the real optimizer factory, recording what DP-SGD wraps
+        built.append(make_optimizer(model, lr))
+        return built[-1]
+
+    monkeypatch.setattr(dp_trainer, "make_optimizer", recording)
+    with BudgetLedger.open(ledger_path(tmp_path), create=True) as ledger:
+        ledger.set_budget(PURPOSE, 10.0)
+    x, y = _rare(n=600, rate=0.1)
+    net = make_model(kind, x.shape[1], (8,), prior_rate=0.1)
+    DPTrainer(TrainConfig(epochs=1, batch_size=200, learning_rate=0.01), DPConfig(3.0, total_rounds=1, noise_seed=2),
+              ledger_path(tmp_path), "opt-run", PURPOSE, 1).fit(net, x, y)
+    assert [type(o) for o in built] == [expected]
+    assert built[0].param_groups[0]["lr"] == pytest.approx(make_optimizer(net, 0.01).param_groups[0]["lr"])

@@ -113,3 +113,48 @@ def test_server_step_moves_the_model_and_stops_after_the_planned_rounds():
         server.step(zeros)
     with pytest.raises(PrivacyError, match="does not match"):
         ServerDPSGD(RetentionNet(5), small, 0.01).step(zeros[:-1])
+
+
+def test_a_step_from_the_secagg_mean_equals_a_step_from_the_sum():
+    """The ServerApp gets SecAgg+'s mean of weight-1 vectors; × contributors must be exactly the summed step."""
+    small = plan_aggregate(3.0, 0.0, n_total=4000, expected_batch=400, rounds=2, max_grad_norm=1.0)
+    rng = np.random.default_rng(3)
+    torch.manual_seed(0)
+    a, b = RetentionNet(5, (4,)), RetentionNet(5, (4,))
+    b.load_state_dict(a.state_dict())
+    vectors = [[rng.normal(size=tuple(p.shape)) for p in a.parameters()] for _ in range(3)]
+    summed = [sum(parts) for parts in zip(*vectors)]
+    e_sum = ServerDPSGD(a, small, 0.01, noise_seed=7).step(summed)
+    e_mean = ServerDPSGD(b, small, 0.01, noise_seed=7).step_mean([s / 3 for s in summed], 3)
+    assert e_sum == e_mean
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(PrivacyError, match="no merchant"):
+        ServerDPSGD(RetentionNet(5), small, 0.01).step_mean(summed, 0)
+
+
+def test_aggregate_mode_trains_a_logistic_regression_on_rare_positives(tmp_path):
+    """Small merchants, 5 % positives: one noisy step per round on the pooled clipped sum still learns."""
+    from fedretain.metrics import roc_auc
+    from fedretain.models import make_model
+    from fedretain.train import predict
+
+    rng = np.random.default_rng(0)
+    n, d = 4000, 5
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    logit = np.log(0.05 / 0.95) + 1.5 * x[:, 0] - 0.8 * x[:, 1]
+    y = np.stack([(rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32), np.zeros(n, np.float32)], 1)
+    shards = np.array_split(np.arange(n), 16)  # 16 merchants of 250 customers
+    plan = plan_aggregate(3.0, 0.0, n_total=n, expected_batch=1000, rounds=8, max_grad_norm=5.0)
+    model = make_model("logreg", d, prior_rate=0.05)
+    server = ServerDPSGD(model, plan, learning_rate=0.2, noise_seed=1)
+    ledgers = []
+    for i in range(len(shards)):
+        ledgers.append(ledger_path(tmp_path / f"m{i}"))
+        with BudgetLedger.open(ledgers[-1], create=True) as ledger:
+            ledger.set_budget(PURPOSE, 3.0)
+    for rnd in range(1, plan.rounds + 1):
+        parts = [contribute(ledgers[i], "agg", PURPOSE, rnd, plan, model, x[s], y[s], noise_seed=rnd * 1000 + i)[0]
+                 for i, s in enumerate(shards)]
+        server.step_mean([sum(p) / len(parts) for p in zip(*parts)], len(parts))
+    assert roc_auc(y[:, 0], predict(model, x)[0]) > 0.8

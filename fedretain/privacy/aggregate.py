@@ -211,3 +211,11 @@ class ServerDPSGD:
             p.grad = torch.as_tensor(np.asarray(s, dtype=np.float64) * self.plan.scale, dtype=p.dtype)
         self.optimizer.step()
         return self.accountant.epsilon(self.plan.delta)
+
+    def step_mean(self, secagg_mean: list[np.ndarray], contributors: int) -> float:
+        """One step from what SecAgg+ hands the strategy: the mean of ``contributors`` weight-1 vectors.
+
+        The ServerApp (``server/secagg.py``) and the in-process benchmark both step through here."""
+        if contributors < 1:
+            raise PrivacyError("no merchant contributed to this aggregate step")
+        return self.step([np.asarray(a, dtype=np.float64) * contributors for a in secagg_mean])

@@ -53,7 +53,7 @@ from fedretain.privacy.accountant import (
 )
 from fedretain.privacy.budget import BudgetExceeded, BudgetLedger, RunPlan
 from fedretain.privacy.person import check_person_cap
-from fedretain.train import TrainConfig, TrainResult
+from fedretain.train import TrainConfig, TrainResult, make_optimizer
 
 CLIPPING_MODES = ("bk", "ghost")
 DP_METRIC_KEYS = ("epsilon", "delta", "noise-multiplier", "dp-steps")
@@ -264,7 +264,7 @@ class DPTrainer:
         xt = torch.as_tensor(x, dtype=torch.float32)
         yt = torch.as_tensor(y, dtype=torch.float32)
         expected = max(plan.n_records * plan.sample_rate, 1.0)  # data-independent averaging denominator
-        base = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        base = make_optimizer(model, cfg.learning_rate)  # as without DP: Adam for the MLP, SGD for logreg
         model.train()
         criterion = RetentionLoss(cfg.ltv_weight, reduction="none")
         if dp.clipping == "ghost":
