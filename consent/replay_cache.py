@@ -81,7 +81,8 @@ def _extend(conn: sqlite3.Connection, e: _Entry, purpose: str, size: int) -> Non
     log = log_frame(conn, purpose, size=size, after=e.size)
     if len(log):
         ids = log["subject_id"].to_numpy(dtype=object)
-        lookup, new = e.lookup, []
+        lookup = e.lookup
+        new: list[str] = []
         code = np.empty(len(ids), dtype=np.int64)
         for i, s in enumerate(ids):
             c = lookup.get(s)

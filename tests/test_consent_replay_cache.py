@@ -54,11 +54,11 @@ def uncached(ledger: ConsentLedger, purpose: str, at: datetime, subjects=None, s
     return replay_state(log_frame(ledger.connection, purpose, at, size=size), to_us(at, "at"), subjects)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_cached_replay_after_appends_equals_a_fresh_replay(tmp_path, seed):
     rng = np.random.default_rng(seed)
     db, key = tmp_path / "consent.db", tmp_path / "k.pem"
-    times = [T0 + timedelta(days=d, hours=h) for d in (-1, 0, 17, 30, 59, 70) for h in (0, 12)]
+    times = [T0 + timedelta(days=d) for d in (-1, 0, 17, 30, 30.5, 59, 70)]
     subjects = pd.Index([f"u{i}" for i in range(45)], dtype=object)  # some without any record
     with ConsentLedger.create(db, controller="m1", key_path=key) as ledger:
         ledger.append_many(random_records(rng, 60, 0, 40))
