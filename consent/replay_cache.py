@@ -56,6 +56,8 @@ class _Entry:
     grant: np.ndarray  # bool
     uniq: np.ndarray  # object: code -> subject id
     lookup: dict[str, int]  # subject id -> code
+    asked: np.ndarray | None = None  # the last ``subjects`` asked for (a node asks for the same every round)
+    asked_codes: np.ndarray | None = None  # their codes (-1: no record then)
 
 
 def clear() -> None:
@@ -127,7 +129,14 @@ def _replay(e: _Entry, at_us: int, subjects: Iterable[str] | None) -> pd.DataFra
         listed = subjects if isinstance(subjects, (pd.Index, pd.Series, np.ndarray)) else list(subjects)
         wanted = pd.unique(np.asarray(listed, dtype=object))
         get = e.lookup.get
-        rows = np.fromiter((get(s, n_subj) for s in wanted), dtype=np.int64, count=len(wanted))
+        if e.asked is not None and e.asked_codes is not None and np.array_equal(e.asked, wanted):
+            codes = e.asked_codes.copy()  # the same subjects again: look up only those without a code
+            miss = np.flatnonzero(codes < 0)
+            codes[miss] = np.fromiter((get(s, -1) for s in wanted[miss]), dtype=np.int64, count=len(miss))
+        else:
+            codes = np.fromiter((get(s, -1) for s in wanted), dtype=np.int64, count=len(wanted))
+        e.asked, e.asked_codes = wanted, codes
+        rows = np.where(codes < 0, n_subj, codes)
         index = pd.Index(wanted, name="subject_id", dtype=object)
     return pd.DataFrame(state[rows], index=index, columns=list(SCOPES))
 

@@ -67,7 +67,7 @@ def test_cached_replay_after_appends_equals_a_fresh_replay(tmp_path, seed):
             for purpose in PURPOSES[:2]:
                 ledger.state_at(purpose, times[0])  # fills / extends the cache
             k = int(rng.integers(1, 25))
-            ledger.append_many(random_records(rng, k, n, 40))
+            ledger.append_many(random_records(rng, k, n, 44))  # new subjects too
             n += k
             with ConsentLedger.open(db) as fresh:
                 for purpose in PURPOSES:
