@@ -14,7 +14,8 @@ For every size it prints, next to each other and with the load average:
   record's canonical text and hashes, and the SHA-256 chain recomputed in plain Python;
 * ``decide`` per round of a run (``fedretain.consent.incremental``): the run's first
   decision verifies in full, later rounds only the records appended since (``--append``
-  new consent events before each round); the replay of the decision is shown apart.
+  new consent events before each round); the replay of the decision is shown apart, next to
+  the uncached replay (every record read and factorized again, as before the replay cache).
 
 Figures are medians over ``--repeat`` runs (wall and CPU seconds; CPU shows the cost when
 the machine is shared). Everything is written to a temporary directory removed at the end.
@@ -42,6 +43,8 @@ from fedretain.consent import timing
 from fedretain.consent.gate import decide
 from fedretain.consent.incremental import IncrementalLedger
 from fedretain.consent.ledger import ConsentLedger
+from fedretain.consent.records import to_us
+from fedretain.consent.replay import log_frame, replay_state
 from fedretain.consent.store import INDEXES, PAGE_SIZE, SCHEMA, _connect, _statements
 from fedretain.consent.vocab import PURPOSES, SCOPES
 
@@ -194,6 +197,9 @@ def one_size(n: int, args: argparse.Namespace, tmp: Path) -> dict[str, list[floa
                 decision = decide(checked, PURPOSES[0], AT, users)
         with timed(out, "  replay"):
             ledger.state_at(PURPOSES[0], AT, subjects=users, size=decision.ledger_size)
+        with timed(out, "  replay, uncached"):  # the anchor: every record read and factorized again
+            replay_state(log_frame(ledger.connection, PURPOSES[0], AT, size=decision.ledger_size), to_us(AT, "at"),
+                         users)
         ledger.close()
     return out
 
@@ -231,7 +237,8 @@ def report(n: int, out: dict[str, list[float]], repeat: int) -> None:
     if "decide later round" in out:
         row("decide later round")
         row("  incremental verify")
-    row("  replay")
+    row("  replay", "  replay, uncached")
+    row("  replay, uncached")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ from .importer import Batch, prepare_records, prepare_table, read_arrow
 from .merkle import EMPTY_ROOT, Frontier, consistency_proof, inclusion_proof
 from .records import ConsentRecord, format_ts, to_us
 from .replay import log_frame, replay_state
+from .replay_cache import cached_state
 from .store import (
     FORMAT,
     INDEXES,
@@ -358,6 +359,8 @@ class ConsentLedger:
         every subject with a record for the purpose effective by ``at``; with it: exactly
         those subjects (unknown ones all False). ``size`` replays only the first ``size``
         records. The stored columns are trusted here — call :meth:`verify` first (the gate does).
+        Without a few ``subjects`` the replay columns of the records read before are kept in
+        memory and only the appended ones are read (:mod:`.replay_cache`).
         """
         try:
             check_purpose(purpose)
@@ -367,6 +370,8 @@ class ConsentLedger:
         if subjects is not None and not isinstance(subjects, (pd.Index, pd.Series, np.ndarray)):
             subjects = list(subjects)
             few = subjects if len(subjects) <= 500 else None  # a handful: use the subject index
+        if few is None:  # all subjects, or many: the replay columns kept across rounds (.replay_cache)
+            return cached_state(self._conn, self.path, purpose, to_us(at, "at"), size, subjects)
         log = self.log_frame(purpose, at, size=size, subjects=few)
         return replay_state(log, to_us(at, "at"), subjects)
 

@@ -13,7 +13,16 @@ from .records import to_us
 from .store import NO_EXPIRY
 from .vocab import SCOPES
 
-__all__ = ["log_frame", "replay_state"]
+__all__ = ["log_frame", "replay_state", "scope_bits"]
+
+
+def scope_bits(scopes: np.ndarray) -> np.ndarray:
+    """Each record's scopes text (``a;b``) as a bit mask over :data:`SCOPES` (empty text = every scope)."""
+    scode, suniq = pd.factorize(scopes)
+    all_bits = (1 << len(SCOPES)) - 1
+    bit = {s: 1 << j for j, s in enumerate(SCOPES)}
+    masks = np.array([sum(bit[s] for s in u.split(";")) if u else all_bits for u in suniq], dtype=np.int64)
+    return masks[scode] if len(scode) else np.zeros(0, dtype=np.int64)
 
 
 def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None = None) -> pd.DataFrame:
@@ -25,11 +34,7 @@ def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None =
     scopes = list(SCOPES)
     if len(log):
         codes, uniq = pd.factorize(log["subject_id"].to_numpy(dtype=object))
-        scode, suniq = pd.factorize(log["scopes"].to_numpy(dtype=object))
-        all_bits = (1 << len(scopes)) - 1
-        bit = {s: 1 << j for j, s in enumerate(scopes)}
-        masks = np.array([sum(bit[s] for s in u.split(";")) if u else all_bits for u in suniq], dtype=np.int64)
-        rec_mask = masks[scode]
+        rec_mask = scope_bits(log["scopes"].to_numpy(dtype=object))
         alive = (log["action"].to_numpy(dtype=object) == "grant") & (log["expires_at"].to_numpy() > at_us)
         state = np.zeros((len(uniq), len(scopes)), dtype=bool)
         for j in range(len(scopes)):
@@ -51,11 +56,12 @@ def replay_state(log: pd.DataFrame, at_us: int, subjects: Iterable[str] | None =
 
 
 def log_frame(conn: sqlite3.Connection, purpose: str | None = None, until: Any = None, *, size: int | None = None,
-              subjects: Sequence[str] | None = None) -> pd.DataFrame:
+              subjects: Sequence[str] | None = None, after: int | None = None) -> pd.DataFrame:
     """The log's replay columns in replay order (effective_at, seq); ``expires_at`` max = none.
 
     ``size`` limits the log to its first ``size`` records (a verified prefix);
-    ``subjects`` to a few subjects (looked up through the subject index). The order is
+    ``subjects`` to a few subjects (looked up through the subject index); ``after`` to the
+    records with ``seq > after`` (what was appended since a cached prefix). The order is
     made in numpy (a stable sort), not by SQLite.
     """
     where: list[str] = []
@@ -66,6 +72,9 @@ def log_frame(conn: sqlite3.Connection, purpose: str | None = None, until: Any =
     if size is not None:
         where.append("seq <= ?")
         params.append(int(size))
+    if after is not None:
+        where.append("seq > ?")
+        params.append(int(after))
     if purpose is not None:
         where.append("purpose = ?")
         params.append(purpose)
