@@ -2,12 +2,11 @@
 50,000-user pool gets a finer grid, the budget ledger carries the size release and the query, and a node
 whose budget covers the size release but not the query refuses before spending anything.
 
-The node path runs in-process (no Ray), as in tests/test_analytics_dp.py; the last test runs the CLI in
-Flower's Simulation Engine (heavy)."""
+The node path runs in-process (no Ray), as in tests/test_analytics_dp.py; the CLI with these defaults runs in
+Flower's Simulation Engine in tests/test_analytics_sim.py (heavy)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -220,30 +219,3 @@ def test_run_config_carries_auto_for_deployment_and_explicit_numbers_stay_as_bef
                                                                                                 "'auto'")
     bad = CliRunner().invoke(main, ["analytics", "retention-curve", "--out", str(tmp_path), "--cohorts", "many"])
     assert bad.exit_code == 2 and "neither a whole number nor 'auto'" in bad.output
-
-
-@pytest.mark.heavy
-def test_cli_auto_retention_curve_in_simulation(tmp_path):
-    """The defaults end to end: size release, choice, query; the record and the ledgers say so."""
-    from click.testing import CliRunner
-
-    from fedretain.cli import main
-
-    node = _node(tmp_path, 2500, BUDGET, seed=13)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["analytics", "retention-curve", "--data", str(node.config.data_path.parent),
-                                       "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "auto: " in result.output and "monthly cohorts" in result.output and "(noisy, ε=0.2)" in result.output
-    record = json.loads((out / "retention_curve_by-none.json").read_text())
-    auto, qid = record["auto"], record["query"]["query_id"]
-    assert auto["met_target"] and auto["budget_split"]["size_epsilon"] == 0.2
-    assert record["privacy"]["epsilon_per_merchant"] == pytest.approx(1.0)
-    assert [c["id"] for c in record["privacy"]["charges"]] == [qid + "-size", qid]
-    figs = record["figures"]
-    assert sum(f["status"] != "suppressed" for f in figs) >= 0.8 * len(figs)
-    assert all(f[k] is None or f[k] >= 0 for f in figs for k in ("numerator", "denominator", "estimate", "ci_low"))
-    runs, _, committed, usages = _ledger(node)
-    assert [(r.run_id, r.mode) for r in runs] == [(qid + "-size", "analytics:size"),
-                                                  (qid, "analytics:retention_curve")]
-    assert committed[0] == pytest.approx(1.0) and usages.count(qid + "-size") == 1 and usages.count(qid) == 1

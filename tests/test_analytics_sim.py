@@ -40,26 +40,30 @@ def _ledgers(silos):
 
 
 def test_cli_retention_curve_in_simulation(silos, tmp_path):
+    """The CLI with its defaults (auto granularity): size release, choice, query, on every merchant."""
     from click.testing import CliRunner
 
     from fedretain.cli import main
 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["analytics", "retention-curve", "--by", "none", "--epsilon", "1",
-                                       "--periods", "3", "--cohorts", "4", "--data", str(silos[0].parent),
-                                       "--out", str(out)])
+                                       "--data", str(silos[0].parent), "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "auto: " in result.output and "(noisy, ε=0.2)" in result.output
     for ext in ("png", "csv", "json"):
         assert (out / f"retention_curve_by-none.{ext}").is_file()
     record = json.loads((out / "retention_curve_by-none.json").read_text())
     qid = record["query"]["query_id"]
     assert sorted(record["merchants"]) == [s.name for s in silos]
     assert {n["merchant-id"] for n in record["nodes"]} == {s.name for s in silos}
+    assert record["auto"]["budget_split"]["size_epsilon"] == 0.2
+    assert [c["id"] for c in record["privacy"]["charges"]] == [qid + "-size", qid]
     assert any(f["status"] != "suppressed" for f in record["figures"] if f["level"] == "curve")
+    assert all(f[k] is None or f[k] >= 0 for f in record["figures"] for k in ("estimate", "ci_low"))
     for name, (runs, spends, usages) in _ledgers(silos).items():
-        assert [r.run_id for r in runs] == [qid], name
-        assert len(spends) == 1 and 0.98 <= spends[0].epsilon <= 1.0
-        assert usages.count(qid) == 1
+        assert [r.run_id for r in runs] == [qid + "-size", qid], name
+        assert 0.98 <= sum(s.epsilon for s in spends) <= 1.0
+        assert usages.count(qid) == 1 and usages.count(qid + "-size") == 1
 
 
 def test_over_budget_query_is_refused_in_simulation_and_changes_nothing(silos, tmp_path):
