@@ -272,7 +272,10 @@ def scale(ns: list[int], rounds: int, keep: bool) -> None:
                   f"{sum(s < 50 for s in sizes)}/{n} below 50, largest {sizes[-1]}", flush=True)
             aw, ac, _ = measure(["--child", "anchor", str(n), str(rounds)])
             la_a = _load()
-            fw, fc, out = measure(["--child", "fedretain", str(data), str(n), str(rounds), str(root / f"run{n}")])
+            # each N in its own folder: the platform's witness store (witness.db beside the run folder)
+            # pins every merchant's ledger key, and seller_0000.. of another N is a different ledger
+            fw, fc, out = measure(["--child", "fedretain", str(data), str(n), str(rounds),
+                                   str(root / f"n{n}" / "run")])
             la_f = _load()
             print("\n".join(x for x in out.splitlines() if x.startswith(("status=", "CPU-s by process"))), flush=True)
             extra = (fc - ac) / (n * rounds)
