@@ -23,9 +23,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -221,17 +222,7 @@ class FederatedQuery:
         content = {**release.to_config(), "then-query-id": spec.query_id, "then-epsilon": split.query_epsilon,
                    "then-delta": split.query_delta}
         replies = self._exchange(nodes, f"query.{SIZE_ACTION}", content)
-        answers: list[SizeAnswer] = []
-        problems: list[str] = []
-        for nid in nodes:
-            r = replies[nid]
-            if r.has_error():
-                problems.append(f"node {nid}: {r.error.reason}")
-            elif "refusal" in r.content:
-                ref = r.content["refusal"]
-                problems.append(f"{ref['merchant-id']}: {ref['reason']}")
-            else:
-                answers.append(SizeAnswer.from_config(r.content["size"]))
+        answers, problems = _answers(nodes, replies, "size", SizeAnswer.from_config)
         if problems:
             spent = ", ".join(a.merchant_id for a in answers) or "none"
             raise AnalyticsRefused(f"query {spec.query_id} failed at its size release, nothing published: "
@@ -263,17 +254,7 @@ class FederatedQuery:
         log.info("query %s: %s by %s, end %s, ε=%g per node, %d nodes", spec.query_id, spec.kind, spec.by,
                  spec.end[:10], spec.epsilon, len(nodes))
         replies = self._exchange(nodes, f"query.{spec.kind}", spec.to_config())
-        answers: list[NodeAnswer] = []
-        problems: list[str] = []
-        for nid in nodes:
-            r = replies[nid]
-            if r.has_error():
-                problems.append(f"node {nid}: {r.error.reason}")
-            elif "refusal" in r.content:
-                ref = r.content["refusal"]
-                problems.append(f"{ref['merchant-id']}: {ref['reason']}")
-            else:
-                answers.append(NodeAnswer.from_config(r.content["answer"]))
+        answers, problems = _answers(nodes, replies, "answer", NodeAnswer.from_config)
         if problems:
             spent = ", ".join(a.merchant_id for a in answers) or "none"
             before = f"; every node spent ε={size_eps:g} on the size release" if auto else ""
@@ -291,6 +272,26 @@ class FederatedQuery:
 
 
 # -- outputs ------------------------------------------------------------------------------------
+_A = TypeVar("_A")
+
+
+def _answers(nodes: list[int], replies: dict[int, Message], key: str,
+             parse: Callable[[Any], _A]) -> tuple[list[_A], list[str]]:
+    """Each node's parsed ``key`` record, and a line per node that failed or refused (in ``nodes`` order)."""
+    answers: list[_A] = []
+    problems: list[str] = []
+    for nid in nodes:
+        r = replies[nid]
+        if r.has_error():
+            problems.append(f"node {nid}: {r.error.reason}")
+        elif "refusal" in r.content:
+            ref = r.content["refusal"]
+            problems.append(f"{ref['merchant-id']}: {ref['reason']}")
+        else:
+            answers.append(parse(r.content[key]))
+    return answers, problems
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     write_atomic(path, data, mode=0o644)  # outputs are for people to read
 
