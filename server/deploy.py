@@ -223,9 +223,7 @@ class Platform:
                                 f"stop it with `fedretain server stop`)")
         project = project_dir(self.config.project_dir)
         previous = self.read_state() or {}
-        if resume and not run_id:
-            run_id = (previous.get("runs") or [{}])[-1].get("run_id")
-        run_id = run_id or self.config.run.get("run-id") or uuid.uuid4().hex[:12]
+        run_id = self._run_id(previous, resume, run_id)
         notes = self.check()
         run_config = build_run_config(self.config, project, resume=resume, run_id=run_id)
         if self.insecure:
@@ -323,6 +321,12 @@ class Platform:
                                                       "fingerprint": fingerprint}
         self.write_state(state)
 
+    def _run_id(self, state: dict[str, Any], resume: bool, run_id: str | None) -> str:
+        """The given id; else, to resume, the last submitted run's; else the config's; else a fresh one."""
+        if resume and not run_id:
+            run_id = (state.get("runs") or [{}])[-1].get("run_id")
+        return run_id or self.config.run.get("run-id") or uuid.uuid4().hex[:12]
+
     def submit_run(self, *, resume: bool = False, run_id: str | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
         """Submit a training run to this already running platform (``fedretain server run``)."""
@@ -331,9 +335,7 @@ class Platform:
                                 f"`fedretain server start --config ... --no-run` first")
         project = project_dir(self.config.project_dir)
         state = self.read_state() or {}
-        if resume and not run_id:
-            run_id = (state.get("runs") or [{}])[-1].get("run_id")
-        run_id = run_id or self.config.run.get("run-id") or uuid.uuid4().hex[:12]
+        run_id = self._run_id(state, resume, run_id)
         run_config = build_run_config(self.config, project, resume=resume, run_id=run_id)
         submitted = self.submit(project, run_config)
         state = self.read_state() or state
